@@ -1,0 +1,271 @@
+// The per-element maths of Generalized Focal Loss, in one place.
+//
+// Every C++ and CUDA kernel of gfl_ops includes this header and calls these functions;
+// no kernel writes a formula of its own. The Triton kernels (gfl_ops/triton/) follow the
+// same equations under the same names. Derivations: ../shared/GFL_MATH.md.
+//
+// The header is deliberately light (no torch includes) so that CUDA translation units
+// stay quick to compile. `acc_t` is the type the maths runs in: float for float32,
+// float16 and bfloat16 inputs, double for float64 inputs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define GFL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define GFL_HOST_DEVICE inline __attribute__((always_inline))
+#endif
+
+namespace gfl {
+namespace math {
+
+// ---------------------------------------------------------------------------------------
+// Primitives: exp, log and log1p.
+//
+// On the host the float versions are branch-free polynomials (Cephes-style range
+// reduction) so that the compiler vectorises whole kernel loops with them; libm calls
+// would keep the loops scalar. They are accurate to a few ulp and propagate NaN. On the
+// device, and for double everywhere, the standard functions are used.
+// ---------------------------------------------------------------------------------------
+
+GFL_HOST_DEVICE float select(bool condition, float if_true, float if_false) {
+  return condition ? if_true : if_false;
+}
+
+GFL_HOST_DEVICE float bits_to_float(int32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+GFL_HOST_DEVICE int32_t float_to_bits(float value) {
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2 / 2, exp(r) by a degree-7 polynomial.
+GFL_HOST_DEVICE float exp_(float x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return expf(x);
+#else
+  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  // ln2 split in two so that n * ln2 is subtracted without rounding error.
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  const float r2 = r * r;
+  const float poly =
+      (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+         4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r2 + r + 1.0f;
+  const float two_to_n = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+  float result = poly * two_to_n;
+  result = select(x < -87.0f, 0.0f, result);                       // underflow: exactly 0
+  result = select(x > 88.0f, __builtin_huge_valf(), result);       // overflow: +inf
+  return select(x != x, x, result);                                // NaN stays NaN
+#endif
+}
+
+// 2 * atanh(s) = log((1 + s) / (1 - s)) = 2 * (s + s^3/3 + s^5/5 + ...), for |s| <= 1/3.
+GFL_HOST_DEVICE float two_atanh_series(float s) {
+  const float s2 = s * s;
+  const float tail =
+      ((((((1.0f / 15.0f) * s2 + 1.0f / 13.0f) * s2 + 1.0f / 11.0f) * s2 + 1.0f / 9.0f) * s2 +
+        1.0f / 7.0f) * s2 + 1.0f / 5.0f) * s2 + 1.0f / 3.0f;
+  return 2.0f * (s + s * s2 * tail);
+}
+
+// log1p(t) for t in [0, 1] (the range of exp(-|x|)): log(1 + t) = 2 atanh(t / (2 + t)),
+// exact for tiny t where 1 + t would round.
+GFL_HOST_DEVICE float log1p_unit(float t) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return log1pf(t);
+#else
+  return two_atanh_series(t / (2.0f + t));
+#endif
+}
+
+// log(x) = e * ln2 + log(m), x = m * 2^e with m in [sqrt(1/2), sqrt(2)).
+GFL_HOST_DEVICE float log_(float x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return logf(x);
+#else
+  const bool subnormal = x < 1.17549435e-38f;
+  const float scaled = select(subnormal, x * 8388608.0f, x);  // 2^23 lifts subnormals
+  const int32_t bits = float_to_bits(scaled);
+  int32_t exponent = ((bits >> 23) & 0xff) - 127;
+  float mantissa = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
+  const bool above_sqrt2 = mantissa > 1.41421356f;
+  mantissa = select(above_sqrt2, mantissa * 0.5f, mantissa);
+  exponent = above_sqrt2 ? exponent + 1 : exponent;
+  const float exponent_f = static_cast<float>(exponent) - select(subnormal, 23.0f, 0.0f);
+  float result = exponent_f * 0.693147180559945f +
+                 two_atanh_series((mantissa - 1.0f) / (mantissa + 1.0f));
+  result = select(x == 0.0f, -__builtin_huge_valf(), result);
+  result = select(x == __builtin_huge_valf(), x, result);
+  result = select(x < 0.0f, __builtin_nanf(""), result);
+  return select(x != x, x, result);
+#endif
+}
+
+GFL_HOST_DEVICE double select(bool condition, double if_true, double if_false) {
+  return condition ? if_true : if_false;
+}
+GFL_HOST_DEVICE double exp_(double x) { return std::exp(x); }
+GFL_HOST_DEVICE double log1p_unit(double t) { return std::log1p(t); }
+GFL_HOST_DEVICE double log_(double x) { return std::log(x); }
+
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t max_(acc_t a, acc_t b) {
+  return a > b ? a : b;  // NaN in `a` is kept when b is not greater: see callers
+}
+
+// ---------------------------------------------------------------------------------------
+// Quality Focal Loss, one element.
+//
+//   d         = sigma - y                      (p - y for probability input)
+//   factor    = |d|^beta                       the modulating factor, not detached
+//   QFL       = factor * BCE
+//   dQFL/dx   = factor * dBCE/dx + BCE * dfactor/dd * dsigma/dx
+//   dfactor/dd = beta * |d|^(beta-1) * sign(d) = beta * factor / d, and 0 at d = 0
+// ---------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct LossAndGrad {
+  acc_t loss;
+  acc_t grad;  // d loss / d input (0 when the caller did not ask for it)
+};
+
+// |d|^beta and its derivative. kBetaIsTwo picks the common case, d*d and 2d, with no pow.
+template <bool kBetaIsTwo, typename acc_t>
+GFL_HOST_DEVICE LossAndGrad<acc_t> modulating_factor(acc_t d, acc_t beta) {
+  if (kBetaIsTwo) {
+    return {d * d, acc_t(2) * d};
+  }
+  const acc_t magnitude = d < acc_t(0) ? -d : d;
+  // |d|^beta = exp(beta * log|d|); 0^beta is 1 for beta = 0 (as torch.pow) and 0 otherwise.
+  const acc_t power = exp_(beta * log_(magnitude));
+  const acc_t factor = magnitude == acc_t(0) ? (beta == acc_t(0) ? acc_t(1) : acc_t(0)) : power;
+  const acc_t derivative = magnitude == acc_t(0) ? acc_t(0) : beta * factor / d;
+  return {factor, derivative};
+}
+
+// Logit input x, target y:
+//   BCE(x, y) = (1 - y) * x + softplus(-x),  softplus(-x) = max(-x, 0) + log1p(exp(-|x|))
+// (the form of torch's binary_cross_entropy_with_logits, so inf and NaN behave the same);
+//   sigma = 1 / (1 + e) for x >= 0, e / (1 + e) otherwise, e = exp(-|x|)
+//   dBCE/dx = sigma - y,  dsigma/dx = sigma * (1 - sigma) = e / (1 + e)^2
+// One exp and one log1p per element.
+template <bool kBetaIsTwo, bool kNeedGrad, typename acc_t>
+GFL_HOST_DEVICE LossAndGrad<acc_t> qfl_sigmoid_element(acc_t x, acc_t y, acc_t beta) {
+  const acc_t abs_x = x < acc_t(0) ? -x : x;
+  const acc_t e = exp_(-abs_x);
+  const acc_t softplus_neg_x = (x < acc_t(0) ? -x : acc_t(0)) + log1p_unit(e);
+  const acc_t bce = (acc_t(1) - y) * x + softplus_neg_x;
+  const acc_t inv_one_plus_e = acc_t(1) / (acc_t(1) + e);
+  const acc_t sigma = x >= acc_t(0) ? inv_one_plus_e : e * inv_one_plus_e;
+  const acc_t d = sigma - y;
+  const LossAndGrad<acc_t> factor = modulating_factor<kBetaIsTwo>(d, beta);
+  if (!kNeedGrad) {
+    return {factor.loss * bce, acc_t(0)};
+  }
+  const acc_t dsigma_dx = e * inv_one_plus_e * inv_one_plus_e;
+  return {factor.loss * bce, factor.loss * d + bce * factor.grad * dsigma_dx};
+}
+
+// Probability input p (activated=True), target y, as torch's binary_cross_entropy:
+//   BCE_p(p, y) = -(y * max(log p, -100) + (1 - y) * max(log(1 - p), -100))
+//   dBCE_p/dp  = (p - y) / max(p * (1 - p), 1e-12)      (torch's backward formula)
+template <bool kBetaIsTwo, bool kNeedGrad, typename acc_t>
+GFL_HOST_DEVICE LossAndGrad<acc_t> qfl_probability_element(acc_t p, acc_t y, acc_t beta) {
+  const acc_t log_p = log_(p);
+  const acc_t log_one_minus_p = log_(acc_t(1) - p);
+  // `v < -100 ? -100 : v` keeps NaN (a comparison with NaN is false).
+  const acc_t clamped_log_p = log_p < acc_t(-100) ? acc_t(-100) : log_p;
+  const acc_t clamped_log_one_minus_p =
+      log_one_minus_p < acc_t(-100) ? acc_t(-100) : log_one_minus_p;
+  const acc_t bce = -(y * clamped_log_p + (acc_t(1) - y) * clamped_log_one_minus_p);
+  const acc_t d = p - y;
+  const LossAndGrad<acc_t> factor = modulating_factor<kBetaIsTwo>(d, beta);
+  if (!kNeedGrad) {
+    return {factor.loss * bce, acc_t(0)};
+  }
+  const acc_t variance = p * (acc_t(1) - p);
+  const acc_t dbce_dp = d / (variance < acc_t(1e-12) ? acc_t(1e-12) : variance);
+  return {factor.loss * bce, factor.loss * dbce_dp + bce * factor.grad};
+}
+
+template <bool kActivated, bool kBetaIsTwo, bool kNeedGrad, typename acc_t>
+GFL_HOST_DEVICE LossAndGrad<acc_t> qfl_element(acc_t pred, acc_t y, acc_t beta) {
+  return kActivated ? qfl_probability_element<kBetaIsTwo, kNeedGrad>(pred, y, beta)
+                    : qfl_sigmoid_element<kBetaIsTwo, kNeedGrad>(pred, y, beta);
+}
+
+// The QFL target of class c for an anchor with (label, score): the score on the labelled
+// class, 0 elsewhere. A label outside [0, C) (background: C, -1, ...) matches no class.
+template <typename acc_t, typename label_t>
+GFL_HOST_DEVICE acc_t qfl_label_target(int64_t class_index, label_t label, acc_t score) {
+  return static_cast<int64_t>(label) == class_index ? score : acc_t(0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Distribution Focal Loss and the integral, over the n + 1 bins 0..n of one row.
+//
+//   i = min(floor(y), n - 1), w_l = (i + 1) - y, w_r = y - i   (so y = n is valid)
+//   lse = max_k z_k + log(sum_k exp(z_k - max_k z_k))
+//   DFL = lse - w_l * z_i - w_r * z_{i+1}
+//   dDFL/dz_k = softmax_k - w_l * [k == i] - w_r * [k == i + 1]
+//   E = sum_k softmax_k * k,  dE/dz_k = softmax_k * (k - E)
+// ---------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct DflBins {
+  int64_t left;         // i
+  acc_t weight_left;    // w_l, on bin i
+  acc_t weight_right;   // w_r, on bin i + 1
+};
+
+// The two bins around the target. The target is clamped into [0, n] first (NaN -> 0), so
+// the bins are in range whatever the target holds; validation happens before the kernel.
+template <typename acc_t>
+GFL_HOST_DEVICE DflBins<acc_t> dfl_bins(acc_t target, int64_t num_bins) {
+  const acc_t last_bin = static_cast<acc_t>(num_bins - 1);
+  acc_t y = target > acc_t(0) ? target : acc_t(0);  // NaN compares false -> 0
+  y = y < last_bin ? y : last_bin;
+  int64_t left = static_cast<int64_t>(y);           // floor, y >= 0
+  left = left < num_bins - 2 ? left : num_bins - 2;
+  const acc_t weight_left = static_cast<acc_t>(left + 1) - y;
+  return {left, weight_left, acc_t(1) - weight_left};
+}
+
+// A running maximum that keeps NaN once seen, so a NaN logit makes the row NaN.
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t nan_propagating_max(acc_t running, acc_t value) {
+  return (value > running || value != value) ? value : running;
+}
+
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t log_sum_exp(acc_t row_max, acc_t sum_exp_shifted) {
+  return row_max + log_(sum_exp_shifted);
+}
+
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t dfl_loss(acc_t lse, acc_t z_left, acc_t z_right, const DflBins<acc_t>& bins) {
+  return lse - bins.weight_left * z_left - bins.weight_right * z_right;
+}
+
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t dfl_grad(acc_t softmax_k, int64_t k, const DflBins<acc_t>& bins) {
+  return softmax_k - (k == bins.left ? bins.weight_left : acc_t(0)) -
+         (k == bins.left + 1 ? bins.weight_right : acc_t(0));
+}
+
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t integral_grad(acc_t softmax_k, int64_t k, acc_t expectation) {
+  return softmax_k * (static_cast<acc_t>(k) - expectation);
+}
+
+}  // namespace math
+}  // namespace gfl

@@ -1,0 +1,112 @@
+"""The registered operators torch.ops.gfl_ops.*: fake kernels and autograd formulas.
+
+The schemas and the device kernels live in C++ (csrc/gfl_ops.cpp, csrc/cpu/, csrc/cuda/).
+Every operator returns (loss, grad): the unreduced loss, one value per anchor (QFL) or row
+(DFL, integral), and, when compute_grad is true, d loss / d pred computed in the same pass
+over pred. Since each anchor's loss depends only on its own row of pred, the backward is
+that saved gradient scaled by the incoming per-anchor gradient: pred is never read again.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the operators)
+
+    NATIVE_IMPORT_ERROR = None
+except ImportError as error:  # a source checkout that was never built
+    NATIVE_IMPORT_ERROR = error
+
+OPERATORS = (
+    "quality_focal_loss",
+    "quality_focal_loss_dense",
+    "distribution_focal_loss",
+    "distribution_integral",
+)
+
+
+def native_loaded() -> bool:
+    return NATIVE_IMPORT_ERROR is None
+
+
+def _registered_kernels() -> dict:
+    """{(operator, device type)} that the compiled library has kernels for: the dispatch table."""
+    if not native_loaded():
+        return {}
+    return {
+        (operator, device_type): torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"gfl_ops::{operator}", dispatch_key
+        )
+        for operator in OPERATORS
+        for device_type, dispatch_key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    }
+
+
+# Read once at import, so that backend selection is plain Python that torch.compile traces.
+_REGISTERED_KERNELS = _registered_kernels()
+
+
+def has_native_kernel(operator: str, device_type: str) -> bool:
+    """Whether the compiled library registered a kernel of `operator` for this device type."""
+    return _REGISTERED_KERNELS.get((operator, device_type), False)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _anchor_shape(pred: Tensor) -> tuple:
+    return (pred.shape[0],) + tuple(pred.shape[2:])
+
+
+def _grad_buffer(pred: Tensor, compute_grad: bool) -> Tensor:
+    return torch.empty_like(pred) if compute_grad else pred.new_empty((0,))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, grad = output
+    ctx.has_grad = bool(inputs[-1])  # compute_grad is the last argument of every operator
+    ctx.num_inputs = len(inputs)
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+
+
+def _backward(ctx, grad_loss: Tensor, _unused: Tensor):
+    """d total / d pred[n, c, ...] = d total / d loss[n, ...] * d loss[n, ...] / d pred[n, c, ...]."""
+    if not ctx.has_grad:
+        raise RuntimeError(
+            "gfl_ops: backward through an operator called with compute_grad=False; "
+            "call it with compute_grad=True when pred requires grad"
+        )
+    (grad,) = ctx.saved_tensors
+    # The per-anchor gradient broadcast over the class (bin) dimension, which is dim 1.
+    grad_pred = grad * grad_loss.unsqueeze(1)
+    return (grad_pred.to(grad.dtype),) + (None,) * (ctx.num_inputs - 1)
+
+
+if native_loaded():
+
+    @torch.library.register_fake("gfl_ops::quality_focal_loss")
+    def _(pred, label, score, beta, activated, compute_grad):
+        loss = pred.new_empty(_anchor_shape(pred), dtype=_accumulate_dtype(pred.dtype))
+        return loss, _grad_buffer(pred, compute_grad)
+
+    @torch.library.register_fake("gfl_ops::quality_focal_loss_dense")
+    def _(pred, target, beta, activated, compute_grad):
+        loss = pred.new_empty(_anchor_shape(pred), dtype=_accumulate_dtype(pred.dtype))
+        return loss, _grad_buffer(pred, compute_grad)
+
+    @torch.library.register_fake("gfl_ops::distribution_focal_loss")
+    def _(pred, target, compute_grad):
+        loss = pred.new_empty((pred.shape[0],), dtype=_accumulate_dtype(pred.dtype))
+        return loss, _grad_buffer(pred, compute_grad)
+
+    @torch.library.register_fake("gfl_ops::distribution_integral")
+    def _(pred, compute_grad):
+        return pred.new_empty((pred.shape[0],)), _grad_buffer(pred, compute_grad)
+
+    for _operator in OPERATORS:
+        torch.library.register_autograd(
+            f"gfl_ops::{_operator}", _backward, setup_context=_setup_context
+        )

@@ -1,0 +1,44 @@
+"""The loss reductions of mmdetection 3.x (mmdet/models/losses/utils.py::weight_reduce_loss).
+
+Shared by every backend and by the reference, so a loss differs between backends only in
+how its per-anchor values are computed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+_FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def check_reduction(reduction: str, avg_factor) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "sum" and avg_factor is not None:
+        raise ValueError('avg_factor can not be used with reduction="sum"')
+
+
+def weight_reduce_loss(
+    loss: Tensor,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: Optional[Union[float, Tensor]] = None,
+) -> Tensor:
+    """loss * weight, then "none" | "sum" | "mean" (sum / (avg_factor + eps) with avg_factor).
+
+    A mean over no elements is 0 (not NaN), so an image batch without anchors trains on.
+    avg_factor may be a 0-dim tensor: it is never read on the host.
+    """
+    check_reduction(reduction, avg_factor)
+    if weight is not None:
+        loss = loss * weight
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if avg_factor is None:
+        return loss.sum() / max(loss.numel(), 1)
+    return loss.sum() / (avg_factor + _FLOAT32_EPS)

@@ -1,0 +1,290 @@
+"""The public functions of gfl_ops, in the style of torch.nn.functional.
+
+Each one checks its arguments (a clear error for bad input, before any kernel runs),
+resolves the backend, computes the unreduced loss with it and applies mmdetection's
+weight/reduction. Class (bin) dimension 1, as in F.cross_entropy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _backends, reference
+from ._reduction import check_reduction, weight_reduce_loss
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+AvgFactor = Optional[Union[float, Tensor]]
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------
+
+
+def _require_tensor(value, name: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_pred(pred: Tensor, op: str) -> None:
+    _require_tensor(pred, "pred")
+    if pred.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: pred must be float16, bfloat16, float32 or float64, got {pred.dtype}")
+
+
+def _check_same_device(pred: Tensor, other: Tensor, name: str, op: str) -> None:
+    if other.device != pred.device:
+        raise ValueError(f"{op}: {name} is on {other.device} but pred is on {pred.device}")
+
+
+def _check_class_pred(pred: Tensor, op: str) -> None:
+    _check_pred(pred, op)
+    if pred.dim() < 2:
+        raise ValueError(f"{op}: pred must be (N, C) or (B, C, d1, ..., dk), got shape {tuple(pred.shape)}")
+    if pred.shape[1] == 0:
+        raise ValueError(f"{op}: pred has no classes (C = 0), shape {tuple(pred.shape)}")
+
+
+def _check_beta(beta: float, op: str) -> None:
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"{op}: beta must be a finite number >= 0, got {beta!r}")
+
+
+def _check_anchor_tensor(pred: Tensor, value: Tensor, name: str, op: str) -> None:
+    _require_tensor(value, name)
+    _check_same_device(pred, value, name, op)
+    expected = (pred.shape[0],) + tuple(pred.shape[2:])
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"{op}: {name} must have shape {expected} (pred {tuple(pred.shape)} without its "
+            f"class dimension 1), got {tuple(value.shape)}"
+        )
+
+
+def _check_weight(pred: Tensor, weight: Optional[Tensor], loss_shape: tuple, op: str) -> None:
+    if weight is None:
+        return
+    _require_tensor(weight, "weight")
+    _check_same_device(pred, weight, "weight", op)
+    if tuple(weight.shape) != loss_shape:
+        raise ValueError(f"{op}: weight must have the loss's shape {loss_shape}, got {tuple(weight.shape)}")
+
+
+def _check_avg_factor(pred: Tensor, avg_factor: AvgFactor, op: str) -> None:
+    if isinstance(avg_factor, Tensor):
+        if avg_factor.numel() != 1:
+            raise ValueError(f"{op}: avg_factor must be a number or a 1-element tensor, got shape {tuple(avg_factor.shape)}")
+        if avg_factor.device != pred.device and avg_factor.dim() != 0:
+            raise ValueError(f"{op}: avg_factor is on {avg_factor.device} but pred is on {pred.device}")
+
+
+def _check_label_and_score(pred: Tensor, label: Tensor, score: Tensor, op: str) -> None:
+    _check_anchor_tensor(pred, label, "label", op)
+    _check_anchor_tensor(pred, score, "score", op)
+    if label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
+        raise TypeError(f"{op}: label must be an integer tensor of class indices, got {label.dtype}")
+    if not score.dtype.is_floating_point:
+        raise TypeError(f"{op}: score must be a floating-point tensor (the IoU target), got {score.dtype}")
+
+
+def _check_bins(pred: Tensor, op: str) -> None:
+    _check_pred(pred, op)
+    if pred.dim() != 2:
+        raise ValueError(f"{op}: pred must be (M, n + 1) logits over bins 0..n, got shape {tuple(pred.shape)}")
+    if pred.shape[1] < 2:
+        raise ValueError(f"{op}: pred needs at least 2 bins, got shape {tuple(pred.shape)}")
+
+
+def _validate_dfl_target_range(target: Tensor, last_bin: int) -> None:
+    """target in [0, n] (NaN is out of range). Reads one flag on the host: a sync."""
+    if torch.compiler.is_compiling():
+        return
+    in_range = (target >= 0) & (target <= last_bin)
+    if not bool(in_range.all()):
+        bad = target[~in_range]
+        raise ValueError(
+            f"distribution_focal_loss: target must lie in [0, {last_bin}] (n + 1 = {last_bin + 1} "
+            f"bins; target == {last_bin} is valid), got {bad.numel()} value(s) outside, e.g. "
+            f"{bad[:4].tolist()}; clamp it (mmdetection uses reg_max - 0.1) or pass validate=False "
+            f"to clamp inside the kernel"
+        )
+
+
+def _wants_grad(pred: Tensor) -> bool:
+    return torch.is_grad_enabled() and pred.requires_grad
+
+
+def _accumulate_dtype(pred: Tensor) -> torch.dtype:
+    return reference.accumulate_dtype(pred.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Unreduced losses, per backend
+# --------------------------------------------------------------------------------------
+
+
+def _qfl_per_anchor(pred, label, score, beta, activated, backend):
+    if backend == "native":
+        loss, _ = torch.ops.gfl_ops.quality_focal_loss(
+            pred, label.long(), score.to(_accumulate_dtype(pred)), float(beta), activated, _wants_grad(pred)
+        )
+        return loss
+    return reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated)
+
+
+def _qfl_dense_per_anchor(pred, target, beta, activated, backend):
+    if backend == "native":
+        loss, _ = torch.ops.gfl_ops.quality_focal_loss_dense(
+            pred, target.to(pred.dtype), float(beta), activated, _wants_grad(pred)
+        )
+        return loss
+    return reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated)
+
+
+def _dfl_per_row(pred, target, backend):
+    if backend == "native":
+        loss, _ = torch.ops.gfl_ops.distribution_focal_loss(
+            pred, target.to(_accumulate_dtype(pred)), _wants_grad(pred)
+        )
+        return loss
+    return reference.distribution_focal_loss_per_row(pred, target)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def quality_focal_loss(
+    pred: Tensor,
+    label: Tensor,
+    score: Tensor,
+    *,
+    beta: float = 2.0,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+    activated: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Quality Focal Loss with (label, score) targets (mmdetection 3.x semantics).
+
+    Args:
+        pred: logits (N, C) or (B, C, d1, ..., dk) (probabilities if activated=True), any
+            strides: a (B, C, H, W) head output is read in place.
+        label: integer class per anchor, shape (N) or (B, d1, ..., dk); a value in [0, C)
+            marks a positive of that class, any other (C, -1, ...) is background.
+        score: float IoU target of the positive class, label's shape.
+        beta: the exponent of the modulating factor |y - sigma|^beta, >= 0.
+        weight: per-anchor weight, label's shape.
+        reduction: "none" (per-anchor loss, label's shape), "mean" or "sum".
+        avg_factor: with "mean", the loss sum is divided by avg_factor + eps (a float or a
+            tensor, never synced to the host).
+        activated: pred holds probabilities, not logits.
+        backend: "auto", "native", "triton" or "reference".
+
+    The loss is float32 for float16/bfloat16 pred (float64 for float64); the gradient has
+    pred's dtype and layout.
+    """
+    op = "quality_focal_loss"
+    _check_class_pred(pred, op)
+    _check_label_and_score(pred, label, score, op)
+    _check_beta(beta, op)
+    check_reduction(reduction, avg_factor)
+    _check_weight(pred, weight, tuple(label.shape), op)
+    _check_avg_factor(pred, avg_factor, op)
+    chosen = _backends.resolve_backend(backend, pred.device, op)
+    loss = _qfl_per_anchor(pred, label, score, beta, activated, chosen)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def quality_focal_loss_dense(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    beta: float = 2.0,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+    activated: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Quality Focal Loss against a dense soft target of pred's shape.
+
+    mmdetection's quality_focal_loss_tensor_target; with beta=0 it is the soft-target BCE of
+    YOLOv8 (summed over classes per anchor). A target of another dtype is cast to pred's,
+    as mmdetection does.
+    """
+    op = "quality_focal_loss_dense"
+    _check_class_pred(pred, op)
+    _require_tensor(target, "target")
+    _check_same_device(pred, target, "target", op)
+    if tuple(target.shape) != tuple(pred.shape):
+        raise ValueError(f"{op}: target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+    if not target.dtype.is_floating_point:
+        raise TypeError(f"{op}: target must be a floating-point tensor, got {target.dtype}")
+    _check_beta(beta, op)
+    check_reduction(reduction, avg_factor)
+    _check_weight(pred, weight, (pred.shape[0],) + tuple(pred.shape[2:]), op)
+    _check_avg_factor(pred, avg_factor, op)
+    chosen = _backends.resolve_backend(backend, pred.device, op)
+    loss = _qfl_dense_per_anchor(pred, target, beta, activated, chosen)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def distribution_focal_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+    validate: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Distribution Focal Loss: cross-entropy on the two bins around a continuous target.
+
+    Args:
+        pred: (M, n + 1) logits over bins 0..n (GFL: reg_max + 1 = 17 bins).
+        target: float (M) in [0, n]; target == n is valid.
+        validate: check the range on the host (a sync) and raise ValueError; with
+            validate=False the kernel clamps the target into [0, n] instead (NaN -> 0).
+    """
+    op = "distribution_focal_loss"
+    _check_bins(pred, op)
+    _require_tensor(target, "target")
+    _check_same_device(pred, target, "target", op)
+    if tuple(target.shape) != (pred.shape[0],):
+        raise ValueError(f"{op}: target must have shape ({pred.shape[0]},), got {tuple(target.shape)}")
+    if not target.dtype.is_floating_point:
+        raise TypeError(f"{op}: target must be a floating-point tensor, got {target.dtype}")
+    check_reduction(reduction, avg_factor)
+    _check_weight(pred, weight, (pred.shape[0],), op)
+    _check_avg_factor(pred, avg_factor, op)
+    if validate:
+        _validate_dfl_target_range(target, pred.shape[1] - 1)
+    chosen = _backends.resolve_backend(backend, pred.device, op)
+    loss = _dfl_per_row(pred, target, chosen)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def distribution_integral(pred: Tensor, *, backend: str = "auto") -> Tensor:
+    """E = sum_k softmax(pred)_k * k over the last dimension (GFL's Integral), differentiable.
+
+    pred: (..., n + 1) logits over bins 0..n; returns (...) in pred's dtype.
+    """
+    op = "distribution_integral"
+    _check_pred(pred, op)
+    if pred.dim() < 1 or pred.shape[-1] < 2:
+        raise ValueError(f"{op}: the last dimension of pred must hold at least 2 bins, got shape {tuple(pred.shape)}")
+    chosen = _backends.resolve_backend(backend, pred.device, op)
+    if chosen == "reference":
+        return reference.distribution_integral(pred)
+    # (M, n + 1) is read through its strides; other shapes become rows of bins (a view
+    # when the leading dimensions merge, a copy otherwise).
+    rows = pred if pred.dim() == 2 else pred.reshape(-1, pred.shape[-1])
+    value, _ = torch.ops.gfl_ops.distribution_integral(rows, _wants_grad(pred))
+    return value.view(pred.shape[:-1])

@@ -1,0 +1,155 @@
+"""Loss modules with mmdetection 3.x's constructors and forward signatures.
+
+They drop into an mmdetection config (register them under a name of your choice, see the
+README) or a plain training loop:
+
+    loss_cls = gfl_ops.nn.QualityFocalLoss(beta=2.0, loss_weight=1.0)
+    loss = loss_cls(cls_score, (labels, scores), weight=label_weights, avg_factor=num_pos)
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional
+from ._reduction import REDUCTIONS
+
+AvgFactor = Optional[Union[float, Tensor]]
+
+
+def _reduction(default: str, override: Optional[str]) -> str:
+    if override is not None and override not in REDUCTIONS:
+        raise ValueError(f"reduction_override must be None or one of {REDUCTIONS}, got {override!r}")
+    return override if override else default
+
+
+class QualityFocalLoss(nn.Module):
+    """Quality Focal Loss (GFL), as mmdet.models.losses.QualityFocalLoss.
+
+    forward(pred, target, weight=None, avg_factor=None, reduction_override=None), where
+    target is a (label, score) pair or a dense soft target of pred's shape.
+    """
+
+    def __init__(
+        self,
+        use_sigmoid: bool = True,
+        beta: float = 2.0,
+        reduction: str = "mean",
+        loss_weight: float = 1.0,
+        activated: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if use_sigmoid is not True:
+            raise ValueError("QualityFocalLoss: only the sigmoid form (use_sigmoid=True) is supported")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"QualityFocalLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.use_sigmoid = use_sigmoid
+        self.beta = beta
+        self.reduction = reduction
+        self.loss_weight = loss_weight
+        self.activated = activated
+        self.backend = backend
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Union[Tensor, Tuple[Tensor, Tensor]],
+        weight: Optional[Tensor] = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: Optional[str] = None,
+    ) -> Tensor:
+        options = dict(
+            beta=self.beta,
+            weight=weight,
+            reduction=_reduction(self.reduction, reduction_override),
+            avg_factor=avg_factor,
+            activated=self.activated,
+            backend=self.backend,
+        )
+        if isinstance(target, Tensor):
+            loss = functional.quality_focal_loss_dense(pred, target, **options)
+        else:
+            if not (isinstance(target, (tuple, list)) and len(target) == 2):
+                raise TypeError("QualityFocalLoss: target must be (label, score) or a dense tensor of pred's shape")
+            label, score = target
+            loss = functional.quality_focal_loss(pred, label, score, **options)
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"beta={self.beta}, reduction={self.reduction!r}, loss_weight={self.loss_weight}, "
+            f"activated={self.activated}, backend={self.backend!r}"
+        )
+
+
+class DistributionFocalLoss(nn.Module):
+    """Distribution Focal Loss (GFL), as mmdet.models.losses.DistributionFocalLoss.
+
+    forward(pred, target, weight=None, avg_factor=None, reduction_override=None) with pred
+    (M, n + 1) logits and target (M) in [0, n].
+    """
+
+    def __init__(
+        self,
+        reduction: str = "mean",
+        loss_weight: float = 1.0,
+        validate: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"DistributionFocalLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+        self.loss_weight = loss_weight
+        self.validate = validate
+        self.backend = backend
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor] = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: Optional[str] = None,
+    ) -> Tensor:
+        loss = functional.distribution_focal_loss(
+            pred,
+            target,
+            weight=weight,
+            reduction=_reduction(self.reduction, reduction_override),
+            avg_factor=avg_factor,
+            validate=self.validate,
+            backend=self.backend,
+        )
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, backend={self.backend!r}"
+
+
+class Integral(nn.Module):
+    """GFL's distribution decode, as mmdet.models.dense_heads.gfl_head.Integral.
+
+    forward(x): x (N, 4 * (reg_max + 1)) logits -> (N, 4) expected distances
+    sum_k softmax(x)_k * k, differentiable.
+    """
+
+    def __init__(self, reg_max: int = 16, backend: str = "auto") -> None:
+        super().__init__()
+        if reg_max < 1:
+            raise ValueError(f"Integral: reg_max must be >= 1, got {reg_max}")
+        self.reg_max = reg_max
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        bins = self.reg_max + 1
+        if x.shape[-1] % bins != 0:
+            raise ValueError(f"Integral: the last dimension of x ({x.shape[-1]}) is not a multiple of reg_max + 1 = {bins}")
+        value = functional.distribution_integral(x.reshape(-1, bins), backend=self.backend)
+        return value.reshape(-1, 4)
+
+    def extra_repr(self) -> str:
+        return f"reg_max={self.reg_max}, backend={self.backend!r}"

@@ -1,0 +1,51 @@
+"""Builds gfl_ops._C: the fused C++ CPU kernels always, the CUDA kernels (csrc/cuda/*.cu)
+whenever nvcc and a CUDA build of torch are present, with or without a GPU.
+
+Environment:
+  GFL_OPS_FORCE_CPU=1       build without CUDA even where it could be built
+  TORCH_CUDA_ARCH_LIST      CUDA architectures to build (torch's variable; see README)
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_build_possible() -> bool:
+    if os.environ.get("GFL_OPS_FORCE_CPU") == "1":
+        return False
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extension():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    if cuda_sources and cuda_build_possible():
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "gfl_ops._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DGFL_OPS_WITH_CUDA"], "nvcc": nvcc_flags},
+            py_limited_api=False,
+        )
+    return cpp_extension.CppExtension(
+        "gfl_ops._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=False
+    )
+
+
+setup(
+    name="gfl_ops",
+    version="0.1.0",
+    description="Fused CPU/CUDA/Triton kernels for Generalized Focal Loss (QFL, DFL)",
+    packages=find_packages(include=["gfl_ops", "gfl_ops.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5"],
+)
