@@ -11,7 +11,6 @@ import os
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def cuda_build_possible() -> bool:
@@ -19,7 +18,12 @@ def cuda_build_possible() -> bool:
         return False
     import torch
 
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    cuda_home = cpp_extension.CUDA_HOME
+    return (
+        torch.version.cuda is not None
+        and cuda_home is not None
+        and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    )
 
 
 def extension():
