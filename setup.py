@@ -12,7 +12,6 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 
-
 def cuda_build_possible() -> bool:
     if os.environ.get("GFL_OPS_FORCE_CPU") == "1":
         return False
@@ -29,17 +28,25 @@ def cuda_build_possible() -> bool:
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is an OpenMP loop compiled into this library; without the
+    # flag it silently runs on one thread.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    link_flags = ["-fopenmp"]
     if cuda_sources and cuda_build_possible():
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "gfl_ops._C",
             cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DGFL_OPS_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
             py_limited_api=False,
         )
     return cpp_extension.CppExtension(
-        "gfl_ops._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=False
+        "gfl_ops._C",
+        cpp_sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+        py_limited_api=False,
     )
 
 

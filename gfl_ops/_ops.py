@@ -81,8 +81,16 @@ def _backward(ctx, grad_loss: Tensor, _unused: Tensor):
         )
     (grad,) = ctx.saved_tensors
     # The per-anchor gradient broadcast over the class (bin) dimension, which is dim 1.
-    grad_pred = grad * grad_loss.unsqueeze(1)
-    return (grad_pred.to(grad.dtype),) + (None,) * (ctx.num_inputs - 1)
+    scale = grad_loss.unsqueeze(1)
+    if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
+        # Eager: scale in place, so the saved buffer becomes pred's gradient and a step holds
+        # one buffer of pred's size, not two. A second backward through the same graph finds
+        # the buffer modified and autograd raises, as for any in-place change of a saved tensor.
+        grad_pred = grad.mul_(scale)
+    else:
+        # Traced (torch.compile, AOTAutograd): functional form; the compiler reuses the buffer.
+        grad_pred = (grad * scale).to(grad.dtype)
+    return (grad_pred,) + (None,) * (ctx.num_inputs - 1)
 
 
 if native_loaded():
