@@ -117,11 +117,6 @@ GFL_HOST_DEVICE double exp_(double x) { return std::exp(x); }
 GFL_HOST_DEVICE double log1p_unit(double t) { return std::log1p(t); }
 GFL_HOST_DEVICE double log_(double x) { return std::log(x); }
 
-template <typename acc_t>
-GFL_HOST_DEVICE acc_t max_(acc_t a, acc_t b) {
-  return a > b ? a : b;  // NaN in `a` is kept when b is not greater: see callers
-}
-
 // ---------------------------------------------------------------------------------------
 // Quality Focal Loss, one element.
 //
@@ -238,12 +233,6 @@ GFL_HOST_DEVICE DflBins<acc_t> dfl_bins(acc_t target, int64_t num_bins) {
   left = left < num_bins - 2 ? left : num_bins - 2;
   const acc_t weight_left = static_cast<acc_t>(left + 1) - y;
   return {left, weight_left, acc_t(1) - weight_left};
-}
-
-// A running maximum that keeps NaN once seen, so a NaN logit makes the row NaN.
-template <typename acc_t>
-GFL_HOST_DEVICE acc_t nan_propagating_max(acc_t running, acc_t value) {
-  return (value > running || value != value) ? value : running;
 }
 
 template <typename acc_t>

@@ -266,13 +266,16 @@ struct BinRows {
   int64_t num_bins;
 };
 
-// The row's maximum and sum_k exp(z_k - max): the two halves of its log-sum-exp.
+// The row's maximum and sum_k exp(z_k - max): the two halves of its log-sum-exp. A NaN
+// logit need not win the maximum: exp(NaN - max) makes the sum, and so the row, NaN.
 template <typename acc_t, typename scalar_t>
 GFL_HOST_DEVICE void row_softmax_stats(const scalar_t* row, int64_t bin_stride, int64_t num_bins,
                                        acc_t& row_max, acc_t& sum_exp) {
   row_max = static_cast<acc_t>(row[0]);
+#pragma omp simd reduction(max : row_max)
   for (int64_t k = 1; k < num_bins; ++k) {
-    row_max = math::nan_propagating_max(row_max, static_cast<acc_t>(row[k * bin_stride]));
+    const acc_t z = static_cast<acc_t>(row[k * bin_stride]);
+    row_max = z > row_max ? z : row_max;
   }
   sum_exp = 0;
 #pragma omp simd reduction(+ : sum_exp)
@@ -281,41 +284,47 @@ GFL_HOST_DEVICE void row_softmax_stats(const scalar_t* row, int64_t bin_stride, 
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// kUnitBinStride: bins are contiguous in pred and grad (the usual (M, n + 1) layout), so
+// the bin loops vectorise with plain loads instead of gathers.
+template <bool kUnitBinStride, typename scalar_t, typename acc_t>
 GFL_CPU_CLONES void dfl_rows(const BinRows<scalar_t>& rows, const acc_t* target, acc_t* loss,
                              int64_t row_begin, int64_t row_end) {
+  const int64_t pred_bin = kUnitBinStride ? 1 : rows.pred_bin_stride;
+  const int64_t grad_bin = kUnitBinStride ? 1 : rows.grad_bin_stride;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* z = rows.pred + r * rows.pred_row_stride;
     acc_t row_max, sum_exp;
-    row_softmax_stats(z, rows.pred_bin_stride, rows.num_bins, row_max, sum_exp);
+    row_softmax_stats(z, pred_bin, rows.num_bins, row_max, sum_exp);
     const math::DflBins<acc_t> bins = math::dfl_bins(target[r], rows.num_bins);
     loss[r] = math::dfl_loss(math::log_sum_exp(row_max, sum_exp),
-                             static_cast<acc_t>(z[bins.left * rows.pred_bin_stride]),
-                             static_cast<acc_t>(z[(bins.left + 1) * rows.pred_bin_stride]), bins);
+                             static_cast<acc_t>(z[bins.left * pred_bin]),
+                             static_cast<acc_t>(z[(bins.left + 1) * pred_bin]), bins);
     if (rows.grad != nullptr) {
       scalar_t* g = rows.grad + r * rows.grad_row_stride;
       const acc_t inv_sum = acc_t(1) / sum_exp;
 #pragma omp simd
       for (int64_t k = 0; k < rows.num_bins; ++k) {
-        const acc_t softmax_k = math::exp_(static_cast<acc_t>(z[k * rows.pred_bin_stride]) - row_max) * inv_sum;
-        g[k * rows.grad_bin_stride] = static_cast<scalar_t>(math::dfl_grad(softmax_k, k, bins));
+        const acc_t softmax_k = math::exp_(static_cast<acc_t>(z[k * pred_bin]) - row_max) * inv_sum;
+        g[k * grad_bin] = static_cast<scalar_t>(math::dfl_grad(softmax_k, k, bins));
       }
     }
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <bool kUnitBinStride, typename scalar_t, typename acc_t>
 GFL_CPU_CLONES void integral_rows(const BinRows<scalar_t>& rows, scalar_t* value, int64_t row_begin,
                                   int64_t row_end) {
+  const int64_t pred_bin = kUnitBinStride ? 1 : rows.pred_bin_stride;
+  const int64_t grad_bin = kUnitBinStride ? 1 : rows.grad_bin_stride;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* z = rows.pred + r * rows.pred_row_stride;
     acc_t row_max, sum_exp;
-    row_softmax_stats(z, rows.pred_bin_stride, rows.num_bins, row_max, sum_exp);
+    row_softmax_stats(z, pred_bin, rows.num_bins, row_max, sum_exp);
     const acc_t inv_sum = acc_t(1) / sum_exp;
     acc_t expectation = 0;  // E = sum_k softmax_k * k
 #pragma omp simd reduction(+ : expectation)
     for (int64_t k = 0; k < rows.num_bins; ++k) {
-      expectation += math::exp_(static_cast<acc_t>(z[k * rows.pred_bin_stride]) - row_max) * static_cast<acc_t>(k);
+      expectation += math::exp_(static_cast<acc_t>(z[k * pred_bin]) - row_max) * static_cast<acc_t>(k);
     }
     expectation *= inv_sum;
     value[r] = static_cast<scalar_t>(expectation);
@@ -323,11 +332,24 @@ GFL_CPU_CLONES void integral_rows(const BinRows<scalar_t>& rows, scalar_t* value
       scalar_t* g = rows.grad + r * rows.grad_row_stride;
 #pragma omp simd
       for (int64_t k = 0; k < rows.num_bins; ++k) {
-        const acc_t softmax_k = math::exp_(static_cast<acc_t>(z[k * rows.pred_bin_stride]) - row_max) * inv_sum;
-        g[k * rows.grad_bin_stride] = static_cast<scalar_t>(math::integral_grad(softmax_k, k, expectation));
+        const acc_t softmax_k = math::exp_(static_cast<acc_t>(z[k * pred_bin]) - row_max) * inv_sum;
+        g[k * grad_bin] = static_cast<scalar_t>(math::integral_grad(softmax_k, k, expectation));
       }
     }
   }
+}
+
+// Runs `walk<kUnitBinStride>` over the rows in parallel, with the stride flag resolved once.
+template <typename scalar_t, typename Walk>
+void launch_bin_rows(const BinRows<scalar_t>& rows, int64_t num_rows, const Walk& walk) {
+  const bool unit_bin_stride = rows.pred_bin_stride == 1 && (rows.grad == nullptr || rows.grad_bin_stride == 1);
+  at::parallel_for(0, num_rows, grain_for(rows.num_bins), [&](int64_t begin, int64_t end) {
+    if (unit_bin_stride) {
+      walk(std::true_type{}, begin, end);
+    } else {
+      walk(std::false_type{}, begin, end);
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -348,8 +370,8 @@ std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cpu(const at::Tensor&
     const BinRows<scalar_t> rows = bin_rows<scalar_t>(pred, grad, compute_grad);
     const acc_t* target_ptr = targets.const_data_ptr<acc_t>();
     acc_t* loss_ptr = loss.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, pred.size(0), grain_for(rows.num_bins), [&](int64_t begin, int64_t end) {
-      dfl_rows<scalar_t, acc_t>(rows, target_ptr, loss_ptr, begin, end);
+    launch_bin_rows(rows, pred.size(0), [&](auto unit_bin_stride, int64_t begin, int64_t end) {
+      dfl_rows<decltype(unit_bin_stride)::value, scalar_t, acc_t>(rows, target_ptr, loss_ptr, begin, end);
     });
   });
   return {loss, grad};
@@ -363,8 +385,8 @@ std::tuple<at::Tensor, at::Tensor> distribution_integral_cpu(const at::Tensor& p
     using acc_t = acc_type_t<scalar_t>;
     const BinRows<scalar_t> rows = bin_rows<scalar_t>(pred, grad, compute_grad);
     scalar_t* value_ptr = value.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, pred.size(0), grain_for(rows.num_bins), [&](int64_t begin, int64_t end) {
-      integral_rows<scalar_t, acc_t>(rows, value_ptr, begin, end);
+    launch_bin_rows(rows, pred.size(0), [&](auto unit_bin_stride, int64_t begin, int64_t end) {
+      integral_rows<decltype(unit_bin_stride)::value, scalar_t, acc_t>(rows, value_ptr, begin, end);
     });
   });
   return {value, grad};
