@@ -12,14 +12,11 @@ from typing import List, Union
 import torch
 
 from . import _ops
+from . import triton as _triton
 
 BACKENDS = ("native", "triton", "reference")
 # Preference of "auto", fastest first.
 _AUTO_ORDER = ("native", "triton", "reference")
-
-
-def _triton_available(device_type: str) -> bool:
-    return False  # the Triton kernels are not part of this release yet
 
 
 def _device_type(device: Union[str, torch.device, None]) -> str:
@@ -37,7 +34,7 @@ def available_backends(
     for backend in _AUTO_ORDER:
         if backend == "native" and _ops.has_native_kernel(operator, device_type):
             available.append(backend)
-        elif backend == "triton" and _triton_available(device_type):
+        elif backend == "triton" and _triton.available(device_type):
             available.append(backend)
         elif backend == "reference":
             available.append(backend)
@@ -62,6 +59,10 @@ def resolve_backend(
             reason = f": the compiled extension gfl_ops._C did not load ({_ops.NATIVE_IMPORT_ERROR})"
         elif backend == "native":
             reason = ": gfl_ops._C was built without kernels for this device"
+        elif backend == "triton" and _triton.IMPORT_ERROR is not None:
+            reason = f": Triton did not import ({_triton.IMPORT_ERROR})"
+        elif backend == "triton":
+            reason = ": Triton kernels run on CUDA tensors (on CPU only under TRITON_INTERPRET=1)"
         raise ValueError(
             f"backend {backend!r} is not available for {operator} on device type "
             f"{_device_type(device)!r}{reason}; available: {available}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .reference import accumulate_dtype
+
 try:
     from . import _C  # noqa: F401  (loading the library registers the operators)
 
@@ -52,19 +54,22 @@ def has_native_kernel(operator: str, device_type: str) -> bool:
     return _REGISTERED_KERNELS.get((operator, device_type), False)
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def operator(name: str, backend: str):
+    """The registered operator of a backend: gfl_ops::name (native) or gfl_ops::name_triton."""
+    return getattr(torch.ops.gfl_ops, name if backend == "native" else f"{name}_triton")
 
 
-def _anchor_shape(pred: Tensor) -> tuple:
+def anchor_shape(pred: Tensor) -> tuple:
+    """pred's shape without the class dimension 1: the shape of the per-anchor loss."""
     return (pred.shape[0],) + tuple(pred.shape[2:])
 
 
-def _grad_buffer(pred: Tensor, compute_grad: bool) -> Tensor:
+def grad_buffer(pred: Tensor, compute_grad: bool) -> Tensor:
+    """pred's layout when pred is dense (empty_like keeps its strides); empty if unused."""
     return torch.empty_like(pred) if compute_grad else pred.new_empty((0,))
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def setup_context(ctx, inputs, output) -> None:
     _, grad = output
     ctx.has_grad = bool(inputs[-1])  # compute_grad is the last argument of every operator
     ctx.num_inputs = len(inputs)
@@ -72,7 +77,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(grad)
 
 
-def _backward(ctx, grad_loss: Tensor, _unused: Tensor):
+def backward(ctx, grad_loss: Tensor, _unused: Tensor):
     """d total / d pred[n, c, ...] = d total / d loss[n, ...] * d loss[n, ...] / d pred[n, c, ...]."""
     if not ctx.has_grad:
         raise RuntimeError(
@@ -97,24 +102,24 @@ if native_loaded():
 
     @torch.library.register_fake("gfl_ops::quality_focal_loss")
     def _(pred, label, score, beta, activated, compute_grad):
-        loss = pred.new_empty(_anchor_shape(pred), dtype=_accumulate_dtype(pred.dtype))
-        return loss, _grad_buffer(pred, compute_grad)
+        loss = pred.new_empty(anchor_shape(pred), dtype=accumulate_dtype(pred.dtype))
+        return loss, grad_buffer(pred, compute_grad)
 
     @torch.library.register_fake("gfl_ops::quality_focal_loss_dense")
     def _(pred, target, beta, activated, compute_grad):
-        loss = pred.new_empty(_anchor_shape(pred), dtype=_accumulate_dtype(pred.dtype))
-        return loss, _grad_buffer(pred, compute_grad)
+        loss = pred.new_empty(anchor_shape(pred), dtype=accumulate_dtype(pred.dtype))
+        return loss, grad_buffer(pred, compute_grad)
 
     @torch.library.register_fake("gfl_ops::distribution_focal_loss")
     def _(pred, target, compute_grad):
-        loss = pred.new_empty((pred.shape[0],), dtype=_accumulate_dtype(pred.dtype))
-        return loss, _grad_buffer(pred, compute_grad)
+        loss = pred.new_empty((pred.shape[0],), dtype=accumulate_dtype(pred.dtype))
+        return loss, grad_buffer(pred, compute_grad)
 
     @torch.library.register_fake("gfl_ops::distribution_integral")
     def _(pred, compute_grad):
-        return pred.new_empty((pred.shape[0],)), _grad_buffer(pred, compute_grad)
+        return pred.new_empty((pred.shape[0],)), grad_buffer(pred, compute_grad)
 
     for _operator in OPERATORS:
         torch.library.register_autograd(
-            f"gfl_ops::{_operator}", _backward, setup_context=_setup_context
+            f"gfl_ops::{_operator}", backward, setup_context=setup_context
         )

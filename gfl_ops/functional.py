@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _backends, reference
+from . import _backends, _ops, reference
 from ._reduction import check_reduction, weight_reduce_loss
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -127,30 +127,30 @@ def _accumulate_dtype(pred: Tensor) -> torch.dtype:
 
 
 def _qfl_per_anchor(pred, label, score, beta, activated, backend):
-    if backend == "native":
-        loss, _ = torch.ops.gfl_ops.quality_focal_loss(
-            pred, label.long(), score.to(_accumulate_dtype(pred)), float(beta), activated, _wants_grad(pred)
-        )
-        return loss
-    return reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated)
+    if backend == "reference":
+        return reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated)
+    loss, _ = _ops.operator("quality_focal_loss", backend)(
+        pred, label.long(), score.to(_accumulate_dtype(pred)), float(beta), activated, _wants_grad(pred)
+    )
+    return loss
 
 
 def _qfl_dense_per_anchor(pred, target, beta, activated, backend):
-    if backend == "native":
-        loss, _ = torch.ops.gfl_ops.quality_focal_loss_dense(
-            pred, target.to(pred.dtype), float(beta), activated, _wants_grad(pred)
-        )
-        return loss
-    return reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated)
+    if backend == "reference":
+        return reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated)
+    loss, _ = _ops.operator("quality_focal_loss_dense", backend)(
+        pred, target.to(pred.dtype), float(beta), activated, _wants_grad(pred)
+    )
+    return loss
 
 
 def _dfl_per_row(pred, target, backend):
-    if backend == "native":
-        loss, _ = torch.ops.gfl_ops.distribution_focal_loss(
-            pred, target.to(_accumulate_dtype(pred)), _wants_grad(pred)
-        )
-        return loss
-    return reference.distribution_focal_loss_per_row(pred, target)
+    if backend == "reference":
+        return reference.distribution_focal_loss_per_row(pred, target)
+    loss, _ = _ops.operator("distribution_focal_loss", backend)(
+        pred, target.to(_accumulate_dtype(pred)), _wants_grad(pred)
+    )
+    return loss
 
 
 # --------------------------------------------------------------------------------------
@@ -286,5 +286,5 @@ def distribution_integral(pred: Tensor, *, backend: str = "auto") -> Tensor:
     # (M, n + 1) is read through its strides; other shapes become rows of bins (a view
     # when the leading dimensions merge, a copy otherwise).
     rows = pred if pred.dim() == 2 else pred.reshape(-1, pred.shape[-1])
-    value, _ = torch.ops.gfl_ops.distribution_integral(rows, _wants_grad(pred))
+    value, _ = _ops.operator(op, chosen)(rows, _wants_grad(pred))
     return value.view(pred.shape[:-1])

@@ -1,0 +1,22 @@
+"""python -m gfl_ops <command>: `bench` runs the benchmark (python -m gfl_ops bench --help)."""
+import sys
+
+COMMANDS = {"bench": "compare gfl_ops with the eager reference, torch.compile and mmdetection-style eager"}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "usage: python -m gfl_ops <command> [options]\n\ncommands:\n" + "".join(
+            f"  {name:8s}{text}\n" for name, text in COMMANDS.items()
+        )
+        known = not argv or argv[0] in ("-h", "--help")
+        print(usage if known else f"unknown command {argv[0]!r}\n\n{usage}", file=sys.stdout if known else sys.stderr)
+        return 0 if known else 2
+    from . import bench
+
+    return bench.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Triton kernels for Quality Focal Loss, Distribution Focal Loss and the integral.
+
+The same equations as csrc/gfl_math.h, under the same names, so the two read side by side
+(derivations: GFL_MATH.md). Each kernel makes one pass over pred: it computes the loss per
+anchor (row) and, when NEED_GRAD, the gradient of that loss with respect to pred, which the
+autograd formula later scales by the incoming per-anchor gradient. Maths in float32 for
+float16/bfloat16 inputs (float64 for float64); sums over classes/bins run in a fixed order
+inside one program, so results are reproducible bit for bit.
+
+A program owns BLOCK_ANCHORS anchors (rows) and walks their classes (bins) BLOCK_CLASSES
+at a time: rows of C = 80 classes or 17 bins are short, so many rows share a program.
+"""
+import triton
+import triton.language as tl
+
+
+# ---------------------------------------------------------------------------------------
+# Per-element maths (gfl_math.h)
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def log1p_unit(t):
+    """log1p(t) for t in [0, 1] (the range of exp(-|x|)), accurate in float32 and float64.
+
+    log(u) * t / (u - 1) with u = 1 + t cancels the rounding of u (Goldberg); t where u
+    rounds to 1. (gfl_math.h computes the same primitive with a series on the host and
+    log1pf on the device; Triton's libdevice.log1p would not run in the interpreter.)
+    """
+    u = 1.0 + t
+    u_minus_one = u - 1.0
+    return tl.where(u_minus_one == 0.0, t, tl.log(u) * (t / tl.where(u_minus_one == 0.0, 1.0, u_minus_one)))
+
+
+@triton.jit
+def modulating_factor(d, beta, BETA_IS_TWO: tl.constexpr):
+    """|d|^beta and its derivative beta * |d|^(beta-1) * sign(d) = beta * factor / d (0 at d = 0)."""
+    if BETA_IS_TWO:
+        factor = d * d
+        derivative = 2.0 * d
+    else:
+        magnitude = tl.abs(d)
+        is_zero = magnitude == 0.0
+        power = tl.exp(beta * tl.log(tl.where(is_zero, 1.0, magnitude)))
+        # 0^beta is 1 for beta = 0 (as torch.pow) and 0 otherwise.
+        factor = tl.where(is_zero, tl.where(beta == 0.0, 1.0, 0.0), power)
+        derivative = tl.where(is_zero, 0.0, beta * factor / tl.where(is_zero, 1.0, d))
+    return factor, derivative
+
+
+@triton.jit
+def qfl_sigmoid_element(x, y, beta, BETA_IS_TWO: tl.constexpr):
+    """BCE(x, y) = (1 - y) x + softplus(-x), softplus(-x) = max(-x, 0) + log1p(exp(-|x|));
+    dQFL/dx = factor * (sigma - y) + BCE * dfactor/dd * sigma * (1 - sigma)."""
+    e = tl.exp(-tl.abs(x))
+    softplus_neg_x = tl.maximum(-x, 0.0) + log1p_unit(e)
+    bce = (1.0 - y) * x + softplus_neg_x
+    inv_one_plus_e = 1.0 / (1.0 + e)
+    sigma = tl.where(x >= 0.0, inv_one_plus_e, e * inv_one_plus_e)
+    d = sigma - y
+    factor, dfactor_dd = modulating_factor(d, beta, BETA_IS_TWO)
+    dsigma_dx = e * inv_one_plus_e * inv_one_plus_e
+    return factor * bce, factor * d + bce * dfactor_dd * dsigma_dx
+
+
+@triton.jit
+def qfl_probability_element(p, y, beta, BETA_IS_TWO: tl.constexpr):
+    """BCE_p = -(y max(log p, -100) + (1 - y) max(log(1 - p), -100));
+    dBCE_p/dp = (p - y) / max(p (1 - p), 1e-12), torch's backward formula."""
+    log_p = tl.log(p)
+    log_one_minus_p = tl.log(1.0 - p)
+    clamped_log_p = tl.where(log_p < -100.0, -100.0, log_p)  # keeps NaN
+    clamped_log_one_minus_p = tl.where(log_one_minus_p < -100.0, -100.0, log_one_minus_p)
+    bce = -(y * clamped_log_p + (1.0 - y) * clamped_log_one_minus_p)
+    d = p - y
+    factor, dfactor_dd = modulating_factor(d, beta, BETA_IS_TWO)
+    variance = p * (1.0 - p)
+    dbce_dp = d / tl.where(variance < 1e-12, 1e-12, variance)
+    return factor * bce, factor * dbce_dp + bce * dfactor_dd
+
+
+@triton.jit
+def qfl_element(pred, y, beta, ACTIVATED: tl.constexpr, BETA_IS_TWO: tl.constexpr):
+    if ACTIVATED:
+        loss, grad = qfl_probability_element(pred, y, beta, BETA_IS_TWO)
+    else:
+        loss, grad = qfl_sigmoid_element(pred, y, beta, BETA_IS_TWO)
+    return loss, grad
+
+
+@triton.jit
+def qfl_label_target(classes, labels, scores):
+    """The score on the labelled class, 0 elsewhere; labels outside [0, C) match no class."""
+    return tl.where(labels[:, None] == classes[None, :], scores[:, None], 0.0)
+
+
+@triton.jit
+def dfl_bins(target, num_bins):
+    """i = min(floor(y), n - 1), w_l = (i + 1) - y, w_r = 1 - w_l, y clamped into [0, n] (NaN -> 0)."""
+    last_bin = (num_bins - 1).to(target.dtype)
+    y = tl.where(target > 0.0, target, 0.0)
+    y = tl.where(y < last_bin, y, last_bin)
+    left = tl.minimum(y.to(tl.int32), num_bins - 2)
+    weight_left = (left + 1).to(y.dtype) - y
+    return left, weight_left, 1.0 - weight_left
+
+
+@triton.jit
+def log_sum_exp(row_max, sum_exp_shifted):
+    return row_max + tl.log(sum_exp_shifted)
+
+
+@triton.jit
+def dfl_loss(lse, z_left, z_right, weight_left, weight_right):
+    return lse - weight_left * z_left - weight_right * z_right
+
+
+@triton.jit
+def dfl_grad(softmax, bins, left, weight_left, weight_right):
+    """softmax_k - w_l [k == i] - w_r [k == i + 1]."""
+    return (
+        softmax
+        - tl.where(bins[None, :] == left[:, None], weight_left[:, None], 0.0)
+        - tl.where(bins[None, :] == left[:, None] + 1, weight_right[:, None], 0.0)
+    )
+
+
+@triton.jit
+def integral_grad(softmax, bins, expectation):
+    """dE/dz_k = softmax_k (k - E)."""
+    return softmax * (bins[None, :].to(softmax.dtype) - expectation[:, None])
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def qfl_kernel(
+    pred_ptr, grad_ptr, loss_ptr, label_ptr, score_ptr, target_ptr,
+    num_anchors, num_classes, inner_size,
+    pred_outer_stride, pred_inner_stride, pred_class_stride,
+    grad_outer_stride, grad_inner_stride, grad_class_stride,
+    target_outer_stride, target_inner_stride, target_class_stride,
+    beta,
+    ACC_DTYPE: tl.constexpr, DENSE_TARGET: tl.constexpr, ACTIVATED: tl.constexpr, BETA_IS_TWO: tl.constexpr,
+    NEED_GRAD: tl.constexpr, BLOCK_ANCHORS: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
+):
+    """Anchors are (outer, inner) pairs: anchor a sits at outer * outer_stride + inner * inner_stride
+    in each tensor, its class c a further c * class_stride, so (N, C) rows and (B, C, H, W)
+    planes are both read in place."""
+    acc_t: tl.constexpr = ACC_DTYPE
+    anchors = tl.program_id(0).to(tl.int64) * BLOCK_ANCHORS + tl.arange(0, BLOCK_ANCHORS)
+    anchor_mask = anchors < num_anchors
+    outer = anchors // inner_size
+    inner = anchors % inner_size
+    pred_rows = outer * pred_outer_stride + inner * pred_inner_stride
+    grad_rows = outer * grad_outer_stride + inner * grad_inner_stride
+    target_rows = outer * target_outer_stride + inner * target_inner_stride
+    if not DENSE_TARGET:
+        labels = tl.load(label_ptr + anchors, mask=anchor_mask, other=-1)
+        scores = tl.load(score_ptr + anchors, mask=anchor_mask, other=0.0).to(acc_t)
+    row_loss = tl.zeros([BLOCK_ANCHORS], dtype=acc_t)
+    for class_start in range(0, num_classes, BLOCK_CLASSES):
+        classes = class_start + tl.arange(0, BLOCK_CLASSES)
+        mask = anchor_mask[:, None] & (classes < num_classes)[None, :]
+        x = tl.load(pred_ptr + pred_rows[:, None] + classes[None, :] * pred_class_stride, mask=mask, other=0.5)
+        if DENSE_TARGET:
+            y = tl.load(target_ptr + target_rows[:, None] + classes[None, :] * target_class_stride, mask=mask, other=0.0)
+            y = y.to(acc_t)
+        else:
+            y = qfl_label_target(classes, labels, scores).to(acc_t)
+        loss, grad = qfl_element(x.to(acc_t), y, beta, ACTIVATED, BETA_IS_TWO)
+        row_loss += tl.sum(tl.where(mask, loss, 0.0), axis=1)
+        if NEED_GRAD:
+            grad_offsets = grad_rows[:, None] + classes[None, :] * grad_class_stride
+            tl.store(grad_ptr + grad_offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(loss_ptr + anchors, row_loss, mask=anchor_mask)
+
+
+@triton.jit
+def row_softmax(pred_ptr, rows, row_mask, num_bins, pred_row_stride, pred_bin_stride, acc_t: tl.constexpr,
+                BLOCK_BINS: tl.constexpr):
+    """A block of rows' logits, exp(z - max) and sum_k exp(z_k - max); padding bins hold -inf."""
+    bins = tl.arange(0, BLOCK_BINS)
+    mask = row_mask[:, None] & (bins < num_bins)[None, :]
+    offsets = rows[:, None] * pred_row_stride + bins[None, :] * pred_bin_stride
+    z = tl.load(pred_ptr + offsets, mask=mask, other=float("-inf")).to(acc_t)
+    z = tl.where(row_mask[:, None], z, 0.0)  # rows past the end: finite, never stored
+    row_max = tl.max(z, axis=1)
+    shifted = tl.exp(z - row_max[:, None])
+    return bins, mask, z, row_max, shifted, tl.sum(shifted, axis=1)
+
+
+@triton.jit
+def dfl_kernel(
+    pred_ptr, grad_ptr, loss_ptr, target_ptr,
+    num_rows, num_bins, pred_row_stride, pred_bin_stride, grad_row_stride, grad_bin_stride,
+    ACC_DTYPE: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
+):
+    acc_t: tl.constexpr = ACC_DTYPE
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < num_rows
+    bins, mask, z, row_max, shifted, sum_exp = row_softmax(
+        pred_ptr, rows, row_mask, num_bins, pred_row_stride, pred_bin_stride, acc_t, BLOCK_BINS
+    )
+    target = tl.load(target_ptr + rows, mask=row_mask, other=0.0).to(acc_t)
+    left, weight_left, weight_right = dfl_bins(target, num_bins)
+    z_left = tl.sum(tl.where(bins[None, :] == left[:, None], z, 0.0), axis=1)
+    z_right = tl.sum(tl.where(bins[None, :] == left[:, None] + 1, z, 0.0), axis=1)
+    loss = dfl_loss(log_sum_exp(row_max, sum_exp), z_left, z_right, weight_left, weight_right)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    if NEED_GRAD:
+        grad = dfl_grad(shifted / sum_exp[:, None], bins, left, weight_left, weight_right)
+        offsets = rows[:, None] * grad_row_stride + bins[None, :] * grad_bin_stride
+        tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def integral_kernel(
+    pred_ptr, grad_ptr, value_ptr,
+    num_rows, num_bins, pred_row_stride, pred_bin_stride, grad_row_stride, grad_bin_stride,
+    ACC_DTYPE: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
+):
+    acc_t: tl.constexpr = ACC_DTYPE
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < num_rows
+    bins, mask, z, row_max, shifted, sum_exp = row_softmax(
+        pred_ptr, rows, row_mask, num_bins, pred_row_stride, pred_bin_stride, acc_t, BLOCK_BINS
+    )
+    softmax = shifted / sum_exp[:, None]
+    expectation = tl.sum(softmax * bins[None, :].to(acc_t), axis=1)  # E = sum_k softmax_k k
+    tl.store(value_ptr + rows, expectation.to(value_ptr.dtype.element_ty), mask=row_mask)
+    if NEED_GRAD:
+        grad = integral_grad(softmax, bins, expectation)
+        offsets = rows[:, None] * grad_row_stride + bins[None, :] * grad_bin_stride
+        tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
