@@ -20,7 +20,8 @@ requires grad, so a fused kernel may produce the gradient in this pass) and "ful
 
 Each (op, mode, shape, dtype) is one measurement: every provider is warmed up, then the
 providers take turns, one timed step each per round (the order rotates between rounds),
-so that the noise of a shared machine falls on all of them alike. The figure is the
+so that the noise of a shared machine falls on all of them alike; a dst.copy_(src) moving
+the op's byte model takes its turn too, as the bandwidth yardstick. The figure is the
 median over the rounds. pred.grad is set to None between steps and the thread count is
 left as torch has it.
 
@@ -47,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -74,6 +76,7 @@ CPU_SKIPPED_QFL_ANCHORS = (358400,)
 CPU_SKIPPED_DFL_ROWS = (262144,)
 
 CHANNEL_FIRST_BATCH = 2  # (B, C, H, W) with H * W = N / B: 2 images per GPU, as GFL trains
+COPY_TURN = "copy"  # the bandwidth yardstick's turn in a round of timed steps
 POSITIVE_FRACTION = 0.01
 BETA = 2.0
 DFL_AVG_FACTOR = 4.0  # GFLHead: the 4 sides of a box, weighted by its score
@@ -164,7 +167,8 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
         positive = torch.randperm(num_anchors, generator=generator)[:num_positive]
         label[positive] = torch.randint(0, case.classes, (num_positive,), generator=generator)
         label = label.view(case.anchor_shape)
-        score = rand(num_anchors).clamp_min(0.05).view(case.anchor_shape)  # IoU of positives
+        # The IoU of the positives, in pred's dtype as the decoded boxes it comes from.
+        score = rand(num_anchors).clamp_min(0.05).view(case.anchor_shape).to(case.dtype)
         logits = randn(*case.pred_shape)
         pred = torch.sigmoid(logits) if case.op == "qfl_prob" else logits
         pred = pred.to(device=device, dtype=case.dtype).requires_grad_()
@@ -376,13 +380,14 @@ def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> Option
     return peak
 
 
-def _copy_milliseconds(num_bytes: int, device: torch.device, timer: Timer, repeats: int) -> float:
-    """dst.copy_(src) moving num_bytes in all (read num_bytes / 2, write num_bytes / 2)."""
+def make_copy(num_bytes: int, device: torch.device) -> Callable[[], object]:
+    """dst.copy_(src) moving num_bytes in all (read num_bytes / 2, write num_bytes / 2):
+    the bandwidth this device reaches on a plain copy, the yardstick of % copy."""
     numel = max(1, num_bytes // (2 * torch.float32.itemsize))
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    return statistics.median(timer(lambda: dst.copy_(src)) for _ in range(max(repeats, 3)))
+    dst.copy_(src)  # first touch of dst's pages outside the timing
+    return lambda: dst.copy_(src)
 
 
 # --------------------------------------------------------------------------------------
@@ -406,7 +411,7 @@ def _error_text(error: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def benchmark_case(case: Case, settings: Settings, copy_cache: Dict[int, float]) -> List[dict]:
+def benchmark_case(case: Case, settings: Settings) -> List[dict]:
     """Rows for one case: every mode x provider."""
     device = settings.device
     timer = Timer(device)
@@ -414,6 +419,10 @@ def benchmark_case(case: Case, settings: Settings, copy_cache: Dict[int, float])
     names = available_providers(case.op, device)
     if settings.providers is not None:
         names = [name for name in names if name in settings.providers]
+    elif device.type == "cpu":
+        # Triton on CPU is its interpreter (TRITON_INTERPRET=1): a correctness tool whose
+        # times mean nothing. Only an explicit --providers triton runs it there.
+        names = [name for name in names if name != "triton"]
 
     providers: Dict[str, Callable] = {}
     errors: Dict[str, str] = {}
@@ -448,24 +457,45 @@ def benchmark_case(case: Case, settings: Settings, copy_cache: Dict[int, float])
                 clear_grad(inputs)
                 del times[name]
         active = list(times)
+        # The copy of as many bytes takes its turn in the same rounds, so that the
+        # bandwidth yardstick sees the same machine as the providers.
+        num_bytes = bytes_moved(case, mode)
+        copy = make_copy(num_bytes, device)
+        copy_times: List[float] = []
+        turns = active + [COPY_TURN]
         for round_index in range(settings.repeats):
-            shift = round_index % max(len(active), 1)
-            for name in active[shift:] + active[:shift]:
+            shift = round_index % len(turns)
+            for name in turns[shift:] + turns[:shift]:
+                if name == COPY_TURN:
+                    copy_times.append(timer(copy))
+                    continue
+                if name in mode_errors:
+                    continue
                 fn = providers[name]
-                times[name].append(timer(lambda: run_step(fn, inputs, mode)))
-                clear_grad(inputs)
+                try:
+                    times[name].append(timer(lambda: run_step(fn, inputs, mode)))
+                except Exception as error:  # noqa: BLE001 - e.g. out of memory at a large shape
+                    mode_errors[name] = _error_text(error)
+                finally:
+                    clear_grad(inputs)
+        del copy
+        for name in active:
+            if name in mode_errors:
+                del times[name]
+        active = list(times)
 
         peaks: Dict[str, Optional[int]] = {}
         if settings.measure_memory:
             for name in active:
                 fn = providers[name]
-                peaks[name] = peak_extra_bytes(lambda: run_step(fn, inputs, mode), device)
-                clear_grad(inputs)
+                try:
+                    peaks[name] = peak_extra_bytes(lambda: run_step(fn, inputs, mode), device)
+                except Exception:  # noqa: BLE001 - timed already; only the memory figure is lost
+                    peaks[name] = None
+                finally:
+                    clear_grad(inputs)
 
-        num_bytes = bytes_moved(case, mode)
-        if num_bytes not in copy_cache:
-            copy_cache[num_bytes] = _copy_milliseconds(num_bytes, device, timer, settings.repeats)
-        copy_ms = copy_cache[num_bytes]
+        copy_ms = statistics.median(copy_times)
         native_ms = statistics.median(times["native"]) if "native" in times else None
 
         for name in names:
@@ -491,6 +521,7 @@ def benchmark_case(case: Case, settings: Settings, copy_cache: Dict[int, float])
                     min_ms=min(samples),
                     max_ms=max(samples),
                     repeats=len(samples),
+                    times_ms=samples,
                     native_speedup=None if native_ms is None else median / native_ms,
                     peak_extra_bytes=peak,
                     peak_extra_over_pred=None if peak is None else peak / case.pred_bytes,
@@ -541,7 +572,7 @@ def _progress(total: int):
         tqdm = None
     if tqdm is not None:
         bar = tqdm(total=total, unit="case", file=sys.stderr)
-        return lambda label: (bar.set_description(label), bar.update(0)), lambda: bar.update(1), bar.close
+        return bar.set_description, lambda: bar.update(1), bar.close
     state = {"done": 0}
 
     def start(label):
@@ -555,12 +586,11 @@ def _progress(total: int):
 
 def run(cases: Sequence[Case], settings: Settings, progress: bool = True) -> List[dict]:
     rows: List[dict] = []
-    copy_cache: Dict[int, float] = {}
     start, advance, close = _progress(len(cases)) if progress else (lambda _: None, lambda: None, lambda: None)
     try:
         for case in cases:
             start(f"{case.op} {case.label} {dtype_name(case.dtype)} ({', '.join(settings.modes)})")
-            rows += benchmark_case(case, settings, copy_cache)
+            rows += benchmark_case(case, settings)
             advance()
     finally:
         close()
@@ -614,7 +644,9 @@ def environment(device: torch.device) -> dict:
 
     status = _git("status", "--porcelain", "--untracked-files=no")
     return dict(
-        device=dict(type=device.type, name=device_name(device), threads=torch.get_num_threads(), cpu_count=os.cpu_count()),
+        device=dict(
+            type=device.type, name=device_name(device), threads=torch.get_num_threads(), cpu_count=os.cpu_count()
+        ),
         versions=dict(
             gfl_ops=__version__,
             torch=torch.__version__,
@@ -662,11 +694,15 @@ def _format(value, spec: str, missing: str = "-") -> str:
 
 
 def format_table(rows: List[dict]) -> str:
-    header = ("op", "mode", "shape", "dtype", "provider", "median ms", "native x", "peak MB", "x pred", "GB/s", "% copy")
+    header = (
+        "op", "mode", "shape", "dtype", "provider",
+        "median ms", "min ms", "native x", "peak MB", "x pred", "GB/s", "% copy",
+    )  # fmt: skip
     lines = []
     for row in rows:
         if row.get("error"):
-            cells = (row["op"], row["mode"], row["shape_label"], row["dtype"], row["provider"], "error: " + row["error"])
+            key = (row["op"], row["mode"], row["shape_label"], row["dtype"], row["provider"])
+            cells = key + ("error: " + row["error"],)
         else:
             peak = row["peak_extra_bytes"]
             cells = (
@@ -676,6 +712,7 @@ def format_table(rows: List[dict]) -> str:
                 row["dtype"],
                 row["provider"],
                 _format(row["median_ms"], ".3f"),
+                _format(row["min_ms"], ".3f"),
                 _format(row["native_speedup"], ".2f"),
                 _format(None if peak is None else peak / 2**20, ".1f"),
                 _format(row["peak_extra_over_pred"], ".2f"),
@@ -685,14 +722,17 @@ def format_table(rows: List[dict]) -> str:
         lines.append(cells)
     widths = [len(name) for name in header]
     for cells in lines:
-        for index, cell in enumerate(cells[: len(header) - 1]):
+        # An error row's last cell is its message, which spans the figures' columns.
+        for index, cell in enumerate(cells if len(cells) == len(header) else cells[:-1]):
             widths[index] = max(widths[index], len(cell))
     numeric = set(range(5, len(header)))
 
     def render(cells):
         if len(cells) < len(header):  # an error row: the message spans the figures
             return "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(cells[:-1])) + "  " + cells[-1]
-        return "  ".join(cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i]) for i, cell in enumerate(cells))
+        return "  ".join(
+            cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i]) for i, cell in enumerate(cells)
+        )
 
     out = [render(header), render(tuple("-" * width for width in widths))]
     previous = None
@@ -703,12 +743,14 @@ def format_table(rows: List[dict]) -> str:
         previous = key
         out.append(render(cells))
     out.append("")
-    out.append(
+    legend = (
+        "min ms: the fastest round (far below the median: a busy machine). "
         "native x: the provider's median time / native's (how many times faster native is). "
         "peak MB: peak bytes allocated during the step beyond those before it (pred.grad "
         "included); x pred: that over pred's size. GB/s: the byte model (bytes_moved) over "
-        "the time; % copy: that over a dst.copy_(src) moving as many bytes, measured in this run."
+        "the time; % copy: that over a dst.copy_(src) moving as many bytes, timed in the same rounds."
     )
+    out += textwrap.wrap(legend, width=100)
     return "\n".join(out)
 
 
@@ -729,7 +771,8 @@ def format_headlines(rows: List[dict]) -> str:
         for provider, minimum in targets.items():
             if provider in found:
                 speedup = found[provider]["native_speedup"]
-                parts.append(f"{speedup:.2f}x {provider} (target {minimum:g}x: {'met' if speedup >= minimum else 'MISSED'})")
+                verdict = "met" if speedup >= minimum else "MISSED"
+                parts.append(f"{speedup:.2f}x {provider} (target {minimum:g}x: {verdict})")
         over = found["native"]["peak_extra_over_pred"]
         if over is not None:
             verdict = "met" if over <= HEADLINE_MAX_PEAK_OVER_PRED else "MISSED"
@@ -750,7 +793,9 @@ def write_plot(rows: List[dict], path: Path) -> str:
     except ImportError:
         return f"no plot written: matplotlib is not installed (pip install matplotlib), {path} skipped"
     measured = [row for row in rows if not row.get("error") and row.get("native_speedup") is not None]
-    panels = sorted({(row["op"], row["mode"]) for row in measured}, key=lambda key: (OPS.index(key[0]), MODES.index(key[1])))
+    panels = sorted(
+        {(row["op"], row["mode"]) for row in measured}, key=lambda key: (OPS.index(key[0]), MODES.index(key[1]))
+    )
     if not panels:
         return f"no plot written: no provider was measured against native, {path} skipped"
     others = [name for name in PROVIDERS if name != "native" and any(row["provider"] == name for row in measured)]
@@ -760,12 +805,17 @@ def write_plot(rows: List[dict], path: Path) -> str:
         labels = list(dict.fromkeys(f"{row['shape_label']} {row['dtype']}" for row in panel_rows))
         width = 0.8 / max(len(others), 1)
         for index, provider in enumerate(others):
-            speedups = {f"{r['shape_label']} {r['dtype']}": r["native_speedup"] for r in panel_rows if r["provider"] == provider}
+            speedups = {
+                f"{row['shape_label']} {row['dtype']}": row["native_speedup"]
+                for row in panel_rows
+                if row["provider"] == provider
+            }
             positions = [i + (index - (len(others) - 1) / 2) * width for i in range(len(labels))]
             values = [speedups.get(label, 1.0) for label in labels]
             # Bars grow from 1x (no speedup), up or down, on a log scale.
             bars = axis.bar(positions, [v - 1.0 for v in values], width, bottom=1.0, label=f"vs {provider}")
-            axis.bar_label(bars, labels=[f"{speedups[label]:.1f}" if label in speedups else "" for label in labels], fontsize=7)
+            texts = [f"{speedups[label]:.1f}" if label in speedups else "" for label in labels]
+            axis.bar_label(bars, labels=texts, fontsize=7)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_yscale("log")
         axis.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
@@ -816,9 +866,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="headline shapes, fp32, full mode, fewer repeats")
     parser.add_argument("--full", action="store_true", help="every shape, also on CPU")
     parser.add_argument("--qfl-shapes", type=_parse_shapes, metavar="NxC,...", help="override the QFL shapes")
-    parser.add_argument("--dfl-shapes", type=_parse_shapes, metavar="MxBINS,...", help="override the DFL/integral shapes")
-    parser.add_argument("--repeats", type=int, help="timed rounds (default 10 on CUDA, 7 on CPU, 5 with --quick)")
-    parser.add_argument("--warmup", type=int, help="untimed steps per provider before timing (default 2, 1 with --quick)")
+    parser.add_argument(
+        "--dfl-shapes", type=_parse_shapes, metavar="MxBINS,...", help="override the DFL/integral shapes"
+    )
+    parser.add_argument("--repeats", type=int, help="timed rounds (default 10 on CUDA, 7 on CPU and with --quick)")
+    parser.add_argument(
+        "--warmup", type=int, help="untimed steps per provider before timing (default 2, 1 with --quick)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     parser.add_argument(
         "--compile-backend", default="inductor", metavar="NAME", help="torch.compile backend of the compile provider"
@@ -868,7 +922,7 @@ def plan(args: argparse.Namespace) -> Tuple[List[Case], Settings, List[str]]:
     channel_first_ops = ("qfl",) if on_cpu and not args.full else ("qfl", "qfl_prob")
     cases = build_cases(ops, dtypes, qfl_shapes, dfl_shapes, args.layouts or ("nc", "nchw"), channel_first_ops)
 
-    default_repeats = 5 if args.quick else (10 if device.type == "cuda" else 7)
+    default_repeats = 7 if args.quick else (10 if device.type == "cuda" else 7)
     settings = Settings(
         device=device,
         modes=modes,
@@ -878,6 +932,8 @@ def plan(args: argparse.Namespace) -> Tuple[List[Case], Settings, List[str]]:
         measure_memory=not args.no_memory,
         compile_backend=args.compile_backend,
     )
+    if on_cpu and args.providers is None and "triton" in _backends.available_backends(device):
+        notes.append("triton skipped: on CPU it is the Triton interpreter (--providers triton to run it anyway)")
     if load_mmdet_style() is None:
         notes.append(f"mmdet provider skipped: {MMDET_STYLE_PATH} not found (run from a source checkout)")
     return cases, settings, notes

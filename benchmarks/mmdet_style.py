@@ -1,0 +1,203 @@
+"""The Generalized Focal Loss that users run today: eager PyTorch written the way
+mmdetection 3.x writes it (mmdet/models/losses/gfocal_loss.py, utils.py and GFLHead's
+Integral), re-derived here from the formulas of GFL_MATH.md. The benchmark's baseline.
+
+What makes it slow is kept on purpose, since it is what users pay for:
+  - QFL computes the negative-class loss for every element against a zero target, finds
+    the positives with nonzero() (a host sync on a GPU), and overwrites them by
+    advanced indexing; about 17 N x C temporaries and over 30 passes.
+  - DFL is two F.cross_entropy calls, each a log_softmax over every row.
+  - Channel-first (B, C, H, W) head outputs are permuted and reshaped to (N, C) first,
+    which copies the largest tensor of the loss.
+  - Everything runs in pred's dtype (no float32 upcast), as mmdetection does.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+AvgFactor = Optional[Union[float, Tensor]]
+
+
+# --------------------------------------------------------------------------------------
+# mmdet/models/losses/utils.py
+# --------------------------------------------------------------------------------------
+
+
+def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+def weight_reduce_loss(
+    loss: Tensor, weight: Optional[Tensor] = None, reduction: str = "mean", avg_factor: AvgFactor = None
+) -> Tensor:
+    """loss * weight; then reduce_loss, or sum / (avg_factor + eps) for "mean" with avg_factor."""
+    if weight is not None:
+        loss = loss * weight
+    if avg_factor is None:
+        return reduce_loss(loss, reduction)
+    if reduction == "mean":
+        eps = torch.finfo(torch.float32).eps
+        return loss.sum() / (avg_factor + eps)
+    if reduction != "none":
+        raise ValueError('avg_factor can not be used with reduction="sum"')
+    return loss
+
+
+def flatten_channel_first(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B * H * W, C), as the GFL head does per level: a copy."""
+    if x.dim() == 2:
+        return x
+    return x.permute(0, *range(2, x.dim()), 1).reshape(-1, x.shape[1])
+
+
+# --------------------------------------------------------------------------------------
+# mmdet/models/losses/gfocal_loss.py: per-anchor losses (before weight_reduce_loss)
+# --------------------------------------------------------------------------------------
+
+
+def quality_focal_loss(pred: Tensor, label: Tensor, score: Tensor, beta: float = 2.0) -> Tensor:
+    """QFL on logits pred (N, C); label (N) with background = C; score (N) the IoU target."""
+    pred_sigmoid = pred.sigmoid()
+    # Every element first as a negative: BCE against 0, modulated by sigma^beta.
+    scale_factor = pred_sigmoid
+    zerolabel = scale_factor.new_zeros(pred.shape)
+    loss = F.binary_cross_entropy_with_logits(pred, zerolabel, reduction="none") * scale_factor.pow(beta)
+
+    # Then the positives, found on the host, overwritten with BCE against the IoU score.
+    bg_class_ind = pred.size(1)
+    pos = ((label >= 0) & (label < bg_class_ind)).nonzero().squeeze(1)
+    pos_label = label[pos].long()
+    scale_factor = score[pos] - pred_sigmoid[pos, pos_label]
+    loss[pos, pos_label] = F.binary_cross_entropy_with_logits(
+        pred[pos, pos_label], score[pos], reduction="none"
+    ) * scale_factor.abs().pow(beta)
+    return loss.sum(dim=1, keepdim=False)
+
+
+def quality_focal_loss_with_prob(pred: Tensor, label: Tensor, score: Tensor, beta: float = 2.0) -> Tensor:
+    """QFL on probabilities pred (N, C) ("activated"), with F.binary_cross_entropy."""
+    pred_sigmoid = pred
+    scale_factor = pred_sigmoid
+    zerolabel = scale_factor.new_zeros(pred.shape)
+    loss = F.binary_cross_entropy(pred, zerolabel, reduction="none") * scale_factor.pow(beta)
+
+    bg_class_ind = pred.size(1)
+    pos = ((label >= 0) & (label < bg_class_ind)).nonzero().squeeze(1)
+    pos_label = label[pos].long()
+    scale_factor = score[pos] - pred_sigmoid[pos, pos_label]
+    loss[pos, pos_label] = F.binary_cross_entropy(
+        pred[pos, pos_label], score[pos], reduction="none"
+    ) * scale_factor.abs().pow(beta)
+    return loss.sum(dim=1, keepdim=False)
+
+
+def quality_focal_loss_tensor_target(
+    pred: Tensor, target: Tensor, beta: float = 2.0, activated: bool = False
+) -> Tensor:
+    """QFL against a dense soft target of pred's shape; positives are target != 0."""
+    assert pred.size() == target.size()
+    if activated:
+        pred_sigmoid = pred
+        loss_function = F.binary_cross_entropy
+    else:
+        pred_sigmoid = pred.sigmoid()
+        loss_function = F.binary_cross_entropy_with_logits
+    scale_factor = pred_sigmoid
+    target = target.type_as(pred)
+
+    zerolabel = scale_factor.new_zeros(pred.shape)
+    loss = loss_function(pred, zerolabel, reduction="none") * scale_factor.pow(beta)
+
+    pos = target != 0
+    scale_factor = target[pos] - pred_sigmoid[pos]
+    loss[pos] = loss_function(pred[pos], target[pos], reduction="none") * scale_factor.abs().pow(beta)
+    return loss.sum(dim=1, keepdim=False)
+
+
+def distribution_focal_loss(pred: Tensor, label: Tensor) -> Tensor:
+    """DFL on pred (M, n + 1) logits, label (M) float in [0, n): two cross-entropies."""
+    dis_left = label.long()
+    dis_right = dis_left + 1
+    weight_left = dis_right.float() - label
+    weight_right = label - dis_left.float()
+    return (
+        F.cross_entropy(pred, dis_left, reduction="none") * weight_left
+        + F.cross_entropy(pred, dis_right, reduction="none") * weight_right
+    )
+
+
+# --------------------------------------------------------------------------------------
+# mmdet/models/dense_heads/gfl_head.py: Integral
+# --------------------------------------------------------------------------------------
+
+
+def integral_projection(num_bins: int, device=None) -> Tensor:
+    """The Integral module's buffer: linspace(0, reg_max, reg_max + 1)."""
+    return torch.linspace(0, num_bins - 1, num_bins, device=device)
+
+
+def integral(pred: Tensor, project: Tensor) -> Tensor:
+    """E = softmax(pred) . project over rows of pred (M, n + 1) -> (M)."""
+    probability = F.softmax(pred.reshape(-1, project.numel()), dim=1)
+    return F.linear(probability, project.type_as(probability))
+
+
+# --------------------------------------------------------------------------------------
+# The module-level calls (QualityFocalLoss / DistributionFocalLoss forward with the
+# @weighted_loss wrapper), with loss_weight = 1
+# --------------------------------------------------------------------------------------
+
+
+def qfl_loss(
+    pred: Tensor,
+    label: Tensor,
+    score: Tensor,
+    *,
+    beta: float = 2.0,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+    activated: bool = False,
+) -> Tensor:
+    """pred (N, C) or a (B, C, H, W) head output (flattened first); label/score per anchor."""
+    pred = flatten_channel_first(pred)
+    label = label.reshape(-1)
+    score = score.reshape(-1)
+    calc = quality_focal_loss_with_prob if activated else quality_focal_loss
+    loss = calc(pred, label, score, beta)
+    return weight_reduce_loss(loss, None if weight is None else weight.reshape(-1), reduction, avg_factor)
+
+
+def qfl_dense_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    beta: float = 2.0,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+    activated: bool = False,
+) -> Tensor:
+    loss = quality_focal_loss_tensor_target(flatten_channel_first(pred), flatten_channel_first(target), beta, activated)
+    return weight_reduce_loss(loss, None if weight is None else weight.reshape(-1), reduction, avg_factor)
+
+
+def dfl_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+) -> Tensor:
+    return weight_reduce_loss(distribution_focal_loss(pred, target), weight, reduction, avg_factor)

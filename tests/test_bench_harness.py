@@ -1,0 +1,197 @@
+"""The benchmark harness itself (gfl_ops.bench, benchmarks/mmdet_style.py), on tiny shapes.
+
+Not timings: that every provider the benchmark times computes the loss and the gradient
+of gfl_ops.reference from the same inputs (which validates the mmdetection-style baseline
+too), that the byte model and the memory measurement count what they claim, and that a
+--quick style run completes and writes the JSON it documents.
+
+The compile provider runs with torch.compile's "aot_eager" backend here, which traces
+the same fullgraph forward and backward as inductor without generating C++ (minutes on a
+cold cache); one test keeps inductor for QFL.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gfl_ops import bench, reference
+
+TINY_QFL = (64, 5)  # 64 anchors: 2 x 5 x 4 x 8 channel-first
+TINY_DFL = (32, 17)
+
+
+def _case(op: str, layout: str = "nc", dtype: torch.dtype = torch.float32) -> bench.Case:
+    if op in ("dfl", "integral"):
+        return bench.Case(op, *TINY_DFL, "rows", dtype)
+    return bench.Case(op, *TINY_QFL, layout, dtype)
+
+
+def _reference_output(case: bench.Case, inputs: bench.Inputs):
+    """The loss (E for the integral) and d/d pred in float64, from the harness's inputs."""
+    pred = inputs.pred.detach().double().requires_grad_()
+    args = tuple(arg.double() if arg.is_floating_point() else arg for arg in inputs.args)
+    ref_fn = bench._OP_FUNCTIONS[case.op][1]
+    output = ref_fn(pred, *args, **inputs.kwargs)
+    grad_out = None if inputs.grad_out is None else inputs.grad_out.double()
+    output.backward(grad_out)
+    return output.detach(), pred.grad
+
+
+def _provider_output(name: str, case: bench.Case, inputs: bench.Inputs, compile_backend: str = "aot_eager"):
+    fn = bench.make_provider(name, case, torch.device("cpu"), compile_backend)
+    output = bench.run_step(fn, inputs, "full")  # exactly what the benchmark times
+    grad = inputs.pred.grad
+    bench.clear_grad(inputs)
+    return output.detach(), grad
+
+
+CASES = [
+    pytest.param(op, layout, id=f"{op}-{layout}")
+    for op in bench.OPS
+    for layout in (("nc", "nchw") if op in ("qfl", "qfl_prob") else ("nc",))
+]
+
+
+@pytest.mark.parametrize("op, layout", CASES)
+def test_every_provider_matches_the_reference(op, layout):
+    case = _case(op, layout)
+    inputs = bench.make_inputs(case, torch.device("cpu"))
+    expected_output, expected_grad = _reference_output(case, inputs)
+    providers = bench.available_providers(op, torch.device("cpu"))
+    assert {"native", "reference", "compile", "mmdet"} <= set(providers)
+    for name in providers:
+        output, grad = _provider_output(name, case, inputs)
+        assert grad is not None, f"{name}: no gradient reached pred"
+        assert grad.shape == inputs.pred.shape and grad.dtype == inputs.pred.dtype, name
+        torch.testing.assert_close(output.double(), expected_output, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_compile_provider_with_inductor_matches_the_reference():
+    case = _case("qfl")
+    inputs = bench.make_inputs(case, torch.device("cpu"))
+    expected_output, expected_grad = _reference_output(case, inputs)
+    output, grad = _provider_output("compile", case, inputs, compile_backend="inductor")
+    torch.testing.assert_close(output.double(), expected_output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_inputs_are_realistic():
+    case = bench.Case("qfl", 10000, 80, "nchw", torch.float32)
+    inputs = bench.make_inputs(case, torch.device("cpu"))
+    label, score = inputs.args
+    assert inputs.pred.shape == (2, 80, 50, 100) and inputs.pred.requires_grad
+    assert label.shape == score.shape == (2, 50, 100)
+    positive = (label >= 0) & (label < 80)
+    assert int(positive.sum()) == 100  # 1% positives, background = C elsewhere
+    assert set(label[~positive].unique().tolist()) == {80}
+    avg_factor = inputs.kwargs["avg_factor"]
+    assert isinstance(avg_factor, torch.Tensor) and avg_factor.dim() == 0 and float(avg_factor) == 100.0
+
+    dfl = bench.make_inputs(bench.Case("dfl", 1000, 17, "rows", torch.float32), torch.device("cpu"))
+    (target,) = dfl.args
+    assert float(target.min()) >= 0 and float(target.max()) <= 16 - 0.1
+    assert dfl.kwargs["weight"].shape == (1000,)
+
+
+def test_byte_model():
+    case = bench.Case("qfl", 1000, 80, "nc", torch.float32)
+    pred = 1000 * 80 * 4
+    assert bench.bytes_moved(case, "forward") == pred + 1000 * (8 + 4)
+    assert bench.bytes_moved(case, "full") == bench.bytes_moved(case, "forward") + 2 * pred
+    half = bench.Case("qfl_dense", 1000, 80, "nc", torch.bfloat16)
+    assert bench.bytes_moved(half, "full") == 4 * 1000 * 80 * 2
+
+
+def test_peak_memory_counts_the_allocations_of_a_step():
+    size = 1 << 20
+
+    def step():
+        first = torch.ones(size, dtype=torch.uint8)
+        second = torch.ones(size, dtype=torch.uint8)  # both alive: the peak is two
+        del first, second
+        return torch.ones(size // 2, dtype=torch.uint8)
+
+    peak = bench.peak_extra_bytes(step, torch.device("cpu"))
+    if peak is None:
+        pytest.skip("this torch's profiler does not report CPU allocations")
+    assert 2 * size <= peak < 2 * size + 4096
+
+
+def test_quick_run_writes_the_documented_json(tmp_path, capsys):
+    json_path = tmp_path / "bench.json"
+    plot_path = tmp_path / "bench.png"
+    argv = [
+        "--device", "cpu", "--quick", "--qfl-shapes", "64x5", "--dfl-shapes", "32x17",
+        "--repeats", "2", "--warmup", "1", "--compile-backend", "aot_eager",
+        "--json", str(json_path), "--plot", str(plot_path),
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "native x" in printed
+
+    document = json.loads(json_path.read_text())
+    assert {"device", "versions", "date", "git_commit", "config", "rows"} <= set(document)
+    assert {"torch", "triton", "cuda", "gfl_ops"} <= set(document["versions"])
+    assert {"type", "name", "threads"} <= set(document["device"])
+    assert document["device"]["type"] == "cpu"
+
+    rows = document["rows"]
+    # quick: qfl in both layouts and dfl, full mode only, every available provider
+    providers = set(bench.available_providers("qfl", torch.device("cpu"))) - {"triton"}  # interpreter: not timed
+    assert {(row["op"], row["shape_label"]) for row in rows} == {("qfl", "64x5"), ("qfl", "2x5x4x8"), ("dfl", "32x17")}
+    assert {row["mode"] for row in rows} == {"full"} and {row["dtype"] for row in rows} == {"fp32"}
+    assert {row["provider"] for row in rows} == providers
+    for row in rows:
+        assert row["error"] is None, row
+        for key in ("median_ms", "native_speedup", "peak_extra_bytes", "peak_extra_over_pred", "bandwidth_fraction"):
+            assert key in row
+        assert row["median_ms"] > 0 and row["repeats"] == 2
+        assert math.isfinite(row["native_speedup"]) and row["bandwidth_fraction"] > 0
+        if row["provider"] == "native":
+            assert row["native_speedup"] == 1.0
+    if plot_path.exists():  # matplotlib installed
+        assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_of_quick_and_cpu_default():
+    cases, settings, _ = bench.plan(bench.parse_args(["--device", "cpu", "--quick"]))
+    assert settings.modes == ["full"] and settings.repeats == 7
+    assert {(case.op, case.rows, case.classes, case.dtype) for case in cases} == {
+        ("qfl", 44800, 80, torch.float32),
+        ("qfl", 134400, 80, torch.float32),
+        ("dfl", 16384, 17, torch.float32),
+        ("dfl", 65536, 17, torch.float32),
+    }
+    default, _, notes = bench.plan(bench.parse_args(["--device", "cpu"]))
+    assert max(case.rows for case in default if case.op == "qfl") == 134400
+    assert max(case.rows for case in default if case.op == "dfl") == 65536
+    assert notes  # what the CPU default left out is said
+    full, _, _ = bench.plan(bench.parse_args(["--device", "cpu", "--full"]))
+    assert max(case.rows for case in full if case.op == "qfl") == 358400
+
+
+def test_error_rows_are_reported_not_raised():
+    rows = [dict(op="qfl", mode="full", shape_label="8x3", dtype="fp32", provider="mmdet", error="RuntimeError: boom")]
+    assert "error: RuntimeError: boom" in bench.format_table(rows)
+
+
+def test_module_entry_point(capsys):
+    from gfl_ops.__main__ import main
+
+    assert main([]) == 0
+    assert "bench" in capsys.readouterr().out
+    assert main(["nonsense"]) == 2
+
+
+def test_reference_dense_target_matches_labels():
+    """qfl_dense's inputs: the dense target holds the score on the labelled class only."""
+    case = _case("qfl_dense")
+    inputs = bench.make_inputs(case, torch.device("cpu"))
+    (target,) = inputs.args
+    assert target.shape == inputs.pred.shape
+    assert int((target != 0).sum()) == int(inputs.kwargs["avg_factor"])
+    assert reference.quality_focal_loss_dense(inputs.pred, target, avg_factor=inputs.kwargs["avg_factor"]).isfinite()
