@@ -860,10 +860,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", nargs="+", choices=OPS, help="default: all (quick: qfl dfl)")
     parser.add_argument("--modes", nargs="+", choices=MODES, help="default: forward full (quick: full)")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: every available one")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: every available one (on CPU, triton only when named)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: fp32 (+ bf16 on CUDA)")
     parser.add_argument("--layouts", nargs="+", choices=("nc", "nchw"), help="QFL pred layouts (default: both)")
-    parser.add_argument("--quick", action="store_true", help="headline shapes, fp32, full mode, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="headline shapes (qfl, dfl), fp32, full mode, one warm-up")
     parser.add_argument("--full", action="store_true", help="every shape, also on CPU")
     parser.add_argument("--qfl-shapes", type=_parse_shapes, metavar="NxC,...", help="override the QFL shapes")
     parser.add_argument(
