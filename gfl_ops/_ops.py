@@ -8,6 +8,8 @@ that saved gradient scaled by the incoming per-anchor gradient: pred is never re
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -74,11 +76,17 @@ def setup_context(ctx, inputs, output) -> None:
     ctx.has_grad = bool(inputs[-1])  # compute_grad is the last argument of every operator
     ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(grad)
+    # No zero-filled pred-sized tensor for the gradient of the `grad` output (never used):
+    # unused outputs reach backward as None.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
 
 
-def backward(ctx, grad_loss: Tensor, _unused: Tensor):
+def backward(ctx, grad_loss: Optional[Tensor], _unused: Optional[Tensor]):
     """d total / d pred[n, c, ...] = d total / d loss[n, ...] * d loss[n, ...] / d pred[n, c, ...]."""
+    no_input_grads = (None,) * ctx.num_inputs
+    if grad_loss is None:
+        return no_input_grads
     if not ctx.has_grad:
         raise RuntimeError(
             "gfl_ops: backward through an operator called with compute_grad=False; "
@@ -95,7 +103,7 @@ def backward(ctx, grad_loss: Tensor, _unused: Tensor):
     else:
         # Traced (torch.compile, AOTAutograd): functional form; the compiler reuses the buffer.
         grad_pred = (grad * scale).to(grad.dtype)
-    return (grad_pred,) + (None,) * (ctx.num_inputs - 1)
+    return (grad_pred,) + no_input_grads[1:]
 
 
 if native_loaded():
