@@ -25,6 +25,21 @@ def cuda_build_possible() -> bool:
     )
 
 
+def default_cuda_arch_list() -> str:
+    """Turing through Hopper, plus Blackwell where the toolkit has it, and PTX of the newest
+    for GPUs after it. TORCH_CUDA_ARCH_LIST, when set, wins (`make` sets 9.0 for CI)."""
+    import re
+    import subprocess
+
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    release = re.search(r"release (\d+)\.(\d+)", subprocess.check_output([nvcc, "--version"], text=True))
+    version = (int(release.group(1)), int(release.group(2))) if release else (0, 0)
+    archs = ["7.5", "8.0", "8.6", "8.9", "9.0"]
+    if version >= (12, 8):
+        archs += ["10.0", "12.0"]
+    return ";".join(archs) + "+PTX"
+
+
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
@@ -33,6 +48,7 @@ def extension():
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     link_flags = ["-fopenmp"]
     if cuda_sources and cuda_build_possible():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_cuda_arch_list())
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "gfl_ops._C",

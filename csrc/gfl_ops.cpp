@@ -169,6 +169,32 @@ at::Tensor allocate_grad(const at::Tensor& pred, bool compute_grad) {
   return at::empty_like(pred);  // keeps pred's strides when pred is non-overlapping and dense
 }
 
+at::Tensor allocate_qfl_loss(const at::Tensor& pred) {
+  return at::empty(anchor_shape(pred), pred.options().dtype(accumulate_dtype(pred.scalar_type())));
+}
+
+AnchorLayout qfl_layout(const at::Tensor& pred, const at::Tensor& grad, bool compute_grad,
+                        const at::Tensor* dense_target, std::vector<AnchorStrides>& strides) {
+  // Tensors that are not there take pred's place: their strides are computed and unused.
+  return make_anchor_layout({pred, compute_grad ? grad : pred, dense_target != nullptr ? *dense_target : pred},
+                            strides);
+}
+
+QflWalk choose_qfl_walk(const std::vector<AnchorStrides>& strides, bool need_grad, bool dense_target) {
+  const AnchorStrides& pred = strides[0];
+  const AnchorStrides& grad = strides[1];
+  const AnchorStrides& target = strides[2];
+  if (pred.class_stride == 1 && (!need_grad || grad.class_stride == 1) &&
+      (!dense_target || target.class_stride == 1)) {
+    return QflWalk::kRows;
+  }
+  if (pred.inner_stride == 1 && (!need_grad || grad.inner_stride == 1) &&
+      (!dense_target || target.inner_stride == 1)) {
+    return QflWalk::kPlanes;
+  }
+  return QflWalk::kStridedRows;
+}
+
 }  // namespace gfl
 
 // Every operator returns the unreduced loss (one value per anchor or row, float32 for half

@@ -3,6 +3,8 @@
 // of a strided (anchors x classes) tensor that lets kernels read pred in place.
 #pragma once
 
+#include "gfl_math.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <array>
@@ -33,7 +35,7 @@ struct AnchorStrides {
   std::array<int64_t, kMaxAnchorDims> outer_strides{};
 
   // Element offset of the first anchor of outer index `outer` (row-major over outer dims).
-  int64_t outer_offset(int64_t outer, const AnchorLayout& layout) const {
+  GFL_HOST_DEVICE int64_t outer_offset(int64_t outer, const AnchorLayout& layout) const {
     int64_t offset = 0;
     for (int d = layout.num_outer_dims - 1; d >= 0; --d) {
       offset += (outer % layout.outer_sizes[d]) * outer_strides[d];
@@ -41,6 +43,29 @@ struct AnchorStrides {
     }
     return offset;
   }
+};
+
+// Where the tensors of a QFL kernel live and how they are strided; passed by value to the
+// CPU walks and to CUDA kernels alike.
+template <typename scalar_t, typename acc_t, typename Target>
+struct QflArgs {
+  const scalar_t* pred;
+  scalar_t* grad;  // null when no gradient is wanted
+  acc_t* loss;     // one per anchor, contiguous
+  Target target;
+  AnchorLayout layout;
+  AnchorStrides pred_strides, grad_strides, target_strides;
+  acc_t beta;
+};
+
+// Rows of n + 1 bins (DFL, integral): pred and its gradient, each with two strides.
+template <typename scalar_t>
+struct BinRows {
+  const scalar_t* pred;
+  int64_t pred_row_stride, pred_bin_stride;
+  scalar_t* grad;  // null when no gradient is wanted
+  int64_t grad_row_stride, grad_bin_stride;
+  int64_t num_rows, num_bins;
 };
 
 // Coalesces the anchor dimensions of tensors that all have pred's shape. Dimensions merge
@@ -65,5 +90,43 @@ void check_dfl_inputs(const at::Tensor& pred, const at::Tensor& target);
 // The gradient buffer: pred's layout when pred is dense, contiguous otherwise; empty when
 // the caller needs no gradient.
 at::Tensor allocate_grad(const at::Tensor& pred, bool compute_grad);
+
+// The per-anchor loss of QFL: float32 for half pred (float64 for float64), pred's anchor shape.
+at::Tensor allocate_qfl_loss(const at::Tensor& pred);
+
+// The layout of pred, the gradient (when computed) and a dense target (when given), and
+// each one's strides in it: [pred, grad, target].
+AnchorLayout qfl_layout(const at::Tensor& pred, const at::Tensor& grad, bool compute_grad,
+                        const at::Tensor* dense_target, std::vector<AnchorStrides>& strides);
+
+// Which walk suits the layout: classes contiguous in every tensor (rows), anchors
+// contiguous in every tensor (channel-first planes), or neither (strided rows).
+enum class QflWalk { kRows, kPlanes, kStridedRows };
+QflWalk choose_qfl_walk(const std::vector<AnchorStrides>& strides, bool need_grad, bool dense_target);
+
+template <typename scalar_t>
+BinRows<scalar_t> make_bin_rows(const at::Tensor& pred, at::Tensor& grad, bool compute_grad) {
+  return {pred.const_data_ptr<scalar_t>(), pred.stride(0), pred.stride(1),
+          compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
+          compute_grad ? grad.stride(0) : 0, compute_grad ? grad.stride(1) : 0, pred.size(0), pred.size(1)};
+}
+
+// Calls f(QflVariant<activated, beta == 2, compute_grad>{}): runtime flags to template ones.
+template <typename F>
+void dispatch_qfl_variant(bool activated, bool beta_is_two, bool compute_grad, const F& f) {
+  if (activated) {
+    if (beta_is_two) {
+      compute_grad ? f(math::QflVariant<true, true, true>{}) : f(math::QflVariant<true, true, false>{});
+    } else {
+      compute_grad ? f(math::QflVariant<true, false, true>{}) : f(math::QflVariant<true, false, false>{});
+    }
+  } else {
+    if (beta_is_two) {
+      compute_grad ? f(math::QflVariant<false, true, true>{}) : f(math::QflVariant<false, true, false>{});
+    } else {
+      compute_grad ? f(math::QflVariant<false, false, true>{}) : f(math::QflVariant<false, false, false>{});
+    }
+  }
+}
 
 }  // namespace gfl

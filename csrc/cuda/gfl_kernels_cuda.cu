@@ -1,0 +1,250 @@
+// CUDA kernels: the walks of the CPU kernels mapped onto threads; the maths is the very
+// same ../gfl_math.h. One pass over pred per call; no host sync; the current stream.
+//
+//   QFL, classes contiguous ((N, C), channels-last): a warp per anchor, lanes over classes,
+//       the anchor's sum reduced by warp shuffles in a fixed tree (deterministic);
+//   QFL, anchors contiguous ((B, C, H, W) read in place) or any other layout: a thread per
+//       anchor walking its classes with math::qfl_anchor, neighbouring threads reading
+//       neighbouring anchors of a class plane (coalesced);
+//   DFL and the integral: a thread per row of n + 1 bins, math::dfl_row / integral_row.
+//
+// All offsets are 64-bit; grids stride over the work, so any N x C fits.
+#include "../gfl_math.h"
+#include "../gfl_ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace gfl {
+namespace {
+
+using math::LossAndGrad;
+
+constexpr int kThreads = 256;
+constexpr int kWarpSize = 32;
+// Grid-stride loops cover whatever the grid does not; this many blocks fill any GPU.
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+
+int blocks_for(int64_t threads_needed) {
+  const int64_t blocks = (threads_needed + kThreads - 1) / kThreads;
+  return static_cast<int>(std::clamp<int64_t>(blocks, 1, kMaxBlocks));
+}
+
+__device__ __forceinline__ int64_t global_thread() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ int64_t grid_threads() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  return value;  // complete in lane 0
+}
+
+// ---------------------------------------------------------------------------------------
+// Quality Focal Loss
+// ---------------------------------------------------------------------------------------
+
+// A warp per anchor. Every lane of a warp runs the same anchors, so the shuffles see the
+// whole warp.
+template <typename Variant, typename scalar_t, typename acc_t, typename Target>
+__global__ void __launch_bounds__(kThreads) qfl_warp_per_anchor_kernel(const QflArgs<scalar_t, acc_t, Target> args) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t num_classes = args.layout.num_classes;
+  for (int64_t anchor = global_thread() / kWarpSize; anchor < args.layout.num_anchors;
+       anchor += grid_threads() / kWarpSize) {
+    const int64_t outer = anchor / args.layout.inner_size;
+    const int64_t inner = anchor - outer * args.layout.inner_size;
+    const scalar_t* pred = args.pred + args.pred_strides.outer_offset(outer, args.layout) + inner * args.pred_strides.inner_stride;
+    scalar_t* grad = Variant::kNeedGrad
+                         ? args.grad + args.grad_strides.outer_offset(outer, args.layout) + inner * args.grad_strides.inner_stride
+                         : nullptr;
+    const int64_t target_row =
+        args.target_strides.outer_offset(outer, args.layout) + inner * args.target_strides.inner_stride;
+    acc_t loss = 0;
+    for (int64_t c = lane; c < num_classes; c += kWarpSize) {
+      const acc_t y = args.target.at(anchor, c, target_row + c * args.target_strides.class_stride);
+      const LossAndGrad<acc_t> element =
+          math::qfl_element<Variant::kActivated, Variant::kBetaIsTwo, Variant::kNeedGrad>(
+              static_cast<acc_t>(pred[c * args.pred_strides.class_stride]), y, args.beta);
+      loss += element.loss;
+      if (Variant::kNeedGrad) {
+        grad[c * args.grad_strides.class_stride] = static_cast<scalar_t>(element.grad);
+      }
+    }
+    loss = warp_sum(loss);
+    if (lane == 0) {
+      args.loss[anchor] = loss;
+    }
+  }
+}
+
+// A thread per anchor, walking its classes.
+template <typename Variant, typename scalar_t, typename acc_t, typename Target>
+__global__ void __launch_bounds__(kThreads) qfl_thread_per_anchor_kernel(const QflArgs<scalar_t, acc_t, Target> args) {
+  for (int64_t anchor = global_thread(); anchor < args.layout.num_anchors; anchor += grid_threads()) {
+    const int64_t outer = anchor / args.layout.inner_size;
+    const int64_t inner = anchor - outer * args.layout.inner_size;
+    scalar_t* grad = Variant::kNeedGrad
+                         ? args.grad + args.grad_strides.outer_offset(outer, args.layout) + inner * args.grad_strides.inner_stride
+                         : nullptr;
+    args.loss[anchor] = math::qfl_anchor<Variant>(
+        args.pred + args.pred_strides.outer_offset(outer, args.layout) + inner * args.pred_strides.inner_stride,
+        args.pred_strides.class_stride, grad, args.grad_strides.class_stride, args.target, anchor,
+        args.target_strides.outer_offset(outer, args.layout) + inner * args.target_strides.inner_stride,
+        args.target_strides.class_stride, args.layout.num_classes, args.beta);
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename Target>
+void qfl_run(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_qfl_variant(activated, args.beta == acc_t(2), compute_grad, [&](auto variant) {
+    using Variant = decltype(variant);
+    if (walk == QflWalk::kRows) {
+      qfl_warp_per_anchor_kernel<Variant><<<blocks_for(args.layout.num_anchors * kWarpSize), kThreads, 0, stream>>>(args);
+    } else {
+      qfl_thread_per_anchor_kernel<Variant><<<blocks_for(args.layout.num_anchors), kThreads, 0, stream>>>(args);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quality_focal_loss_cuda(const at::Tensor& pred, const at::Tensor& label,
+                                                           const at::Tensor& score, double beta,
+                                                           bool activated, bool compute_grad) {
+  check_qfl_inputs(pred, label, score, beta);
+  const c10::cuda::CUDAGuard device_guard(pred.device());
+  at::Tensor loss = allocate_qfl_loss(pred);
+  at::Tensor grad = allocate_grad(pred, compute_grad);
+  if (loss.numel() == 0) {
+    return {loss, grad};
+  }
+  const at::Tensor labels = label.contiguous();
+  const at::Tensor scores = score.contiguous();
+  std::vector<AnchorStrides> strides;
+  const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, nullptr, strides);
+  const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/false);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss_cuda", [&] {
+    using acc_t = math::acc_type_t<scalar_t>;
+    const QflArgs<scalar_t, acc_t, math::LabelScoreTarget<acc_t>> args{
+        pred.const_data_ptr<scalar_t>(),
+        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
+        loss.mutable_data_ptr<acc_t>(),
+        {labels.const_data_ptr<int64_t>(), scores.const_data_ptr<acc_t>()},
+        layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
+    qfl_run(args, activated, compute_grad, walk);
+  });
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cuda(const at::Tensor& pred, const at::Tensor& target,
+                                                                 double beta, bool activated, bool compute_grad) {
+  check_qfl_dense_inputs(pred, target, beta);
+  const c10::cuda::CUDAGuard device_guard(pred.device());
+  at::Tensor loss = allocate_qfl_loss(pred);
+  at::Tensor grad = allocate_grad(pred, compute_grad);
+  if (loss.numel() == 0) {
+    return {loss, grad};
+  }
+  std::vector<AnchorStrides> strides;
+  const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, &target, strides);
+  const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/true);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss_dense_cuda", [&] {
+    using acc_t = math::acc_type_t<scalar_t>;
+    const QflArgs<scalar_t, acc_t, math::DenseTarget<scalar_t, acc_t>> args{
+        pred.const_data_ptr<scalar_t>(),
+        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
+        loss.mutable_data_ptr<acc_t>(),
+        {target.const_data_ptr<scalar_t>()},
+        layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
+    qfl_run(args, activated, compute_grad, walk);
+  });
+  return {loss, grad};
+}
+
+// ---------------------------------------------------------------------------------------
+// Distribution Focal Loss and the integral: a thread per row.
+// ---------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) dfl_kernel(const BinRows<scalar_t> rows, const acc_t* target, acc_t* loss) {
+  for (int64_t r = global_thread(); r < rows.num_rows; r += grid_threads()) {
+    scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
+    loss[r] = math::dfl_row(rows.pred + r * rows.pred_row_stride, rows.pred_bin_stride, rows.num_bins, target[r],
+                            grad, rows.grad_bin_stride);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) integral_kernel(const BinRows<scalar_t> rows, scalar_t* value) {
+  for (int64_t r = global_thread(); r < rows.num_rows; r += grid_threads()) {
+    scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
+    value[r] = static_cast<scalar_t>(math::integral_row<acc_t>(rows.pred + r * rows.pred_row_stride,
+                                                               rows.pred_bin_stride, rows.num_bins, grad,
+                                                               rows.grad_bin_stride));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cuda(const at::Tensor& pred, const at::Tensor& target,
+                                                                bool compute_grad) {
+  check_dfl_inputs(pred, target);
+  const c10::cuda::CUDAGuard device_guard(pred.device());
+  at::Tensor loss = at::empty({pred.size(0)}, target.options());
+  at::Tensor grad = allocate_grad(pred, compute_grad);
+  if (pred.size(0) == 0) {
+    return {loss, grad};
+  }
+  const at::Tensor targets = target.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_focal_loss_cuda", [&] {
+    using acc_t = math::acc_type_t<scalar_t>;
+    const BinRows<scalar_t> rows = make_bin_rows<scalar_t>(pred, grad, compute_grad);
+    dfl_kernel<scalar_t, acc_t><<<blocks_for(rows.num_rows), kThreads, 0, stream>>>(
+        rows, targets.const_data_ptr<acc_t>(), loss.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> distribution_integral_cuda(const at::Tensor& pred, bool compute_grad) {
+  check_bin_inputs(pred, "distribution_integral");
+  const c10::cuda::CUDAGuard device_guard(pred.device());
+  at::Tensor value = at::empty({pred.size(0)}, pred.options());
+  at::Tensor grad = allocate_grad(pred, compute_grad);
+  if (pred.size(0) == 0) {
+    return {value, grad};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_integral_cuda", [&] {
+    using acc_t = math::acc_type_t<scalar_t>;
+    const BinRows<scalar_t> rows = make_bin_rows<scalar_t>(pred, grad, compute_grad);
+    integral_kernel<scalar_t, acc_t><<<blocks_for(rows.num_rows), kThreads, 0, stream>>>(
+        rows, value.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {value, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gfl_ops, CUDA, m) {
+  m.impl("quality_focal_loss", &quality_focal_loss_cuda);
+  m.impl("quality_focal_loss_dense", &quality_focal_loss_dense_cuda);
+  m.impl("distribution_focal_loss", &distribution_focal_loss_cuda);
+  m.impl("distribution_integral", &distribution_integral_cuda);
+}
+
+}  // namespace gfl
