@@ -99,12 +99,12 @@ def _check_bins(pred: Tensor, op: str) -> None:
 
 
 def _validate_dfl_target_range(target: Tensor, last_bin: int) -> None:
-    """target in [0, n] (NaN is out of range). Reads one flag on the host: a sync."""
-    if torch.compiler.is_compiling():
+    """target in [0, n] (NaN is out of range). Reads the target's extremes on the host: a sync."""
+    if torch.compiler.is_compiling() or target.numel() == 0:
         return
-    in_range = (target >= 0) & (target <= last_bin)
-    if not bool(in_range.all()):
-        bad = target[~in_range]
+    lowest, highest = (float(v) for v in torch.aminmax(target))  # NaN propagates into both
+    if not (lowest >= 0 and highest <= last_bin):
+        bad = target[~((target >= 0) & (target <= last_bin))]
         raise ValueError(
             f"distribution_focal_loss: target must lie in [0, {last_bin}] (n + 1 = {last_bin + 1} "
             f"bins; target == {last_bin} is valid), got {bad.numel()} value(s) outside, e.g. "

@@ -193,43 +193,200 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cpu(const at::Tensor
 
 // ---------------------------------------------------------------------------------------
 // Distribution Focal Loss and the integral: math::dfl_row / math::integral_row per row.
-// kUnitBinStride: bins are contiguous in pred and grad (the usual (M, n + 1) layout), so
-// the bin loops vectorise with plain loads instead of gathers.
+//
+// Rows are short (8, 16 or 17 bins), so loop overhead dominates unless the compiler knows
+// the row: kBins > 0 fixes the bin count at compile time (the loops become straight-line
+// vector code), kBins == 0 reads it at run time. Both need contiguous bins (unit stride);
+// other layouts take the general walk.
 // ---------------------------------------------------------------------------------------
 
-template <bool kUnitBinStride, typename scalar_t, typename acc_t>
+// Bin counts that get their own walk: GFL/mmdetection (reg_max 16 -> 17), YOLOv8
+// (reg_max 16 -> 16), NanoDet-Plus (reg_max 7 -> 8).
+template <bool kUnitBinStride, int64_t kBins, typename scalar_t, typename acc_t>
 GFL_CPU_CLONES void dfl_rows(const BinRows<scalar_t>& rows, const acc_t* target, acc_t* loss,
                              int64_t row_begin, int64_t row_end) {
+  const int64_t num_bins = kBins > 0 ? kBins : rows.num_bins;
   const int64_t pred_bin = kUnitBinStride ? 1 : rows.pred_bin_stride;
   const int64_t grad_bin = kUnitBinStride ? 1 : rows.grad_bin_stride;
   for (int64_t r = row_begin; r < row_end; ++r) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
-    loss[r] = math::dfl_row(rows.pred + r * rows.pred_row_stride, pred_bin, rows.num_bins, target[r], grad, grad_bin);
+    loss[r] = math::dfl_row(rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, target[r], grad, grad_bin);
   }
 }
 
-template <bool kUnitBinStride, typename scalar_t, typename acc_t>
+// Block walks for rows of kBins contiguous bins: kRowBlock rows at a time, transposed into
+// local arrays so that every step runs vectorised across rows (a row of 17 bins is too
+// short to vectorise well on its own). The same steps as math::dfl_row and
+// math::integral_row, with the header's maths.
+constexpr int64_t kRowBlock = 16;
+
+template <int64_t kBins, typename acc_t>
+struct RowBlock {
+  acc_t z[kBins][kRowBlock];        // logits, bin-major
+  acc_t shifted[kBins][kRowBlock];  // exp(z - max); the walks overwrite it with the gradient
+  acc_t row_max[kRowBlock];
+  acc_t sum_exp[kRowBlock];         // sum_k exp(z_k - max)
+
+  template <typename scalar_t>
+  GFL_HOST_DEVICE void load(const BinRows<scalar_t>& rows, int64_t first_row) {
+    const scalar_t* pred = rows.pred + first_row * rows.pred_row_stride;
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      for (int64_t k = 0; k < kBins; ++k) {
+        z[k][j] = static_cast<acc_t>(pred[j * rows.pred_row_stride + k]);
+      }
+    }
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      row_max[j] = z[0][j];
+      sum_exp[j] = 0;
+    }
+    for (int64_t k = 1; k < kBins; ++k) {
+#pragma omp simd
+      for (int64_t j = 0; j < kRowBlock; ++j) {
+        row_max[j] = z[k][j] > row_max[j] ? z[k][j] : row_max[j];
+      }
+    }
+    for (int64_t k = 0; k < kBins; ++k) {
+#pragma omp simd
+      for (int64_t j = 0; j < kRowBlock; ++j) {
+        shifted[k][j] = math::exp_(z[k][j] - row_max[j]);
+        sum_exp[j] += shifted[k][j];
+      }
+    }
+  }
+
+  template <typename scalar_t>
+  GFL_HOST_DEVICE void store_gradient(const BinRows<scalar_t>& rows, int64_t first_row) const {
+    scalar_t* grad = rows.grad + first_row * rows.grad_row_stride;
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      for (int64_t k = 0; k < kBins; ++k) {
+        grad[j * rows.grad_row_stride + k] = static_cast<scalar_t>(shifted[k][j]);
+      }
+    }
+  }
+};
+
+template <int64_t kBins, typename scalar_t, typename acc_t>
+GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* target, acc_t* loss,
+                                   int64_t row_begin, int64_t row_end) {
+  int64_t first_row = row_begin;
+  for (; first_row + kRowBlock <= row_end; first_row += kRowBlock) {
+    RowBlock<kBins, acc_t> block;
+    block.load(rows, first_row);
+    int64_t left[kRowBlock];
+    acc_t weight_left[kRowBlock], weight_right[kRowBlock], z_left[kRowBlock], z_right[kRowBlock];
+#pragma omp simd
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      const math::DflBins<acc_t> bins = math::dfl_bins(target[first_row + j], kBins);
+      left[j] = bins.left;
+      weight_left[j] = bins.weight_left;
+      weight_right[j] = bins.weight_right;
+      z_left[j] = 0;
+      z_right[j] = 0;
+    }
+    // z_i and z_{i+1}, picked lane by lane (a gather from the local block, as selects).
+    for (int64_t k = 0; k < kBins; ++k) {
+#pragma omp simd
+      for (int64_t j = 0; j < kRowBlock; ++j) {
+        z_left[j] += k == left[j] ? block.z[k][j] : acc_t(0);
+        z_right[j] += k == left[j] + 1 ? block.z[k][j] : acc_t(0);
+      }
+    }
+    acc_t inv_sum[kRowBlock];
+#pragma omp simd
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      const math::DflBins<acc_t> bins{left[j], weight_left[j], weight_right[j]};
+      loss[first_row + j] =
+          math::dfl_loss(math::log_sum_exp(block.row_max[j], block.sum_exp[j]), z_left[j], z_right[j], bins);
+      inv_sum[j] = acc_t(1) / block.sum_exp[j];
+    }
+    if (rows.grad == nullptr) {
+      continue;
+    }
+    for (int64_t k = 0; k < kBins; ++k) {
+#pragma omp simd
+      for (int64_t j = 0; j < kRowBlock; ++j) {
+        const math::DflBins<acc_t> bins{left[j], weight_left[j], weight_right[j]};
+        block.shifted[k][j] = math::dfl_grad(block.shifted[k][j] * inv_sum[j], k, bins);
+      }
+    }
+    block.store_gradient(rows, first_row);
+  }
+  dfl_rows<true, kBins>(rows, target, loss, first_row, row_end);  // the last rows, one by one
+}
+
+template <bool kUnitBinStride, int64_t kBins, typename scalar_t, typename acc_t>
 GFL_CPU_CLONES void integral_rows(const BinRows<scalar_t>& rows, scalar_t* value, int64_t row_begin,
                                   int64_t row_end) {
+  const int64_t num_bins = kBins > 0 ? kBins : rows.num_bins;
   const int64_t pred_bin = kUnitBinStride ? 1 : rows.pred_bin_stride;
   const int64_t grad_bin = kUnitBinStride ? 1 : rows.grad_bin_stride;
   for (int64_t r = row_begin; r < row_end; ++r) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
     value[r] = static_cast<scalar_t>(
-        math::integral_row<acc_t>(rows.pred + r * rows.pred_row_stride, pred_bin, rows.num_bins, grad, grad_bin));
+        math::integral_row<acc_t>(rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, grad, grad_bin));
   }
 }
 
-// Runs `walk(unit_bin_stride, begin, end)` over the rows in parallel, the stride flag
-// resolved once.
+template <int64_t kBins, typename scalar_t, typename acc_t>
+GFL_CPU_CLONES void integral_row_blocks(const BinRows<scalar_t>& rows, scalar_t* value, int64_t row_begin,
+                                        int64_t row_end) {
+  int64_t first_row = row_begin;
+  for (; first_row + kRowBlock <= row_end; first_row += kRowBlock) {
+    RowBlock<kBins, acc_t> block;
+    block.load(rows, first_row);
+    acc_t inv_sum[kRowBlock], expectation[kRowBlock];
+#pragma omp simd
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      inv_sum[j] = acc_t(1) / block.sum_exp[j];
+      expectation[j] = 0;
+    }
+    for (int64_t k = 0; k < kBins; ++k) {
+#pragma omp simd
+      for (int64_t j = 0; j < kRowBlock; ++j) {
+        expectation[j] += block.shifted[k][j] * static_cast<acc_t>(k);  // E = sum_k softmax_k k
+      }
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      expectation[j] *= inv_sum[j];
+      value[first_row + j] = static_cast<scalar_t>(expectation[j]);
+    }
+    if (rows.grad == nullptr) {
+      continue;
+    }
+    for (int64_t k = 0; k < kBins; ++k) {
+#pragma omp simd
+      for (int64_t j = 0; j < kRowBlock; ++j) {
+        block.shifted[k][j] = math::integral_grad(block.shifted[k][j] * inv_sum[j], k, expectation[j]);
+      }
+    }
+    block.store_gradient(rows, first_row);
+  }
+  integral_rows<true, kBins, scalar_t, acc_t>(rows, value, first_row, row_end);  // the last rows, one by one
+}
+
+// A walk's two compile-time choices: contiguous bins, and the bin count (0: at run time).
+template <bool kUnitBinStride_, int64_t kBins_>
+struct BinWalk {
+  static constexpr bool kUnitBinStride = kUnitBinStride_;
+  static constexpr int64_t kBins = kBins_;
+};
+
+// Runs `walk(BinWalk<...>{}, begin, end)` over the rows in parallel, the walk chosen once.
 template <typename scalar_t, typename Walk>
 void launch_bin_rows(const BinRows<scalar_t>& rows, const Walk& walk) {
   const bool unit_bin_stride = rows.pred_bin_stride == 1 && (rows.grad == nullptr || rows.grad_bin_stride == 1);
   at::parallel_for(0, rows.num_rows, grain_for(rows.num_bins), [&](int64_t begin, int64_t end) {
-    if (unit_bin_stride) {
-      walk(std::true_type{}, begin, end);
+    if (!unit_bin_stride) {
+      walk(BinWalk<false, 0>{}, begin, end);
+    } else if (rows.num_bins == 17) {
+      walk(BinWalk<true, 17>{}, begin, end);
+    } else if (rows.num_bins == 16) {
+      walk(BinWalk<true, 16>{}, begin, end);
+    } else if (rows.num_bins == 8) {
+      walk(BinWalk<true, 8>{}, begin, end);
     } else {
-      walk(std::false_type{}, begin, end);
+      walk(BinWalk<true, 0>{}, begin, end);
     }
   });
 }
@@ -245,8 +402,13 @@ std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cpu(const at::Tensor&
     const BinRows<scalar_t> rows = make_bin_rows<scalar_t>(pred, grad, compute_grad);
     const acc_t* target_ptr = targets.const_data_ptr<acc_t>();
     acc_t* loss_ptr = loss.mutable_data_ptr<acc_t>();
-    launch_bin_rows(rows, [&](auto unit_bin_stride, int64_t begin, int64_t end) {
-      dfl_rows<decltype(unit_bin_stride)::value, scalar_t, acc_t>(rows, target_ptr, loss_ptr, begin, end);
+    launch_bin_rows(rows, [&](auto walk, int64_t begin, int64_t end) {
+      using W = decltype(walk);
+      if constexpr (W::kBins > 0) {
+        dfl_row_blocks<W::kBins, scalar_t, acc_t>(rows, target_ptr, loss_ptr, begin, end);
+      } else {
+        dfl_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, target_ptr, loss_ptr, begin, end);
+      }
     });
   });
   return {loss, grad};
@@ -260,8 +422,13 @@ std::tuple<at::Tensor, at::Tensor> distribution_integral_cpu(const at::Tensor& p
     using acc_t = math::acc_type_t<scalar_t>;
     const BinRows<scalar_t> rows = make_bin_rows<scalar_t>(pred, grad, compute_grad);
     scalar_t* value_ptr = value.mutable_data_ptr<scalar_t>();
-    launch_bin_rows(rows, [&](auto unit_bin_stride, int64_t begin, int64_t end) {
-      integral_rows<decltype(unit_bin_stride)::value, scalar_t, acc_t>(rows, value_ptr, begin, end);
+    launch_bin_rows(rows, [&](auto walk, int64_t begin, int64_t end) {
+      using W = decltype(walk);
+      if constexpr (W::kBins > 0) {
+        integral_row_blocks<W::kBins, scalar_t, acc_t>(rows, value_ptr, begin, end);
+      } else {
+        integral_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, value_ptr, begin, end);
+      }
     });
   });
   return {value, grad};
