@@ -1,7 +1,11 @@
-"""python -m gfl_ops <command>: `bench` runs the benchmark (python -m gfl_ops bench --help)."""
+"""python -m gfl_ops <command>: `bench` runs the benchmark, `verify` checks the gradients of
+every available backend on this device (python -m gfl_ops <command> --help)."""
 import sys
 
-COMMANDS = {"bench": "compare gfl_ops with the eager reference, torch.compile and mmdetection-style eager"}
+COMMANDS = {
+    "bench": "compare gfl_ops with the eager reference, torch.compile and mmdetection-style eager",
+    "verify": "gradcheck and low-precision parity of every available backend on this device",
+}
 
 
 def main(argv=None) -> int:
@@ -13,6 +17,10 @@ def main(argv=None) -> int:
         known = not argv or argv[0] in ("-h", "--help")
         print(usage if known else f"unknown command {argv[0]!r}\n\n{usage}", file=sys.stdout if known else sys.stderr)
         return 0 if known else 2
+    if argv[0] == "verify":
+        from . import verify
+
+        return verify.main(argv[1:])
     from . import bench
 
     return bench.main(argv[1:])

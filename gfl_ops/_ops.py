@@ -4,10 +4,12 @@ The schemas and the device kernels live in C++ (csrc/gfl_ops.cpp, csrc/cpu/, csr
 Every operator returns (loss, grad): the unreduced loss, one value per anchor (QFL) or row
 (DFL, integral), and, when compute_grad is true, d loss / d pred computed in the same pass
 over pred. Since each anchor's loss depends only on its own row of pred, the backward is
-that saved gradient scaled by the incoming per-anchor gradient: pred is never read again.
+that saved gradient scaled by the incoming per-anchor gradient: pred is not read again
+(unless a graph is backpropagated twice, when the gradient is computed once more).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -71,20 +73,31 @@ def grad_buffer(pred: Tensor, compute_grad: bool) -> Tensor:
     return torch.empty_like(pred) if compute_grad else pred.new_empty((0,))
 
 
-def setup_context(ctx, inputs, output) -> None:
+def setup_context(ctx, inputs, output, operator) -> None:
+    """Saves the gradient computed in the forward, and the inputs to compute it again."""
     _, grad = output
+    ctx.operator = operator
     ctx.has_grad = bool(inputs[-1])  # compute_grad is the last argument of every operator
-    ctx.num_inputs = len(inputs)
+    ctx.arguments = [None if isinstance(a, Tensor) else a for a in inputs]
+    ctx.gradient_consumed = False
     ctx.mark_non_differentiable(grad)
     # No zero-filled pred-sized tensor for the gradient of the `grad` output (never used):
     # unused outputs reach backward as None.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad)
+    ctx.save_for_backward(grad, *[a for a in inputs if isinstance(a, Tensor)])
+
+
+def _recompute_gradient(ctx, tensors) -> Tensor:
+    """The operator run again with compute_grad=True on the saved inputs."""
+    tensor_inputs = iter(tensors)
+    arguments = [next(tensor_inputs) if a is None else a for a in ctx.arguments]
+    arguments[-1] = True
+    return ctx.operator(*arguments)[1]
 
 
 def backward(ctx, grad_loss: Optional[Tensor], _unused: Optional[Tensor]):
     """d total / d pred[n, c, ...] = d total / d loss[n, ...] * d loss[n, ...] / d pred[n, c, ...]."""
-    no_input_grads = (None,) * ctx.num_inputs
+    no_input_grads = (None,) * len(ctx.arguments)
     if grad_loss is None:
         return no_input_grads
     if not ctx.has_grad:
@@ -92,18 +105,21 @@ def backward(ctx, grad_loss: Optional[Tensor], _unused: Optional[Tensor]):
             "gfl_ops: backward through an operator called with compute_grad=False; "
             "call it with compute_grad=True when pred requires grad"
         )
-    (grad,) = ctx.saved_tensors
+    grad, *tensor_inputs = ctx.saved_tensors
     # The per-anchor gradient broadcast over the class (bin) dimension, which is dim 1.
     scale = grad_loss.unsqueeze(1)
-    if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
-        # Eager: scale in place, so the saved buffer becomes pred's gradient and a step holds
-        # one buffer of pred's size, not two. A second backward through the same graph finds
-        # the buffer modified and autograd raises, as for any in-place change of a saved tensor.
-        grad_pred = grad.mul_(scale)
-    else:
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
         # Traced (torch.compile, AOTAutograd): functional form; the compiler reuses the buffer.
-        grad_pred = (grad * scale).to(grad.dtype)
-    return (grad_pred,) + no_input_grads[1:]
+        return ((grad * scale).to(grad.dtype),) + no_input_grads[1:]
+    if ctx.gradient_consumed:
+        # A second backward through the same graph (retain_graph=True, gradcheck, jacobians):
+        # the first one scaled the saved buffer in place, so compute the gradient again.
+        grad = _recompute_gradient(ctx, tensor_inputs)
+    ctx.gradient_consumed = True
+    # Eager: scale in place, so the saved buffer becomes pred's gradient and a training step
+    # holds one buffer of pred's size, not two. Through .data, so that autograd's version
+    # counter is untouched and a second backward can still unpack the saved inputs.
+    return (grad.data.mul_(scale),) + no_input_grads[1:]
 
 
 if native_loaded():
@@ -129,5 +145,7 @@ if native_loaded():
 
     for _operator in OPERATORS:
         torch.library.register_autograd(
-            f"gfl_ops::{_operator}", backward, setup_context=setup_context
+            f"gfl_ops::{_operator}",
+            backward,
+            setup_context=functools.partial(setup_context, operator=getattr(torch.ops.gfl_ops, _operator).default),
         )

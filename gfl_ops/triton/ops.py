@@ -7,6 +7,7 @@ native operators' autograd formula.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Tuple
 
 import torch
@@ -180,5 +181,9 @@ def distribution_integral_triton(pred: Tensor, compute_grad: bool) -> Tuple[Tens
 
 for _operator in _ops.OPERATORS:
     torch.library.register_autograd(
-        f"gfl_ops::{_operator}_triton", _ops.backward, setup_context=_ops.setup_context
+        f"gfl_ops::{_operator}_triton",
+        _ops.backward,
+        setup_context=functools.partial(
+            _ops.setup_context, operator=getattr(torch.ops.gfl_ops, f"{_operator}_triton").default
+        ),
     )
