@@ -102,10 +102,15 @@ GFL_HOST_DEVICE float log1p_unit(float t) {
 }
 
 // log(x) = e * ln2 + log(m), x = m * 2^e with m in [sqrt(1/2), sqrt(2)).
-GFL_HOST_DEVICE float log_(float x) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
-  return logf(x);
-#else
+#if !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
+// x = 2^exponent * mantissa with mantissa in [sqrt(1/2), sqrt(2)), for finite x > 0
+// (subnormals included); log(mantissa) = 2 atanh((mantissa - 1) / (mantissa + 1)).
+struct LogParts {
+  float exponent;
+  float log_mantissa;
+};
+
+GFL_HOST_DEVICE LogParts log_parts(float x) {
   const bool subnormal = x < 1.17549435e-38f;
   const float scaled = select(subnormal, x * 8388608.0f, x);  // 2^23 lifts subnormals
   const int32_t bits = float_to_bits(scaled);
@@ -114,9 +119,21 @@ GFL_HOST_DEVICE float log_(float x) {
   const bool above_sqrt2 = mantissa > 1.41421356f;
   mantissa = select(above_sqrt2, mantissa * 0.5f, mantissa);
   exponent = above_sqrt2 ? exponent + 1 : exponent;
-  const float exponent_f = static_cast<float>(exponent) - select(subnormal, 23.0f, 0.0f);
-  float result = exponent_f * 0.693147180559945f +
-                 two_atanh_series((mantissa - 1.0f) / (mantissa + 1.0f));
+  return {static_cast<float>(exponent) - select(subnormal, 23.0f, 0.0f),
+          two_atanh_series((mantissa - 1.0f) / (mantissa + 1.0f))};
+}
+
+// ln2 = kLn2High + kLn2Low; kLn2High has 9 significant bits, so exponent * kLn2High is exact.
+constexpr float kLn2High = 0.693359375f;
+constexpr float kLn2Low = -2.12194440e-4f;
+#endif
+
+GFL_HOST_DEVICE float log_(float x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return logf(x);
+#else
+  const LogParts parts = log_parts(x);
+  float result = parts.exponent * kLn2High + (parts.exponent * kLn2Low + parts.log_mantissa);
   result = select(x == 0.0f, -__builtin_huge_valf(), result);
   result = select(x == __builtin_huge_valf(), x, result);
   result = select(x < 0.0f, __builtin_nanf(""), result);
@@ -124,13 +141,46 @@ GFL_HOST_DEVICE float log_(float x) {
 #endif
 }
 
-GFL_HOST_DEVICE double select(bool condition, double if_true, double if_false) {
-  return condition ? if_true : if_false;
+// log(1 - p) for p in [0, 1], accurate for small p where 1 - p would round (torch's BCE
+// computes log1p(-p)): 2 atanh(-p / (2 - p)) for p <= 1/2 (|s| <= 1/3), and log(1 - p)
+// above, where 1 - p is exact.
+GFL_HOST_DEVICE float log_one_minus(float p) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return log1pf(-p);
+#else
+  return select(p <= 0.5f, two_atanh_series(-p / (2.0f - p)), log_(1.0f - p));
+#endif
 }
+
+// x^beta for x > 0. Not exp(beta * log x) in float: the exponent's rounding error,
+// |beta log x| * eps, would reach the result (1e-6 relative at x = 1e-6, beta = 3). The
+// exponent is carried as hi + lo instead (the product beta * exponent * ln2 made exact
+// with an fma), and exp(hi + lo) = exp(hi) * (1 + lo).
+GFL_HOST_DEVICE float pow_(float x, float beta) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return powf(x, beta);
+#else
+  const LogParts parts = log_parts(x);
+  const float large = parts.exponent * kLn2High;                         // exact
+  const float small = parts.exponent * kLn2Low + parts.log_mantissa;     // |small| < 0.38
+  const float product = beta * large;
+  const float product_error = std::fma(beta, large, -product);          // exact remainder
+  const float low = product_error + beta * small;
+  // Two-sum: hi + lo == product + low exactly, |lo| <= ulp(hi) / 2.
+  const float hi = product + low;
+  const float low_part = hi - product;
+  const float lo = (product - (hi - low_part)) + (low - low_part);
+  const float result = exp_(hi) * (1.0f + lo);
+  return select(x != x, x, result);
+#endif
+}
+
 // ::exp and friends are the double functions of math.h on the host and CUDA's on the device.
 GFL_HOST_DEVICE double exp_(double x) { return ::exp(x); }
 GFL_HOST_DEVICE double log1p_unit(double t) { return ::log1p(t); }
 GFL_HOST_DEVICE double log_(double x) { return ::log(x); }
+GFL_HOST_DEVICE double log_one_minus(double p) { return ::log1p(-p); }
+GFL_HOST_DEVICE double pow_(double x, double beta) { return ::pow(x, beta); }
 
 // ---------------------------------------------------------------------------------------
 // Quality Focal Loss, one element.
@@ -155,8 +205,8 @@ GFL_HOST_DEVICE LossAndGrad<acc_t> modulating_factor(acc_t d, acc_t beta) {
     return {d * d, acc_t(2) * d};
   }
   const acc_t magnitude = d < acc_t(0) ? -d : d;
-  // |d|^beta = exp(beta * log|d|); 0^beta is 1 for beta = 0 (as torch.pow) and 0 otherwise.
-  const acc_t power = exp_(beta * log_(magnitude));
+  // 0^beta is 1 for beta = 0 (as torch.pow) and 0 otherwise.
+  const acc_t power = pow_(magnitude, beta);
   const acc_t factor = magnitude == acc_t(0) ? (beta == acc_t(0) ? acc_t(1) : acc_t(0)) : power;
   const acc_t derivative = magnitude == acc_t(0) ? acc_t(0) : beta * factor / d;
   return {factor, derivative};
@@ -186,12 +236,12 @@ GFL_HOST_DEVICE LossAndGrad<acc_t> qfl_sigmoid_element(acc_t x, acc_t y, acc_t b
 }
 
 // Probability input p (activated=True), target y, as torch's binary_cross_entropy:
-//   BCE_p(p, y) = -(y * max(log p, -100) + (1 - y) * max(log(1 - p), -100))
+//   BCE_p(p, y) = -(y * max(log p, -100) + (1 - y) * max(log1p(-p), -100))
 //   dBCE_p/dp  = (p - y) / max(p * (1 - p), 1e-12)      (torch's backward formula)
 template <bool kBetaIsTwo, bool kNeedGrad, typename acc_t>
 GFL_HOST_DEVICE LossAndGrad<acc_t> qfl_probability_element(acc_t p, acc_t y, acc_t beta) {
   const acc_t log_p = log_(p);
-  const acc_t log_one_minus_p = log_(acc_t(1) - p);
+  const acc_t log_one_minus_p = log_one_minus(p);
   // `v < -100 ? -100 : v` keeps NaN (a comparison with NaN is false).
   const acc_t clamped_log_p = log_p < acc_t(-100) ? acc_t(-100) : log_p;
   const acc_t clamped_log_one_minus_p =

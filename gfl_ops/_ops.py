@@ -122,20 +122,32 @@ def backward(ctx, grad_loss: Optional[Tensor], _unused: Optional[Tensor]):
     return (grad.data.mul_(scale),) + no_input_grads[1:]
 
 
+def check_same_device(pred: Tensor, *others: Tensor) -> None:
+    """The kernels' device check, for fake kernels (which run without the kernels)."""
+    for other in others:
+        torch._check(
+            other.device == pred.device,
+            lambda: f"gfl_ops: all tensors must be on pred's device {pred.device}, got one on {other.device}",
+        )
+
+
 if native_loaded():
 
     @torch.library.register_fake("gfl_ops::quality_focal_loss")
     def _(pred, label, score, beta, activated, compute_grad):
+        check_same_device(pred, label, score)
         loss = pred.new_empty(anchor_shape(pred), dtype=accumulate_dtype(pred.dtype))
         return loss, grad_buffer(pred, compute_grad)
 
     @torch.library.register_fake("gfl_ops::quality_focal_loss_dense")
     def _(pred, target, beta, activated, compute_grad):
+        check_same_device(pred, target)
         loss = pred.new_empty(anchor_shape(pred), dtype=accumulate_dtype(pred.dtype))
         return loss, grad_buffer(pred, compute_grad)
 
     @torch.library.register_fake("gfl_ops::distribution_focal_loss")
     def _(pred, target, compute_grad):
+        check_same_device(pred, target)
         loss = pred.new_empty((pred.shape[0],), dtype=accumulate_dtype(pred.dtype))
         return loss, grad_buffer(pred, compute_grad)
 

@@ -102,9 +102,9 @@ def _validate_dfl_target_range(target: Tensor, last_bin: int) -> None:
     """target in [0, n] (NaN is out of range). Reads the target's extremes on the host: a sync."""
     if torch.compiler.is_compiling() or target.numel() == 0:
         return
-    lowest, highest = (float(v) for v in torch.aminmax(target))  # NaN propagates into both
+    lowest, highest = (float(v) for v in torch.aminmax(target.detach()))  # NaN propagates into both
     if not (lowest >= 0 and highest <= last_bin):
-        bad = target[~((target >= 0) & (target <= last_bin))]
+        bad = target.detach()[~((target >= 0) & (target <= last_bin))]
         raise ValueError(
             f"distribution_focal_loss: target must lie in [0, {last_bin}] (n + 1 = {last_bin + 1} "
             f"bins; target == {last_bin} is valid), got {bad.numel()} value(s) outside, e.g. "
@@ -115,6 +115,19 @@ def _validate_dfl_target_range(target: Tensor, last_bin: int) -> None:
 
 def _wants_grad(pred: Tensor) -> bool:
     return torch.is_grad_enabled() and pred.requires_grad
+
+
+def _check_constant_targets(backend: str, op: str, **targets: Tensor) -> None:
+    """The kernels differentiate with respect to pred only: targets (IoU scores, soft targets,
+    box distances) are constants in GFL. Say so rather than return a wrong None gradient."""
+    if backend == "reference" or not torch.is_grad_enabled():
+        return
+    for name, value in targets.items():
+        if value.requires_grad:
+            raise ValueError(
+                f"{op}: {name} requires grad, but backend {backend!r} computes gradients with respect "
+                f"to pred only; pass {name}.detach() (targets are constants in GFL) or backend='reference'"
+            )
 
 
 def _accumulate_dtype(pred: Tensor) -> torch.dtype:
@@ -197,6 +210,7 @@ def quality_focal_loss(
     _check_weight(pred, weight, tuple(label.shape), op)
     _check_avg_factor(pred, avg_factor, op)
     chosen = _backends.resolve_backend(backend, pred.device, op)
+    _check_constant_targets(chosen, op, score=score)
     loss = _qfl_per_anchor(pred, label, score, beta, activated, chosen)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
@@ -231,6 +245,7 @@ def quality_focal_loss_dense(
     _check_weight(pred, weight, (pred.shape[0],) + tuple(pred.shape[2:]), op)
     _check_avg_factor(pred, avg_factor, op)
     chosen = _backends.resolve_backend(backend, pred.device, op)
+    _check_constant_targets(chosen, op, target=target)
     loss = _qfl_dense_per_anchor(pred, target, beta, activated, chosen)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
@@ -267,6 +282,7 @@ def distribution_focal_loss(
     if validate:
         _validate_dfl_target_range(target, pred.shape[1] - 1)
     chosen = _backends.resolve_backend(backend, pred.device, op)
+    _check_constant_targets(chosen, op, target=target)
     loss = _dfl_per_row(pred, target, chosen)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 

@@ -389,16 +389,10 @@ DEVICE_MIX = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="reported: a CPU pred with a 'meta' label/score/target dispatches to the fake (meta) "
-    "kernel (gfl_ops/_ops.py register_fake), which checks no devices and returns uninitialised "
-    "CPU tensors; torch's own operators raise 'Tensor on device meta is not on the expected "
-    "device cpu'. The public API checks devices first.",
-)
 @pytest.mark.parametrize("name", sorted(DEVICE_MIX))
 def test_direct_operator_mixed_devices_raise(name):
+    """A CPU pred with a 'meta' label/score/target dispatches to the fake kernel, which must
+    check devices as the kernels do rather than return uninitialised tensors."""
     try:
         loss, _ = DEVICE_MIX[name]()
     except RuntimeError:

@@ -3,12 +3,9 @@ float64: torch.autograd.gradcheck, and a directional check that builds a fresh g
 every backward.
 
 The analytic gradient comes from the kernel (computed in the forward pass, scaled in the
-backward). Since commit 41efa85 the eager backward scales the saved gradient buffer in
-place, so a second backward through the same graph raises ("modified by an inplace
-operation"). torch.autograd.gradcheck backpropagates through one graph several times, so
-it cannot run on the native backend: those tests are strict xfails on exactly that error
-(InPlaceBackwardError), and fail for any other reason, a wrong gradient included. The
-directional check covers the same cases meanwhile.
+backward, in place in eager mode). torch.autograd.gradcheck backpropagates through one graph
+several times, which exercises the backward's recomputation of the consumed gradient; the
+directional check builds a fresh graph for every backward.
 """
 import pytest
 import torch
@@ -39,22 +36,9 @@ def _id(case):
     return f"{case[0]}-{case[2]}"
 
 
-class InPlaceBackwardError(RuntimeError):
-    """The native backward modified its saved gradient buffer in place (a second backward)."""
-
-
-IN_PLACE_BACKWARD = pytest.mark.xfail(
-    strict=True,
-    raises=InPlaceBackwardError,
-    reason="reported: the eager native backward scales the saved gradient in place "
-    "(gfl_ops/_ops.py backward, grad.mul_), so torch.autograd.gradcheck's repeated "
-    "backward through one graph raises",
-)
-
-
 METHODS = [
     pytest.param("directional", id="directional"),
-    pytest.param("gradcheck", id="gradcheck", marks=IN_PLACE_BACKWARD),
+    pytest.param("gradcheck", id="gradcheck"),
 ]
 
 
@@ -68,13 +52,7 @@ def _check(method, fn, pred):
 def _gradcheck(fn, pred):
     """torch.autograd.gradcheck (slow mode: the full Jacobian)."""
     leaf = pred.detach().requires_grad_()
-    try:
-        ok = torch.autograd.gradcheck(fn, (leaf,), eps=1e-6, atol=1e-7, rtol=1e-5)
-    except RuntimeError as error:
-        if "modified by an inplace operation" in str(error):
-            raise InPlaceBackwardError(str(error)) from error
-        raise
-    assert ok
+    assert torch.autograd.gradcheck(fn, (leaf,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def _directional_check(fn, pred, probes=4, h=1e-6):
@@ -192,7 +170,6 @@ def test_gradcheck_direct_ops(method, device):
     _check(method, lambda p: ops.distribution_integral(p, True)[0], bins)
 
 
-@IN_PLACE_BACKWARD
 @pytest.mark.parametrize("op", ["qfl", "dfl", "integral"])
 def test_second_backward_through_one_graph(op):
     """retain_graph=True then a second backward: the same gradient again, as the reference gives."""
@@ -209,10 +186,5 @@ def test_second_backward_through_one_graph(op):
         loss = gfl_ops.distribution_integral(pred, backend="native").sum()
     (first,) = torch.autograd.grad(loss, pred, retain_graph=True)
     first = first.clone()
-    try:
-        (second,) = torch.autograd.grad(loss, pred)
-    except RuntimeError as error:
-        if "modified by an inplace operation" in str(error):
-            raise InPlaceBackwardError(str(error)) from error
-        raise
+    (second,) = torch.autograd.grad(loss, pred)
     torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -304,19 +304,6 @@ def test_qfl_class_sum_accuracy_many_classes(layout, dtype, grad):
 # Probability input (activated=True): element accuracy where the kernel's formulas lose it
 # --------------------------------------------------------------------------------------
 
-LOG_ONE_MINUS_P_ISSUE = (
-    "reported: with activated=True the kernel computes log(1 - p) as log(1 - p) "
-    "(csrc/gfl_math.h qfl_probability_element), which loses the relative accuracy for small "
-    "p (eps / p; 1 - p rounds to 1 below p ~ 6e-8); torch's binary_cross_entropy uses "
-    "log1p(-p). Max relative error ~0.2 at p = 1e-7 against ~6e-8 for the reference"
-)
-POW_ISSUE = (
-    "reported: for beta != 2 the modulating factor |d|^beta is exp(beta * log|d|) in float32 "
-    "(csrc/gfl_math.h modulating_factor), whose relative error grows like |beta log|d|| * eps: "
-    "~4e-6 at beta = 3, |d| = 1e-6, against ~1e-7 for torch.pow"
-)
-
-
 def _relative_parity(pred, target, beta):
     """Per-element QFL (C = 1) of the native dense op against the reference, relative errors."""
     native = gfl_ops.quality_focal_loss_dense(pred, target, beta=beta, activated=True, reduction="none", backend="native")
@@ -325,32 +312,25 @@ def _relative_parity(pred, target, beta):
     assert_parity_relative("value", native, exact, low)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LOG_ONE_MINUS_P_ISSUE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_qfl_activated_background_small_probabilities(dtype):
-    """Background elements (y = 0) of small probability: BCE_p = -log(1 - p), beta = 0."""
+    """Background elements (y = 0) of small probability: BCE_p = -log1p(-p), beta = 0, where
+    log(1 - p) would lose the relative accuracy (1 - p rounds to 1 below p ~ 6e-8)."""
     p = torch.logspace(-7, -2, 48, dtype=torch.float64).to(dtype)[:, None]
     _relative_parity(p, torch.zeros_like(p), beta=0.0)
 
 
-@pytest.mark.parametrize(
-    "beta",
-    [
-        pytest.param(1.5, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=POW_ISSUE)),
-        2.0,
-        pytest.param(3.0, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=POW_ISSUE)),
-    ],
-)
+@pytest.mark.parametrize("beta", [1.5, 2.0, 3.0])
 def test_qfl_modulating_factor_near_zero_difference(beta):
     """Positives with y = 1 and p just below 1: d = p - 1 is exact, |d| spans 1e-6..1e-1
-    and BCE_p = -log p is accurate, so the error is the factor's. (beta = 0.5 sits at the
-    bound, |beta log|d|| being small: left out.)"""
+    and BCE_p = -log p is accurate, so the error is the factor's: |d|^beta computed as
+    exp(beta log|d|) in float32 would be off by |beta log|d|| eps (~4e-6 at beta = 3)."""
     p = (1 - torch.logspace(-6, -1, 48, dtype=torch.float64)).float()[:, None]
     _relative_parity(p, torch.ones_like(p), beta)
 
 
 def test_qfl_activated_moderate_probabilities_relative_accuracy():
-    """Away from both issues (p in [0.5, 0.99], beta = 2) the relative accuracy is the reference's."""
+    """p in [0.5, 0.99], beta = 2: the relative accuracy is the reference's."""
     gen = make_generator("activated-relative")
     p = (0.5 + 0.49 * torch.rand(64, 1, generator=gen, dtype=torch.float64)).float()
     y = torch.rand(64, 1, generator=gen).float()

@@ -20,16 +20,28 @@ import triton.language as tl
 
 
 @triton.jit
-def log1p_unit(t):
-    """log1p(t) for t in [0, 1] (the range of exp(-|x|)), accurate in float32 and float64.
+def log1p_(t):
+    """log1p(t) for t > -1, accurate in float32 and float64.
 
     log(u) * t / (u - 1) with u = 1 + t cancels the rounding of u (Goldberg); t where u
-    rounds to 1. (gfl_math.h computes the same primitive with a series on the host and
-    log1pf on the device; Triton's libdevice.log1p would not run in the interpreter.)
+    rounds to 1. (gfl_math.h computes log1p_unit and log_one_minus with series on the host
+    and log1pf on the device; Triton's libdevice.log1p would not run in the interpreter.)
     """
     u = 1.0 + t
     u_minus_one = u - 1.0
     return tl.where(u_minus_one == 0.0, t, tl.log(u) * (t / tl.where(u_minus_one == 0.0, 1.0, u_minus_one)))
+
+
+@triton.jit
+def log1p_unit(t):
+    """log1p(t) for t in [0, 1], the range of exp(-|x|)."""
+    return log1p_(t)
+
+
+@triton.jit
+def log_one_minus(p):
+    """log(1 - p) = log1p(-p), accurate for small p (as torch's BCE)."""
+    return log1p_(-p)
 
 
 @triton.jit
@@ -41,7 +53,10 @@ def modulating_factor(d, beta, BETA_IS_TWO: tl.constexpr):
     else:
         magnitude = tl.abs(d)
         is_zero = magnitude == 0.0
-        power = tl.exp(beta * tl.log(tl.where(is_zero, 1.0, magnitude)))
+        # pow in float64: in float32 the rounding of beta * log|d| would reach the result
+        # (gfl_math.h's pow_ carries that exponent in two floats instead).
+        safe = tl.where(is_zero, 1.0, magnitude).to(tl.float64)
+        power = tl.exp(beta * tl.log(safe)).to(d.dtype)
         # 0^beta is 1 for beta = 0 (as torch.pow) and 0 otherwise.
         factor = tl.where(is_zero, tl.where(beta == 0.0, 1.0, 0.0), power)
         derivative = tl.where(is_zero, 0.0, beta * factor / tl.where(is_zero, 1.0, d))
@@ -65,10 +80,10 @@ def qfl_sigmoid_element(x, y, beta, BETA_IS_TWO: tl.constexpr):
 
 @triton.jit
 def qfl_probability_element(p, y, beta, BETA_IS_TWO: tl.constexpr):
-    """BCE_p = -(y max(log p, -100) + (1 - y) max(log(1 - p), -100));
+    """BCE_p = -(y max(log p, -100) + (1 - y) max(log1p(-p), -100));
     dBCE_p/dp = (p - y) / max(p (1 - p), 1e-12), torch's backward formula."""
     log_p = tl.log(p)
-    log_one_minus_p = tl.log(1.0 - p)
+    log_one_minus_p = log_one_minus(p)
     clamped_log_p = tl.where(log_p < -100.0, -100.0, log_p)  # keeps NaN
     clamped_log_one_minus_p = tl.where(log_one_minus_p < -100.0, -100.0, log_one_minus_p)
     bce = -(y * clamped_log_p + (1.0 - y) * clamped_log_one_minus_p)

@@ -117,6 +117,7 @@ def _launch_qfl(pred: Tensor, grad: Tensor, loss: Tensor, label: Tensor, score: 
 def quality_focal_loss_triton(pred: Tensor, label: Tensor, score: Tensor, beta: float, activated: bool,
                               compute_grad: bool) -> Tuple[Tensor, Tensor]:
     _check_pred(pred, 2)
+    _ops.check_same_device(pred, label, score)
     anchor_shape = _ops.anchor_shape(pred)
     _check(tuple(label.shape) == anchor_shape and tuple(score.shape) == anchor_shape,
            f"label/score must have shape {anchor_shape}")
@@ -133,6 +134,7 @@ def quality_focal_loss_triton(pred: Tensor, label: Tensor, score: Tensor, beta: 
 def quality_focal_loss_dense_triton(pred: Tensor, target: Tensor, beta: float, activated: bool,
                                     compute_grad: bool) -> Tuple[Tensor, Tensor]:
     _check_pred(pred, 2)
+    _ops.check_same_device(pred, target)
     _check(target.shape == pred.shape and target.dtype == pred.dtype, "target must have pred's shape and dtype")
     loss = pred.new_empty(_ops.anchor_shape(pred), dtype=_ops.accumulate_dtype(pred.dtype))
     grad = _ops.grad_buffer(pred, compute_grad)
@@ -162,6 +164,7 @@ def _check_bins(pred: Tensor) -> None:
 @triton_op("gfl_ops::distribution_focal_loss_triton", mutates_args=())
 def distribution_focal_loss_triton(pred: Tensor, target: Tensor, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     _check_bins(pred)
+    _ops.check_same_device(pred, target)
     _check(tuple(target.shape) == (pred.shape[0],) and target.dtype == _ops.accumulate_dtype(pred.dtype),
            "target must be (M,) float32 (float64 for float64 pred)")
     loss = pred.new_empty((pred.shape[0],), dtype=_ops.accumulate_dtype(pred.dtype))
