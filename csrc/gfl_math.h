@@ -300,7 +300,7 @@ struct QflVariant {
 // Sums over classes are taken in chunks of this many classes, then the chunk sums are
 // added: the rounding error of a per-anchor loss grows with C / kClassChunk + kClassChunk
 // rather than with C (C = 1203 for LVIS), whether or not a loop vectorises.
-constexpr int64_t kClassChunk = 32;
+constexpr int64_t kClassChunk = 128;
 
 // One anchor: loss = sum_c QFL(pred[c], y_c), and d loss / d pred[c] into grad when asked.
 // Strides are in elements; callers pass a literal 1 where classes are contiguous so the
