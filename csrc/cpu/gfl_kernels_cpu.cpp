@@ -6,6 +6,7 @@
 // gfl_math.h are branch-free, so whole class loops vectorise, (3) rows are spread over
 // torch's intra-op thread pool. Reductions inside a row run in a fixed order for a given
 // machine, so results are the same bits run after run.
+#include "../gfl_host.h"
 #include "../gfl_math.h"
 #include "../gfl_ops.h"
 
@@ -132,63 +133,6 @@ void qfl_launch(const QflArgs<scalar_t, acc_t, Target>& args, QflWalk walk) {
       anchor += inner_end - inner_begin;
     }
   });
-}
-
-template <typename scalar_t, typename acc_t, typename Target>
-void qfl_run(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk) {
-  dispatch_qfl_variant(activated, args.beta == acc_t(2), compute_grad,
-                       [&](auto variant) { qfl_launch<decltype(variant)>(args, walk); });
-}
-
-std::tuple<at::Tensor, at::Tensor> quality_focal_loss_cpu(const at::Tensor& pred, const at::Tensor& label,
-                                                          const at::Tensor& score, double beta,
-                                                          bool activated, bool compute_grad) {
-  check_qfl_inputs(pred, label, score, beta);
-  at::Tensor loss = allocate_qfl_loss(pred);
-  at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (loss.numel() == 0) {
-    return {loss, grad};
-  }
-  const at::Tensor labels = label.contiguous();
-  const at::Tensor scores = score.contiguous();
-  std::vector<AnchorStrides> strides;
-  const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, nullptr, strides);
-  const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/false);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss_cpu", [&] {
-    using acc_t = math::acc_type_t<scalar_t>;
-    const QflArgs<scalar_t, acc_t, math::LabelScoreTarget<acc_t>> args{
-        pred.const_data_ptr<scalar_t>(),
-        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-        loss.mutable_data_ptr<acc_t>(),
-        {labels.const_data_ptr<int64_t>(), scores.const_data_ptr<acc_t>()},
-        layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
-    qfl_run(args, activated, compute_grad, walk);
-  });
-  return {loss, grad};
-}
-
-std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cpu(const at::Tensor& pred, const at::Tensor& target,
-                                                                double beta, bool activated, bool compute_grad) {
-  check_qfl_dense_inputs(pred, target, beta);
-  at::Tensor loss = allocate_qfl_loss(pred);
-  at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (loss.numel() == 0) {
-    return {loss, grad};
-  }
-  std::vector<AnchorStrides> strides;
-  const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, &target, strides);
-  const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/true);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss_dense_cpu", [&] {
-    using acc_t = math::acc_type_t<scalar_t>;
-    const QflArgs<scalar_t, acc_t, math::DenseTarget<scalar_t, acc_t>> args{
-        pred.const_data_ptr<scalar_t>(),
-        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-        loss.mutable_data_ptr<acc_t>(),
-        {target.const_data_ptr<scalar_t>()},
-        layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
-    qfl_run(args, activated, compute_grad, walk);
-  });
-  return {loss, grad};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -391,47 +335,62 @@ void launch_bin_rows(const BinRows<scalar_t>& rows, const Walk& walk) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cpu(const at::Tensor& pred, const at::Tensor& target,
-                                                               bool compute_grad) {
-  check_dfl_inputs(pred, target);
-  at::Tensor loss = at::empty({pred.size(0)}, target.options());
-  at::Tensor grad = allocate_grad(pred, compute_grad);
-  const at::Tensor targets = target.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_focal_loss_cpu", [&] {
-    using acc_t = math::acc_type_t<scalar_t>;
-    const BinRows<scalar_t> rows = make_bin_rows<scalar_t>(pred, grad, compute_grad);
-    const acc_t* target_ptr = targets.const_data_ptr<acc_t>();
-    acc_t* loss_ptr = loss.mutable_data_ptr<acc_t>();
+// The launchers of gfl_host.h's operator bodies.
+struct CpuQflLaunch {
+  template <typename scalar_t, typename acc_t, typename Target>
+  void operator()(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk) const {
+    dispatch_qfl_variant(activated, args.beta == acc_t(2), compute_grad,
+                         [&](auto variant) { qfl_launch<decltype(variant)>(args, walk); });
+  }
+};
+
+struct CpuDflLaunch {
+  template <typename scalar_t, typename acc_t>
+  void operator()(const BinRows<scalar_t>& rows, const acc_t* target, acc_t* loss) const {
     launch_bin_rows(rows, [&](auto walk, int64_t begin, int64_t end) {
       using W = decltype(walk);
       if constexpr (W::kBins > 0) {
-        dfl_row_blocks<W::kBins, scalar_t, acc_t>(rows, target_ptr, loss_ptr, begin, end);
+        dfl_row_blocks<W::kBins, scalar_t, acc_t>(rows, target, loss, begin, end);
       } else {
-        dfl_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, target_ptr, loss_ptr, begin, end);
+        dfl_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, target, loss, begin, end);
       }
     });
-  });
-  return {loss, grad};
+  }
+};
+
+struct CpuIntegralLaunch {
+  template <typename scalar_t>
+  void operator()(const BinRows<scalar_t>& rows, scalar_t* value) const {
+    using acc_t = math::acc_type_t<scalar_t>;
+    launch_bin_rows(rows, [&](auto walk, int64_t begin, int64_t end) {
+      using W = decltype(walk);
+      if constexpr (W::kBins > 0) {
+        integral_row_blocks<W::kBins, scalar_t, acc_t>(rows, value, begin, end);
+      } else {
+        integral_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, value, begin, end);
+      }
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> quality_focal_loss_cpu(const at::Tensor& pred, const at::Tensor& label,
+                                                          const at::Tensor& score, double beta, bool activated,
+                                                          bool compute_grad) {
+  return quality_focal_loss_impl(pred, label, score, beta, activated, compute_grad, CpuQflLaunch{});
+}
+
+std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                                                double beta, bool activated, bool compute_grad) {
+  return quality_focal_loss_dense_impl(pred, target, beta, activated, compute_grad, CpuQflLaunch{});
+}
+
+std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                                               bool compute_grad) {
+  return distribution_focal_loss_impl(pred, target, compute_grad, CpuDflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> distribution_integral_cpu(const at::Tensor& pred, bool compute_grad) {
-  check_bin_inputs(pred, "distribution_integral");
-  at::Tensor value = at::empty({pred.size(0)}, pred.options());
-  at::Tensor grad = allocate_grad(pred, compute_grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_integral_cpu", [&] {
-    using acc_t = math::acc_type_t<scalar_t>;
-    const BinRows<scalar_t> rows = make_bin_rows<scalar_t>(pred, grad, compute_grad);
-    scalar_t* value_ptr = value.mutable_data_ptr<scalar_t>();
-    launch_bin_rows(rows, [&](auto walk, int64_t begin, int64_t end) {
-      using W = decltype(walk);
-      if constexpr (W::kBins > 0) {
-        integral_row_blocks<W::kBins, scalar_t, acc_t>(rows, value_ptr, begin, end);
-      } else {
-        integral_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, value_ptr, begin, end);
-      }
-    });
-  });
-  return {value, grad};
+  return distribution_integral_impl(pred, compute_grad, CpuIntegralLaunch{});
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 //   DFL and the integral: a thread per row of n + 1 bins, math::dfl_row / integral_row.
 //
 // All offsets are 64-bit; grids stride over the work, so any N x C fits.
+#include "../gfl_host.h"
 #include "../gfl_math.h"
 #include "../gfl_ops.h"
 
@@ -108,71 +109,33 @@ __global__ void __launch_bounds__(kThreads) qfl_thread_per_anchor_kernel(const Q
   }
 }
 
-template <typename scalar_t, typename acc_t, typename Target>
-void qfl_run(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_qfl_variant(activated, args.beta == acc_t(2), compute_grad, [&](auto variant) {
-    using Variant = decltype(variant);
-    if (walk == QflWalk::kRows) {
-      qfl_warp_per_anchor_kernel<Variant><<<blocks_for(args.layout.num_anchors * kWarpSize), kThreads, 0, stream>>>(args);
-    } else {
-      qfl_thread_per_anchor_kernel<Variant><<<blocks_for(args.layout.num_anchors), kThreads, 0, stream>>>(args);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
+struct CudaQflLaunch {
+  template <typename scalar_t, typename acc_t, typename Target>
+  void operator()(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk) const {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_qfl_variant(activated, args.beta == acc_t(2), compute_grad, [&](auto variant) {
+      using Variant = decltype(variant);
+      if (walk == QflWalk::kRows) {
+        qfl_warp_per_anchor_kernel<Variant><<<blocks_for(args.layout.num_anchors * kWarpSize), kThreads, 0, stream>>>(args);
+      } else {
+        qfl_thread_per_anchor_kernel<Variant><<<blocks_for(args.layout.num_anchors), kThreads, 0, stream>>>(args);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_cuda(const at::Tensor& pred, const at::Tensor& label,
-                                                           const at::Tensor& score, double beta,
-                                                           bool activated, bool compute_grad) {
-  check_qfl_inputs(pred, label, score, beta);
+                                                           const at::Tensor& score, double beta, bool activated,
+                                                           bool compute_grad) {
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  at::Tensor loss = allocate_qfl_loss(pred);
-  at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (loss.numel() == 0) {
-    return {loss, grad};
-  }
-  const at::Tensor labels = label.contiguous();
-  const at::Tensor scores = score.contiguous();
-  std::vector<AnchorStrides> strides;
-  const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, nullptr, strides);
-  const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/false);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss_cuda", [&] {
-    using acc_t = math::acc_type_t<scalar_t>;
-    const QflArgs<scalar_t, acc_t, math::LabelScoreTarget<acc_t>> args{
-        pred.const_data_ptr<scalar_t>(),
-        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-        loss.mutable_data_ptr<acc_t>(),
-        {labels.const_data_ptr<int64_t>(), scores.const_data_ptr<acc_t>()},
-        layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
-    qfl_run(args, activated, compute_grad, walk);
-  });
-  return {loss, grad};
+  return quality_focal_loss_impl(pred, label, score, beta, activated, compute_grad, CudaQflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cuda(const at::Tensor& pred, const at::Tensor& target,
                                                                  double beta, bool activated, bool compute_grad) {
-  check_qfl_dense_inputs(pred, target, beta);
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  at::Tensor loss = allocate_qfl_loss(pred);
-  at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (loss.numel() == 0) {
-    return {loss, grad};
-  }
-  std::vector<AnchorStrides> strides;
-  const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, &target, strides);
-  const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/true);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss_dense_cuda", [&] {
-    using acc_t = math::acc_type_t<scalar_t>;
-    const QflArgs<scalar_t, acc_t, math::DenseTarget<scalar_t, acc_t>> args{
-        pred.const_data_ptr<scalar_t>(),
-        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-        loss.mutable_data_ptr<acc_t>(),
-        {target.const_data_ptr<scalar_t>()},
-        layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
-    qfl_run(args, activated, compute_grad, walk);
-  });
-  return {loss, grad};
+  return quality_focal_loss_dense_impl(pred, target, beta, activated, compute_grad, CudaQflLaunch{});
 }
 
 // ---------------------------------------------------------------------------------------
@@ -198,44 +161,34 @@ __global__ void __launch_bounds__(kThreads) integral_kernel(const BinRows<scalar
   }
 }
 
+struct CudaDflLaunch {
+  template <typename scalar_t, typename acc_t>
+  void operator()(const BinRows<scalar_t>& rows, const acc_t* target, acc_t* loss) const {
+    dfl_kernel<scalar_t, acc_t><<<blocks_for(rows.num_rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        rows, target, loss);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+struct CudaIntegralLaunch {
+  template <typename scalar_t>
+  void operator()(const BinRows<scalar_t>& rows, scalar_t* value) const {
+    using acc_t = math::acc_type_t<scalar_t>;
+    integral_kernel<scalar_t, acc_t><<<blocks_for(rows.num_rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        rows, value);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cuda(const at::Tensor& pred, const at::Tensor& target,
                                                                 bool compute_grad) {
-  check_dfl_inputs(pred, target);
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  at::Tensor loss = at::empty({pred.size(0)}, target.options());
-  at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (pred.size(0) == 0) {
-    return {loss, grad};
-  }
-  const at::Tensor targets = target.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_focal_loss_cuda", [&] {
-    using acc_t = math::acc_type_t<scalar_t>;
-    const BinRows<scalar_t> rows = make_bin_rows<scalar_t>(pred, grad, compute_grad);
-    dfl_kernel<scalar_t, acc_t><<<blocks_for(rows.num_rows), kThreads, 0, stream>>>(
-        rows, targets.const_data_ptr<acc_t>(), loss.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {loss, grad};
+  return distribution_focal_loss_impl(pred, target, compute_grad, CudaDflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> distribution_integral_cuda(const at::Tensor& pred, bool compute_grad) {
-  check_bin_inputs(pred, "distribution_integral");
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  at::Tensor value = at::empty({pred.size(0)}, pred.options());
-  at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (pred.size(0) == 0) {
-    return {value, grad};
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_integral_cuda", [&] {
-    using acc_t = math::acc_type_t<scalar_t>;
-    const BinRows<scalar_t> rows = make_bin_rows<scalar_t>(pred, grad, compute_grad);
-    integral_kernel<scalar_t, acc_t><<<blocks_for(rows.num_rows), kThreads, 0, stream>>>(
-        rows, value.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {value, grad};
+  return distribution_integral_impl(pred, compute_grad, CudaIntegralLaunch{});
 }
 
 }  // namespace

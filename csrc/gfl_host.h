@@ -1,0 +1,109 @@
+// The bodies of the operators, shared by the CPU and CUDA registrations: each checks its
+// inputs, allocates its outputs, describes the memory layout and hands typed kernel
+// arguments to the device's launcher, the only part that differs between devices.
+//
+//   qfl launcher:      launch(const QflArgs<scalar_t, acc_t, Target>&, activated, compute_grad, QflWalk)
+//   dfl launcher:      launch(const BinRows<scalar_t>&, const acc_t* target, acc_t* loss)
+//   integral launcher: launch(const BinRows<scalar_t>&, scalar_t* value)
+#pragma once
+
+#include "gfl_math.h"
+#include "gfl_ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <tuple>
+#include <vector>
+
+namespace gfl {
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pred, const at::Tensor& label,
+                                                           const at::Tensor& score, double beta, bool activated,
+                                                           bool compute_grad, const Launch& launch) {
+  check_qfl_inputs(pred, label, score, beta);
+  at::Tensor loss = allocate_qfl_loss(pred);
+  at::Tensor grad = allocate_grad(pred, compute_grad);
+  if (loss.numel() == 0) {
+    return {loss, grad};
+  }
+  const at::Tensor labels = label.contiguous();
+  const at::Tensor scores = score.contiguous();
+  std::vector<AnchorStrides> strides;
+  const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, nullptr, strides);
+  const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/false);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss", [&] {
+    using acc_t = math::acc_type_t<scalar_t>;
+    const QflArgs<scalar_t, acc_t, math::LabelScoreTarget<acc_t>> args{
+        pred.const_data_ptr<scalar_t>(),
+        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
+        loss.mutable_data_ptr<acc_t>(),
+        {labels.const_data_ptr<int64_t>(), scores.const_data_ptr<acc_t>()},
+        layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
+    launch(args, activated, compute_grad, walk);
+  });
+  return {loss, grad};
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tensor& pred, const at::Tensor& target,
+                                                                 double beta, bool activated, bool compute_grad,
+                                                                 const Launch& launch) {
+  check_qfl_dense_inputs(pred, target, beta);
+  at::Tensor loss = allocate_qfl_loss(pred);
+  at::Tensor grad = allocate_grad(pred, compute_grad);
+  if (loss.numel() == 0) {
+    return {loss, grad};
+  }
+  std::vector<AnchorStrides> strides;
+  const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, &target, strides);
+  const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/true);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss_dense", [&] {
+    using acc_t = math::acc_type_t<scalar_t>;
+    const QflArgs<scalar_t, acc_t, math::DenseTarget<scalar_t, acc_t>> args{
+        pred.const_data_ptr<scalar_t>(),
+        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
+        loss.mutable_data_ptr<acc_t>(),
+        {target.const_data_ptr<scalar_t>()},
+        layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
+    launch(args, activated, compute_grad, walk);
+  });
+  return {loss, grad};
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_impl(const at::Tensor& pred, const at::Tensor& target,
+                                                                bool compute_grad, const Launch& launch) {
+  check_dfl_inputs(pred, target);
+  at::Tensor loss = at::empty({pred.size(0)}, target.options());
+  at::Tensor grad = allocate_grad(pred, compute_grad);
+  if (pred.size(0) == 0) {
+    return {loss, grad};
+  }
+  const at::Tensor targets = target.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_focal_loss", [&] {
+    using acc_t = math::acc_type_t<scalar_t>;
+    launch(make_bin_rows<scalar_t>(pred, grad, compute_grad), targets.const_data_ptr<acc_t>(),
+           loss.mutable_data_ptr<acc_t>());
+  });
+  return {loss, grad};
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> distribution_integral_impl(const at::Tensor& pred, bool compute_grad,
+                                                              const Launch& launch) {
+  check_bin_inputs(pred, "distribution_integral");
+  at::Tensor value = at::empty({pred.size(0)}, pred.options());
+  at::Tensor grad = allocate_grad(pred, compute_grad);
+  if (pred.size(0) == 0) {
+    return {value, grad};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_integral", [&] {
+    launch(make_bin_rows<scalar_t>(pred, grad, compute_grad), value.mutable_data_ptr<scalar_t>());
+  });
+  return {value, grad};
+}
+
+}  // namespace gfl
