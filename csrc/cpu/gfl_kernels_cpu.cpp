@@ -174,9 +174,10 @@ struct RowBlock {
   template <typename scalar_t>
   GFL_HOST_DEVICE void load(const BinRows<scalar_t>& rows, int64_t first_row) {
     const scalar_t* pred = rows.pred + first_row * rows.pred_row_stride;
-    for (int64_t j = 0; j < kRowBlock; ++j) {
-      for (int64_t k = 0; k < kBins; ++k) {
-        z[k][j] = static_cast<acc_t>(pred[j * rows.pred_row_stride + k]);
+    for (int64_t k = 0; k < kBins; ++k) {
+#pragma omp simd
+      for (int64_t j = 0; j < kRowBlock; ++j) {
+        z[k][j] = static_cast<acc_t>(pred[j * rows.pred_row_stride + k]);  // a gather
       }
     }
     for (int64_t j = 0; j < kRowBlock; ++j) {
@@ -201,9 +202,10 @@ struct RowBlock {
   template <typename scalar_t>
   GFL_HOST_DEVICE void store_gradient(const BinRows<scalar_t>& rows, int64_t first_row) const {
     scalar_t* grad = rows.grad + first_row * rows.grad_row_stride;
-    for (int64_t j = 0; j < kRowBlock; ++j) {
-      for (int64_t k = 0; k < kBins; ++k) {
-        grad[j * rows.grad_row_stride + k] = static_cast<scalar_t>(shifted[k][j]);
+    for (int64_t k = 0; k < kBins; ++k) {
+#pragma omp simd
+      for (int64_t j = 0; j < kRowBlock; ++j) {
+        grad[j * rows.grad_row_stride + k] = static_cast<scalar_t>(shifted[k][j]);  // a scatter
       }
     }
   }
