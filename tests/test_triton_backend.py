@@ -78,6 +78,47 @@ def test_triton_dfl_and_integral(device, dtype, layout):
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("beta", [0.0, 1.5, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_qfl_probabilities(device, dtype, beta):
+    """activated=True (probability input) on a channel-first pred, every beta path."""
+    _require_triton(device)
+    gen = make_generator("triton-prob", dtype, beta)
+    pred = make_class_pred("channels_last", (2, 3, 2), 7, dtype, device, gen, activated=True)
+    label = make_labels(anchor_shape(pred), 7, gen, device)
+    score = make_scores(anchor_shape(pred), accumulate_dtype(dtype), gen, device)
+    check_parity(
+        lambda p, backend, **kw: gfl_ops.quality_focal_loss(p, label, score, backend=backend, **kw),
+        pred, dict(reduction="none", beta=beta, activated=True), out_dtype=accumulate_dtype(dtype),
+        backend="triton",
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of triton_ops needs a GPU (no GPU here)")
+def test_triton_compile_fullgraph():
+    """A training step on backend="triton" compiles without a graph break and matches eager."""
+    _require_triton("cuda")
+    gen = make_generator("triton-compile")
+    pred = make_class_pred("nchw", (2, 4, 4), 80, torch.float32, "cuda", gen)
+    label = make_labels(anchor_shape(pred), 80, gen, "cuda")
+    score = make_scores(anchor_shape(pred), torch.float32, gen, "cuda")
+    bins = make_bin_pred("contiguous", 16, 17, torch.float32, "cuda", gen)
+    target = make_dfl_target(16, 17, torch.float32, gen, "cuda")
+
+    def step(p, z):
+        qfl = gfl_ops.quality_focal_loss(p, label, score, avg_factor=torch.tensor(3.0, device="cuda"), backend="triton")
+        dfl = gfl_ops.distribution_focal_loss(z, target, validate=False, backend="triton")
+        return qfl + dfl + gfl_ops.distribution_integral(z, backend="triton").sum()
+
+    eager_p, eager_z = pred.clone().requires_grad_(), bins.clone().requires_grad_()
+    step(eager_p, eager_z).backward()
+    compiled_p, compiled_z = pred.clone().requires_grad_(), bins.clone().requires_grad_()
+    torch.compile(step, fullgraph=True)(compiled_p, compiled_z).backward()
+    torch.testing.assert_close(compiled_p.grad, eager_p.grad)
+    torch.testing.assert_close(compiled_z.grad, eager_z.grad)
+
+
 def test_triton_under_the_interpreter():
     """This file again, in a subprocess with TRITON_INTERPRET=1, so the Triton kernels are
     checked on CPU-only machines too."""
