@@ -3,7 +3,7 @@
 // arguments to the device's launcher, the only part that differs between devices.
 //
 //   qfl launcher:      launch(const QflArgs<scalar_t, acc_t, Target>&, activated, compute_grad, QflWalk)
-//   dfl launcher:      launch(const BinRows<scalar_t>&, const acc_t* target, acc_t* loss)
+//   dfl launcher:      launch(const BinRows<scalar_t>&, const acc_t* target, const acc_t* weight, acc_t* loss)
 //   integral launcher: launch(const BinRows<scalar_t>&, scalar_t* value)
 #pragma once
 
@@ -21,9 +21,11 @@ namespace gfl {
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pred, const at::Tensor& label,
-                                                           const at::Tensor& score, double beta, bool activated,
-                                                           bool compute_grad, const Launch& launch) {
+                                                           const at::Tensor& score,
+                                                           const std::optional<at::Tensor>& weight, double beta,
+                                                           bool activated, bool compute_grad, const Launch& launch) {
   check_qfl_inputs(pred, label, score, beta);
+  check_weight(pred, weight, anchor_shape(pred), "quality_focal_loss");
   at::Tensor loss = allocate_qfl_loss(pred);
   at::Tensor grad = allocate_grad(pred, compute_grad);
   if (loss.numel() == 0) {
@@ -31,6 +33,7 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pre
   }
   const at::Tensor labels = label.contiguous();
   const at::Tensor scores = score.contiguous();
+  const std::optional<at::Tensor> weights = contiguous_weight(weight);
   std::vector<AnchorStrides> strides;
   const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, nullptr, strides);
   const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/false);
@@ -40,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pre
         pred.const_data_ptr<scalar_t>(),
         compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
         loss.mutable_data_ptr<acc_t>(),
+        weight_data<acc_t>(weights),
         {labels.const_data_ptr<int64_t>(), scores.const_data_ptr<acc_t>()},
         layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
     launch(args, activated, compute_grad, walk);
@@ -49,14 +53,17 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pre
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tensor& pred, const at::Tensor& target,
-                                                                 double beta, bool activated, bool compute_grad,
+                                                                 const std::optional<at::Tensor>& weight, double beta,
+                                                                 bool activated, bool compute_grad,
                                                                  const Launch& launch) {
   check_qfl_dense_inputs(pred, target, beta);
+  check_weight(pred, weight, anchor_shape(pred), "quality_focal_loss_dense");
   at::Tensor loss = allocate_qfl_loss(pred);
   at::Tensor grad = allocate_grad(pred, compute_grad);
   if (loss.numel() == 0) {
     return {loss, grad};
   }
+  const std::optional<at::Tensor> weights = contiguous_weight(weight);
   std::vector<AnchorStrides> strides;
   const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, &target, strides);
   const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/true);
@@ -66,6 +73,7 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tenso
         pred.const_data_ptr<scalar_t>(),
         compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
         loss.mutable_data_ptr<acc_t>(),
+        weight_data<acc_t>(weights),
         {target.const_data_ptr<scalar_t>()},
         layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
     launch(args, activated, compute_grad, walk);
@@ -75,18 +83,21 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tenso
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_impl(const at::Tensor& pred, const at::Tensor& target,
+                                                                const std::optional<at::Tensor>& weight,
                                                                 bool compute_grad, const Launch& launch) {
   check_dfl_inputs(pred, target);
+  check_weight(pred, weight, {pred.size(0)}, "distribution_focal_loss");
   at::Tensor loss = at::empty({pred.size(0)}, target.options());
   at::Tensor grad = allocate_grad(pred, compute_grad);
   if (pred.size(0) == 0) {
     return {loss, grad};
   }
   const at::Tensor targets = target.contiguous();
+  const std::optional<at::Tensor> weights = contiguous_weight(weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_focal_loss", [&] {
     using acc_t = math::acc_type_t<scalar_t>;
     launch(make_bin_rows<scalar_t>(pred, grad, compute_grad), targets.const_data_ptr<acc_t>(),
-           loss.mutable_data_ptr<acc_t>());
+           weight_data<acc_t>(weights), loss.mutable_data_ptr<acc_t>());
   });
   return {loss, grad};
 }

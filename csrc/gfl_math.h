@@ -302,14 +302,14 @@ struct QflVariant {
 // rather than with C (C = 1203 for LVIS), whether or not a loop vectorises.
 constexpr int64_t kClassChunk = 128;
 
-// One anchor: loss = sum_c QFL(pred[c], y_c), and d loss / d pred[c] into grad when asked.
-// Strides are in elements; callers pass a literal 1 where classes are contiguous so the
-// class loop vectorises on the host.
+// One anchor: loss = weight * sum_c QFL(pred[c], y_c), and d loss / d pred[c] into grad
+// when asked. Strides are in elements; callers pass a literal 1 where classes are
+// contiguous so the class loop vectorises on the host.
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
 GFL_HOST_DEVICE acc_t qfl_anchor(const scalar_t* pred, int64_t pred_class_stride, scalar_t* grad,
                                  int64_t grad_class_stride, const Target& target, int64_t anchor,
                                  int64_t target_offset, int64_t target_class_stride,
-                                 int64_t num_classes, acc_t beta) {
+                                 int64_t num_classes, acc_t beta, acc_t weight) {
   acc_t loss = 0;
   for (int64_t chunk_begin = 0; chunk_begin < num_classes; chunk_begin += kClassChunk) {
     const int64_t chunk_end = chunk_begin + kClassChunk < num_classes ? chunk_begin + kClassChunk : num_classes;
@@ -322,12 +322,12 @@ GFL_HOST_DEVICE acc_t qfl_anchor(const scalar_t* pred, int64_t pred_class_stride
               static_cast<acc_t>(pred[c * pred_class_stride]), y, beta);
       chunk_loss += element.loss;
       if (Variant::kNeedGrad) {
-        grad[c * grad_class_stride] = static_cast<scalar_t>(element.grad);
+        grad[c * grad_class_stride] = static_cast<scalar_t>(weight * element.grad);
       }
     }
     loss += chunk_loss;
   }
-  return loss;
+  return weight * loss;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -399,10 +399,10 @@ GFL_HOST_DEVICE void row_softmax_stats(const scalar_t* z, int64_t bin_stride, in
   }
 }
 
-// One row of DFL: returns the loss; writes dDFL/dz into grad unless grad is null.
+// One row of DFL: returns weight * DFL; writes its gradient into grad unless grad is null.
 template <typename acc_t, typename scalar_t>
 GFL_HOST_DEVICE acc_t dfl_row(const scalar_t* z, int64_t bin_stride, int64_t num_bins, acc_t target,
-                              scalar_t* grad, int64_t grad_bin_stride) {
+                              acc_t weight, scalar_t* grad, int64_t grad_bin_stride) {
   acc_t row_max, sum_exp;
   row_softmax_stats(z, bin_stride, num_bins, row_max, sum_exp);
   const DflBins<acc_t> bins = dfl_bins(target, num_bins);
@@ -413,10 +413,10 @@ GFL_HOST_DEVICE acc_t dfl_row(const scalar_t* z, int64_t bin_stride, int64_t num
     GFL_SIMD()
     for (int64_t k = 0; k < num_bins; ++k) {
       const acc_t softmax_k = exp_(static_cast<acc_t>(z[k * bin_stride]) - row_max) * inv_sum;
-      grad[k * grad_bin_stride] = static_cast<scalar_t>(dfl_grad(softmax_k, k, bins));
+      grad[k * grad_bin_stride] = static_cast<scalar_t>(weight * dfl_grad(softmax_k, k, bins));
     }
   }
-  return loss;
+  return weight * loss;
 }
 
 // One row of the integral: returns E; writes dE/dz into grad unless grad is null.

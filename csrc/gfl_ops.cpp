@@ -162,6 +162,22 @@ void check_dfl_inputs(const at::Tensor& pred, const at::Tensor& target) {
               " for ", pred.scalar_type(), " pred, got ", target.scalar_type());
 }
 
+void check_weight(const at::Tensor& pred, const std::optional<at::Tensor>& weight, at::IntArrayRef shape,
+                  const char* op_name) {
+  if (!weight.has_value()) {
+    return;
+  }
+  check_same_device(pred, *weight, "weight");
+  TORCH_CHECK(weight->sizes() == at::IntArrayRef(shape), op_name, ": weight must have the loss's shape ",
+              shape, ", got ", weight->sizes());
+  TORCH_CHECK(weight->scalar_type() == accumulate_dtype(pred.scalar_type()), op_name, ": weight must be ",
+              accumulate_dtype(pred.scalar_type()), " for ", pred.scalar_type(), " pred, got ", weight->scalar_type());
+}
+
+std::optional<at::Tensor> contiguous_weight(const std::optional<at::Tensor>& weight) {
+  return weight.has_value() ? std::optional<at::Tensor>(weight->contiguous()) : std::nullopt;
+}
+
 at::Tensor allocate_grad(const at::Tensor& pred, bool compute_grad) {
   if (!compute_grad) {
     return at::empty({0}, pred.options());
@@ -198,15 +214,15 @@ QflWalk choose_qfl_walk(const std::vector<AnchorStrides>& strides, bool need_gra
 }  // namespace gfl
 
 // Every operator returns the unreduced loss (one value per anchor or row, float32 for half
-// inputs) and, when compute_grad is true, the gradient of that loss with respect to pred in
-// pred's dtype and layout (an empty tensor otherwise). The autograd formula (gfl_ops/_ops.py)
+// inputs; times `weight` when one is given) and, when compute_grad is true, the gradient of
+// that loss with respect to pred in pred's dtype and layout (an empty tensor otherwise). The autograd formula (gfl_ops/_ops.py)
 // scales that gradient by the incoming per-anchor gradient, so pred is read once per step.
 TORCH_LIBRARY(gfl_ops, m) {
-  m.def("quality_focal_loss(Tensor pred, Tensor label, Tensor score, float beta, bool activated, "
+  m.def("quality_focal_loss(Tensor pred, Tensor label, Tensor score, Tensor? weight, float beta, "
+        "bool activated, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("quality_focal_loss_dense(Tensor pred, Tensor target, Tensor? weight, float beta, bool activated, "
         "bool compute_grad) -> (Tensor, Tensor)");
-  m.def("quality_focal_loss_dense(Tensor pred, Tensor target, float beta, bool activated, "
-        "bool compute_grad) -> (Tensor, Tensor)");
-  m.def("distribution_focal_loss(Tensor pred, Tensor target, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("distribution_focal_loss(Tensor pred, Tensor target, Tensor? weight, bool compute_grad) -> (Tensor, Tensor)");
   m.def("distribution_integral(Tensor pred, bool compute_grad) -> (Tensor, Tensor)");
 }
 

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -52,11 +53,18 @@ struct QflArgs {
   const scalar_t* pred;
   scalar_t* grad;  // null when no gradient is wanted
   acc_t* loss;     // one per anchor, contiguous
+  const acc_t* weight;  // one per anchor, contiguous; null: every weight is 1
   Target target;
   AnchorLayout layout;
   AnchorStrides pred_strides, grad_strides, target_strides;
   acc_t beta;
 };
+
+// The weight of anchor (row) i: weights[i], or 1 without weights.
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t weight_at(const acc_t* weights, int64_t i) {
+  return weights == nullptr ? acc_t(1) : weights[i];
+}
 
 // Rows of n + 1 bins (DFL, integral): pred and its gradient, each with two strides.
 template <typename scalar_t>
@@ -86,6 +94,16 @@ void check_qfl_inputs(const at::Tensor& pred, const at::Tensor& label, const at:
 void check_qfl_dense_inputs(const at::Tensor& pred, const at::Tensor& target, double beta);
 void check_bin_inputs(const at::Tensor& pred, const char* op_name);
 void check_dfl_inputs(const at::Tensor& pred, const at::Tensor& target);
+// An optional per-anchor (per-row) weight: the loss's shape, its dtype, pred's device.
+void check_weight(const at::Tensor& pred, const std::optional<at::Tensor>& weight, at::IntArrayRef shape,
+                  const char* op_name);
+
+// The weight's data (contiguous), or null when there is none.
+template <typename acc_t>
+const acc_t* weight_data(const std::optional<at::Tensor>& contiguous_weight) {
+  return contiguous_weight.has_value() ? contiguous_weight->const_data_ptr<acc_t>() : nullptr;
+}
+std::optional<at::Tensor> contiguous_weight(const std::optional<at::Tensor>& weight);
 
 // The gradient buffer: pred's layout when pred is dense, contiguous otherwise; empty when
 // the caller needs no gradient.

@@ -78,19 +78,23 @@ def setup_context(ctx, inputs, output, operator) -> None:
     _, grad = output
     ctx.operator = operator
     ctx.has_grad = bool(inputs[-1])  # compute_grad is the last argument of every operator
-    ctx.arguments = [None if isinstance(a, Tensor) else a for a in inputs]
+    ctx.arguments = list(inputs)  # the tensors among them are replaced by the saved ones
+    ctx.tensor_positions = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
     ctx.gradient_consumed = False
     ctx.mark_non_differentiable(grad)
     # No zero-filled pred-sized tensor for the gradient of the `grad` output (never used):
     # unused outputs reach backward as None.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad, *[a for a in inputs if isinstance(a, Tensor)])
+    ctx.save_for_backward(grad, *[inputs[i] for i in ctx.tensor_positions])
+    for i in ctx.tensor_positions:
+        ctx.arguments[i] = None
 
 
 def _recompute_gradient(ctx, tensors) -> Tensor:
     """The operator run again with compute_grad=True on the saved inputs."""
-    tensor_inputs = iter(tensors)
-    arguments = [next(tensor_inputs) if a is None else a for a in ctx.arguments]
+    arguments = list(ctx.arguments)
+    for position, tensor in zip(ctx.tensor_positions, tensors):
+        arguments[position] = tensor
     arguments[-1] = True
     return ctx.operator(*arguments)[1]
 
@@ -122,9 +126,11 @@ def backward(ctx, grad_loss: Optional[Tensor], _unused: Optional[Tensor]):
     return (grad.data.mul_(scale),) + no_input_grads[1:]
 
 
-def check_same_device(pred: Tensor, *others: Tensor) -> None:
+def check_same_device(pred: Tensor, *others: Optional[Tensor]) -> None:
     """The kernels' device check, for fake kernels (which run without the kernels)."""
     for other in others:
+        if other is None:
+            continue
         torch._check(
             other.device == pred.device,
             lambda: f"gfl_ops: all tensors must be on pred's device {pred.device}, got one on {other.device}",
@@ -134,20 +140,20 @@ def check_same_device(pred: Tensor, *others: Tensor) -> None:
 if native_loaded():
 
     @torch.library.register_fake("gfl_ops::quality_focal_loss")
-    def _(pred, label, score, beta, activated, compute_grad):
-        check_same_device(pred, label, score)
+    def _(pred, label, score, weight, beta, activated, compute_grad):
+        check_same_device(pred, label, score, weight)
         loss = pred.new_empty(anchor_shape(pred), dtype=accumulate_dtype(pred.dtype))
         return loss, grad_buffer(pred, compute_grad)
 
     @torch.library.register_fake("gfl_ops::quality_focal_loss_dense")
-    def _(pred, target, beta, activated, compute_grad):
-        check_same_device(pred, target)
+    def _(pred, target, weight, beta, activated, compute_grad):
+        check_same_device(pred, target, weight)
         loss = pred.new_empty(anchor_shape(pred), dtype=accumulate_dtype(pred.dtype))
         return loss, grad_buffer(pred, compute_grad)
 
     @torch.library.register_fake("gfl_ops::distribution_focal_loss")
-    def _(pred, target, compute_grad):
-        check_same_device(pred, target)
+    def _(pred, target, weight, compute_grad):
+        check_same_device(pred, target, weight)
         loss = pred.new_empty((pred.shape[0],), dtype=accumulate_dtype(pred.dtype))
         return loss, grad_buffer(pred, compute_grad)
 

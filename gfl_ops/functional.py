@@ -139,31 +139,49 @@ def _accumulate_dtype(pred: Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------
 
 
-def _qfl_per_anchor(pred, label, score, beta, activated, backend):
+def _kernel_weight(pred: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
+    """The weight the kernels apply themselves (to the loss and to its gradient, in the same
+    pass): a constant one. A weight that requires grad is applied afterwards by autograd."""
+    if weight is None or (weight.requires_grad and torch.is_grad_enabled()):
+        return None
+    return weight.to(_accumulate_dtype(pred))
+
+
+def _qfl_per_anchor(pred, label, score, weight, beta, activated, backend):
     if backend == "reference":
         return reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated)
     loss, _ = _ops.operator("quality_focal_loss", backend)(
-        pred, label.long(), score.to(_accumulate_dtype(pred)), float(beta), activated, _wants_grad(pred)
+        pred, label.long(), score.to(_accumulate_dtype(pred)), weight, float(beta), activated, _wants_grad(pred)
     )
     return loss
 
 
-def _qfl_dense_per_anchor(pred, target, beta, activated, backend):
+def _qfl_dense_per_anchor(pred, target, weight, beta, activated, backend):
     if backend == "reference":
         return reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated)
     loss, _ = _ops.operator("quality_focal_loss_dense", backend)(
-        pred, target.to(pred.dtype), float(beta), activated, _wants_grad(pred)
+        pred, target.to(pred.dtype), weight, float(beta), activated, _wants_grad(pred)
     )
     return loss
 
 
-def _dfl_per_row(pred, target, backend):
+def _dfl_per_row(pred, target, weight, backend):
     if backend == "reference":
         return reference.distribution_focal_loss_per_row(pred, target)
     loss, _ = _ops.operator("distribution_focal_loss", backend)(
-        pred, target.to(_accumulate_dtype(pred)), _wants_grad(pred)
+        pred, target.to(_accumulate_dtype(pred)), weight, _wants_grad(pred)
     )
     return loss
+
+
+def _weighted_loss(per_anchor, pred: Tensor, weight: Optional[Tensor], backend: str, reduction: str,
+                   avg_factor: AvgFactor) -> Tensor:
+    """per_anchor(kernel_weight) -> the loss, with `weight` applied by the kernels where they
+    can, by weight_reduce_loss otherwise; then the reduction."""
+    kernel_weight = None if backend == "reference" else _kernel_weight(pred, weight)
+    loss = per_anchor(kernel_weight)
+    remaining_weight = None if kernel_weight is not None else weight
+    return weight_reduce_loss(loss, remaining_weight, reduction, avg_factor)
 
 
 # --------------------------------------------------------------------------------------
@@ -211,8 +229,10 @@ def quality_focal_loss(
     _check_avg_factor(pred, avg_factor, op)
     chosen = _backends.resolve_backend(backend, pred.device, op)
     _check_constant_targets(chosen, op, score=score)
-    loss = _qfl_per_anchor(pred, label, score, beta, activated, chosen)
-    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+    return _weighted_loss(
+        lambda w: _qfl_per_anchor(pred, label, score, w, beta, activated, chosen),
+        pred, weight, chosen, reduction, avg_factor,
+    )
 
 
 def quality_focal_loss_dense(
@@ -246,8 +266,10 @@ def quality_focal_loss_dense(
     _check_avg_factor(pred, avg_factor, op)
     chosen = _backends.resolve_backend(backend, pred.device, op)
     _check_constant_targets(chosen, op, target=target)
-    loss = _qfl_dense_per_anchor(pred, target, beta, activated, chosen)
-    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+    return _weighted_loss(
+        lambda w: _qfl_dense_per_anchor(pred, target, w, beta, activated, chosen),
+        pred, weight, chosen, reduction, avg_factor,
+    )
 
 
 def distribution_focal_loss(
@@ -283,8 +305,9 @@ def distribution_focal_loss(
         _validate_dfl_target_range(target, pred.shape[1] - 1)
     chosen = _backends.resolve_backend(backend, pred.device, op)
     _check_constant_targets(chosen, op, target=target)
-    loss = _dfl_per_row(pred, target, chosen)
-    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+    return _weighted_loss(
+        lambda w: _dfl_per_row(pred, target, w, chosen), pred, weight, chosen, reduction, avg_factor
+    )
 
 
 def distribution_integral(pred: Tensor, *, backend: str = "auto") -> Tensor:

@@ -162,11 +162,11 @@ def test_gradcheck_direct_ops(method, device):
     label = make_labels(anchor_shape(pred), 4, gen, device)
     score = make_scores(anchor_shape(pred), torch.float64, gen, device)
     target = torch.rand(pred.shape, generator=gen, dtype=torch.float64).to(device)
-    _check(method, lambda p: ops.quality_focal_loss(p, label, score, 2.0, False, True)[0], pred)
-    _check(method, lambda p: ops.quality_focal_loss_dense(p, target, 1.5, False, True)[0], pred)
+    _check(method, lambda p: ops.quality_focal_loss(p, label, score, None, 2.0, False, True)[0], pred)
+    _check(method, lambda p: ops.quality_focal_loss_dense(p, target, None, 1.5, False, True)[0], pred)
     bins = make_bin_pred("transposed", 4, 6, torch.float64, device, gen)
     dfl_target = make_dfl_target(4, 6, torch.float64, gen, device)
-    _check(method, lambda p: ops.distribution_focal_loss(p, dfl_target, True)[0], bins)
+    _check(method, lambda p: ops.distribution_focal_loss(p, dfl_target, None, True)[0], bins)
     _check(method, lambda p: ops.distribution_integral(p, True)[0], bins)
 
 

@@ -59,7 +59,8 @@ GFL_CPU_CLONES void qfl_rows(const QflArgs<scalar_t, acc_t, Target>& args, int64
         args.pred + pred_base + j * args.pred_strides.inner_stride, pred_class,
         Variant::kNeedGrad ? args.grad + grad_base + j * args.grad_strides.inner_stride : nullptr, grad_class,
         target, anchor,
-        target_base + j * args.target_strides.inner_stride, target_class, num_classes, beta);
+        target_base + j * args.target_strides.inner_stride, target_class, num_classes, beta,
+        weight_at(args.weight, anchor));
   }
 }
 
@@ -81,6 +82,10 @@ GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int
     const int64_t block_size = std::min(kBlock, inner_end - block_begin);
     const int64_t first_anchor = outer * args.layout.inner_size + block_begin;
     acc_t block_loss[kBlock] = {};
+    acc_t block_weight[kBlock];
+    for (int64_t j = 0; j < block_size; ++j) {
+      block_weight[j] = weight_at(args.weight, first_anchor + j);
+    }
     for (int64_t chunk_begin = 0; chunk_begin < num_classes; chunk_begin += math::kClassChunk) {
       const int64_t chunk_end = std::min(num_classes, chunk_begin + math::kClassChunk);
       acc_t chunk_loss[kBlock] = {};
@@ -96,7 +101,7 @@ GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int
                   static_cast<acc_t>(pred_plane[j]), y, beta);
           chunk_loss[j] += element.loss;
           if (Variant::kNeedGrad) {
-            grad_plane[j] = static_cast<scalar_t>(element.grad);
+            grad_plane[j] = static_cast<scalar_t>(block_weight[j] * element.grad);
           }
         }
       }
@@ -105,7 +110,9 @@ GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int
         block_loss[j] += chunk_loss[j];
       }
     }
-    std::copy(block_loss, block_loss + block_size, args.loss + first_anchor);
+    for (int64_t j = 0; j < block_size; ++j) {
+      args.loss[first_anchor + j] = weight_at(args.weight, first_anchor + j) * block_loss[j];
+    }
   }
 }
 
@@ -147,14 +154,15 @@ void qfl_launch(const QflArgs<scalar_t, acc_t, Target>& args, QflWalk walk) {
 // Bin counts that get their own walk: GFL/mmdetection (reg_max 16 -> 17), YOLOv8
 // (reg_max 16 -> 16), NanoDet-Plus (reg_max 7 -> 8).
 template <bool kUnitBinStride, int64_t kBins, typename scalar_t, typename acc_t>
-GFL_CPU_CLONES void dfl_rows(const BinRows<scalar_t>& rows, const acc_t* target, acc_t* loss,
-                             int64_t row_begin, int64_t row_end) {
+GFL_CPU_CLONES void dfl_rows(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight,
+                             acc_t* loss, int64_t row_begin, int64_t row_end) {
   const int64_t num_bins = kBins > 0 ? kBins : rows.num_bins;
   const int64_t pred_bin = kUnitBinStride ? 1 : rows.pred_bin_stride;
   const int64_t grad_bin = kUnitBinStride ? 1 : rows.grad_bin_stride;
   for (int64_t r = row_begin; r < row_end; ++r) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
-    loss[r] = math::dfl_row(rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, target[r], grad, grad_bin);
+    loss[r] = math::dfl_row(rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, target[r],
+                            weight_at(weight, r), grad, grad_bin);
   }
 }
 
@@ -212,8 +220,8 @@ struct RowBlock {
 };
 
 template <int64_t kBins, typename scalar_t, typename acc_t>
-GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* target, acc_t* loss,
-                                   int64_t row_begin, int64_t row_end) {
+GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight,
+                                   acc_t* loss, int64_t row_begin, int64_t row_end) {
   int64_t first_row = row_begin;
   for (; first_row + kRowBlock <= row_end; first_row += kRowBlock) {
     RowBlock<kBins, acc_t> block;
@@ -237,27 +245,34 @@ GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* t
         z_right[j] += k == left[j] + 1 ? block.z[k][j] : acc_t(0);
       }
     }
-    acc_t inv_sum[kRowBlock];
+    acc_t row_weight[kRowBlock];
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      row_weight[j] = weight_at(weight, first_row + j);
+    }
 #pragma omp simd
     for (int64_t j = 0; j < kRowBlock; ++j) {
       const math::DflBins<acc_t> bins{left[j], weight_left[j], weight_right[j]};
-      loss[first_row + j] =
-          math::dfl_loss(math::log_sum_exp(block.row_max[j], block.sum_exp[j]), z_left[j], z_right[j], bins);
-      inv_sum[j] = acc_t(1) / block.sum_exp[j];
+      loss[first_row + j] = row_weight[j] * math::dfl_loss(math::log_sum_exp(block.row_max[j], block.sum_exp[j]),
+                                                           z_left[j], z_right[j], bins);
     }
     if (rows.grad == nullptr) {
       continue;
+    }
+    acc_t inv_sum[kRowBlock];
+#pragma omp simd
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      inv_sum[j] = acc_t(1) / block.sum_exp[j];
     }
     for (int64_t k = 0; k < kBins; ++k) {
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
         const math::DflBins<acc_t> bins{left[j], weight_left[j], weight_right[j]};
-        block.shifted[k][j] = math::dfl_grad(block.shifted[k][j] * inv_sum[j], k, bins);
+        block.shifted[k][j] = row_weight[j] * math::dfl_grad(block.shifted[k][j] * inv_sum[j], k, bins);
       }
     }
     block.store_gradient(rows, first_row);
   }
-  dfl_rows<true, kBins>(rows, target, loss, first_row, row_end);  // the last rows, one by one
+  dfl_rows<true, kBins>(rows, target, weight, loss, first_row, row_end);  // the last rows, one by one
 }
 
 template <bool kUnitBinStride, int64_t kBins, typename scalar_t, typename acc_t>
@@ -348,13 +363,13 @@ struct CpuQflLaunch {
 
 struct CpuDflLaunch {
   template <typename scalar_t, typename acc_t>
-  void operator()(const BinRows<scalar_t>& rows, const acc_t* target, acc_t* loss) const {
+  void operator()(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight, acc_t* loss) const {
     launch_bin_rows(rows, [&](auto walk, int64_t begin, int64_t end) {
       using W = decltype(walk);
       if constexpr (W::kBins > 0) {
-        dfl_row_blocks<W::kBins, scalar_t, acc_t>(rows, target, loss, begin, end);
+        dfl_row_blocks<W::kBins, scalar_t, acc_t>(rows, target, weight, loss, begin, end);
       } else {
-        dfl_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, target, loss, begin, end);
+        dfl_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, target, weight, loss, begin, end);
       }
     });
   }
@@ -376,19 +391,22 @@ struct CpuIntegralLaunch {
 };
 
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_cpu(const at::Tensor& pred, const at::Tensor& label,
-                                                          const at::Tensor& score, double beta, bool activated,
-                                                          bool compute_grad) {
-  return quality_focal_loss_impl(pred, label, score, beta, activated, compute_grad, CpuQflLaunch{});
+                                                          const at::Tensor& score,
+                                                          const std::optional<at::Tensor>& weight, double beta,
+                                                          bool activated, bool compute_grad) {
+  return quality_focal_loss_impl(pred, label, score, weight, beta, activated, compute_grad, CpuQflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                                                const std::optional<at::Tensor>& weight,
                                                                 double beta, bool activated, bool compute_grad) {
-  return quality_focal_loss_dense_impl(pred, target, beta, activated, compute_grad, CpuQflLaunch{});
+  return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, compute_grad, CpuQflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                                               const std::optional<at::Tensor>& weight,
                                                                bool compute_grad) {
-  return distribution_focal_loss_impl(pred, target, compute_grad, CpuDflLaunch{});
+  return distribution_focal_loss_impl(pred, target, weight, compute_grad, CpuDflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> distribution_integral_cpu(const at::Tensor& pred, bool compute_grad) {

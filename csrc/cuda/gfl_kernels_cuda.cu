@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(kThreads) qfl_warp_per_anchor_kernel(const Qfl
                          : nullptr;
     const int64_t target_row =
         args.target_strides.outer_offset(outer, args.layout) + inner * args.target_strides.inner_stride;
+    const acc_t weight = weight_at(args.weight, anchor);
     acc_t loss = 0;
     for (int64_t c = lane; c < num_classes; c += kWarpSize) {
       const acc_t y = args.target.at(anchor, c, target_row + c * args.target_strides.class_stride);
@@ -82,12 +83,12 @@ __global__ void __launch_bounds__(kThreads) qfl_warp_per_anchor_kernel(const Qfl
               static_cast<acc_t>(pred[c * args.pred_strides.class_stride]), y, args.beta);
       loss += element.loss;
       if (Variant::kNeedGrad) {
-        grad[c * args.grad_strides.class_stride] = static_cast<scalar_t>(element.grad);
+        grad[c * args.grad_strides.class_stride] = static_cast<scalar_t>(weight * element.grad);
       }
     }
     loss = warp_sum(loss);
     if (lane == 0) {
-      args.loss[anchor] = loss;
+      args.loss[anchor] = weight * loss;
     }
   }
 }
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) qfl_thread_per_anchor_kernel(const Q
         args.pred + args.pred_strides.outer_offset(outer, args.layout) + inner * args.pred_strides.inner_stride,
         args.pred_strides.class_stride, grad, args.grad_strides.class_stride, args.target, anchor,
         args.target_strides.outer_offset(outer, args.layout) + inner * args.target_strides.inner_stride,
-        args.target_strides.class_stride, args.layout.num_classes, args.beta);
+        args.target_strides.class_stride, args.layout.num_classes, args.beta, weight_at(args.weight, anchor));
   }
 }
 
@@ -126,16 +127,18 @@ struct CudaQflLaunch {
 };
 
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_cuda(const at::Tensor& pred, const at::Tensor& label,
-                                                           const at::Tensor& score, double beta, bool activated,
-                                                           bool compute_grad) {
+                                                           const at::Tensor& score,
+                                                           const std::optional<at::Tensor>& weight, double beta,
+                                                           bool activated, bool compute_grad) {
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  return quality_focal_loss_impl(pred, label, score, beta, activated, compute_grad, CudaQflLaunch{});
+  return quality_focal_loss_impl(pred, label, score, weight, beta, activated, compute_grad, CudaQflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cuda(const at::Tensor& pred, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& weight,
                                                                  double beta, bool activated, bool compute_grad) {
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  return quality_focal_loss_dense_impl(pred, target, beta, activated, compute_grad, CudaQflLaunch{});
+  return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, compute_grad, CudaQflLaunch{});
 }
 
 // ---------------------------------------------------------------------------------------
@@ -143,11 +146,12 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cuda(const at::Tenso
 // ---------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) dfl_kernel(const BinRows<scalar_t> rows, const acc_t* target, acc_t* loss) {
+__global__ void __launch_bounds__(kThreads) dfl_kernel(const BinRows<scalar_t> rows, const acc_t* target,
+                                                       const acc_t* weight, acc_t* loss) {
   for (int64_t r = global_thread(); r < rows.num_rows; r += grid_threads()) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
     loss[r] = math::dfl_row(rows.pred + r * rows.pred_row_stride, rows.pred_bin_stride, rows.num_bins, target[r],
-                            grad, rows.grad_bin_stride);
+                            weight_at(weight, r), grad, rows.grad_bin_stride);
   }
 }
 
@@ -163,9 +167,9 @@ __global__ void __launch_bounds__(kThreads) integral_kernel(const BinRows<scalar
 
 struct CudaDflLaunch {
   template <typename scalar_t, typename acc_t>
-  void operator()(const BinRows<scalar_t>& rows, const acc_t* target, acc_t* loss) const {
+  void operator()(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight, acc_t* loss) const {
     dfl_kernel<scalar_t, acc_t><<<blocks_for(rows.num_rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        rows, target, loss);
+        rows, target, weight, loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -181,9 +185,10 @@ struct CudaIntegralLaunch {
 };
 
 std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cuda(const at::Tensor& pred, const at::Tensor& target,
+                                                                const std::optional<at::Tensor>& weight,
                                                                 bool compute_grad) {
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  return distribution_focal_loss_impl(pred, target, compute_grad, CudaDflLaunch{});
+  return distribution_focal_loss_impl(pred, target, weight, compute_grad, CudaDflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> distribution_integral_cuda(const at::Tensor& pred, bool compute_grad) {

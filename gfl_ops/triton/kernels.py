@@ -153,13 +153,14 @@ def integral_grad(softmax, bins, expectation):
 
 @triton.jit
 def qfl_kernel(
-    pred_ptr, grad_ptr, loss_ptr, label_ptr, score_ptr, target_ptr,
+    pred_ptr, grad_ptr, loss_ptr, label_ptr, score_ptr, target_ptr, weight_ptr,
     num_anchors, num_classes, inner_size,
     pred_outer_stride, pred_inner_stride, pred_class_stride,
     grad_outer_stride, grad_inner_stride, grad_class_stride,
     target_outer_stride, target_inner_stride, target_class_stride,
     beta,
-    ACC_DTYPE: tl.constexpr, DENSE_TARGET: tl.constexpr, ACTIVATED: tl.constexpr, BETA_IS_TWO: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DENSE_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACTIVATED: tl.constexpr,
+    BETA_IS_TWO: tl.constexpr,
     NEED_GRAD: tl.constexpr, BLOCK_ANCHORS: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
 ):
     """Anchors are (outer, inner) pairs: anchor a sits at outer * outer_stride + inner * inner_stride
@@ -176,6 +177,10 @@ def qfl_kernel(
     if not DENSE_TARGET:
         labels = tl.load(label_ptr + anchors, mask=anchor_mask, other=-1)
         scores = tl.load(score_ptr + anchors, mask=anchor_mask, other=0.0).to(acc_t)
+    if HAS_WEIGHT:  # loss = weight * sum_c QFL, and its gradient
+        weights = tl.load(weight_ptr + anchors, mask=anchor_mask, other=0.0).to(acc_t)
+    else:
+        weights = tl.full([BLOCK_ANCHORS], 1.0, dtype=acc_t)
     row_loss = tl.zeros([BLOCK_ANCHORS], dtype=acc_t)
     for class_start in range(0, num_classes, BLOCK_CLASSES):
         classes = class_start + tl.arange(0, BLOCK_CLASSES)
@@ -190,8 +195,8 @@ def qfl_kernel(
         row_loss += tl.sum(tl.where(mask, loss, 0.0), axis=1)
         if NEED_GRAD:
             grad_offsets = grad_rows[:, None] + classes[None, :] * grad_class_stride
-            tl.store(grad_ptr + grad_offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(loss_ptr + anchors, row_loss, mask=anchor_mask)
+            tl.store(grad_ptr + grad_offsets, (weights[:, None] * grad).to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(loss_ptr + anchors, weights * row_loss, mask=anchor_mask)
 
 
 @triton.jit
@@ -210,9 +215,10 @@ def row_softmax(pred_ptr, rows, row_mask, num_bins, pred_row_stride, pred_bin_st
 
 @triton.jit
 def dfl_kernel(
-    pred_ptr, grad_ptr, loss_ptr, target_ptr,
+    pred_ptr, grad_ptr, loss_ptr, target_ptr, weight_ptr,
     num_rows, num_bins, pred_row_stride, pred_bin_stride, grad_row_stride, grad_bin_stride,
     ACC_DTYPE: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
 ):
     acc_t: tl.constexpr = ACC_DTYPE
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -224,10 +230,14 @@ def dfl_kernel(
     left, weight_left, weight_right = dfl_bins(target, num_bins)
     z_left = tl.sum(tl.where(bins[None, :] == left[:, None], z, 0.0), axis=1)
     z_right = tl.sum(tl.where(bins[None, :] == left[:, None] + 1, z, 0.0), axis=1)
+    if HAS_WEIGHT:  # loss = weight * DFL, and its gradient
+        weights = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(acc_t)
+    else:
+        weights = tl.full([BLOCK_ROWS], 1.0, dtype=acc_t)
     loss = dfl_loss(log_sum_exp(row_max, sum_exp), z_left, z_right, weight_left, weight_right)
-    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(loss_ptr + rows, weights * loss, mask=row_mask)
     if NEED_GRAD:
-        grad = dfl_grad(shifted / sum_exp[:, None], bins, left, weight_left, weight_right)
+        grad = weights[:, None] * dfl_grad(shifted / sum_exp[:, None], bins, left, weight_left, weight_right)
         offsets = rows[:, None] * grad_row_stride + bins[None, :] * grad_bin_stride
         tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 

@@ -8,7 +8,7 @@ native operators' autograd formula.
 from __future__ import annotations
 
 import functools
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -89,8 +89,19 @@ def _anchor_layout(tensors: List[Tensor]):
     return inner_size, [(o, i, t.stride(1)) for o, i, t in zip(outer_strides, inner_strides, tensors)]
 
 
+def _check_weight(pred: Tensor, weight: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
+    """The weight, checked and contiguous, or None."""
+    if weight is None:
+        return None
+    _ops.check_same_device(pred, weight)
+    _check(tuple(weight.shape) == tuple(shape) and weight.dtype == _ops.accumulate_dtype(pred.dtype),
+           f"weight must have the loss's shape {tuple(shape)} and dtype {_ops.accumulate_dtype(pred.dtype)}")
+    return weight.contiguous()
+
+
 def _launch_qfl(pred: Tensor, grad: Tensor, loss: Tensor, label: Tensor, score: Tensor, target: Tensor,
-                beta: float, activated: bool, compute_grad: bool, dense_target: bool) -> None:
+                weight: Optional[Tensor], beta: float, activated: bool, compute_grad: bool,
+                dense_target: bool) -> None:
     num_anchors = loss.numel()
     if num_anchors == 0:
         return
@@ -102,11 +113,11 @@ def _launch_qfl(pred: Tensor, grad: Tensor, loss: Tensor, label: Tensor, score: 
     block_anchors, block_classes = _qfl_blocks(pred.shape[1])
     grid = (triton.cdiv(num_anchors, block_anchors),)
     wrap_triton(kernels.qfl_kernel)[grid](
-        pred, grad if compute_grad else pred, loss, label, score, target,
+        pred, grad if compute_grad else pred, loss, label, score, target, loss if weight is None else weight,
         num_anchors, pred.shape[1], inner_size,
         po, pi, pc, go, gi, gc, to, ti, tc,
         float(beta),
-        ACC_DTYPE=_acc_dtype(pred), DENSE_TARGET=dense_target, ACTIVATED=activated,
+        ACC_DTYPE=_acc_dtype(pred), DENSE_TARGET=dense_target, HAS_WEIGHT=weight is not None, ACTIVATED=activated,
         BETA_IS_TWO=float(beta) == 2.0, NEED_GRAD=compute_grad,
         BLOCK_ANCHORS=block_anchors, BLOCK_CLASSES=block_classes,
         num_warps=_num_warps(block_anchors * block_classes),
@@ -114,8 +125,8 @@ def _launch_qfl(pred: Tensor, grad: Tensor, loss: Tensor, label: Tensor, score: 
 
 
 @triton_op("gfl_ops::quality_focal_loss_triton", mutates_args=())
-def quality_focal_loss_triton(pred: Tensor, label: Tensor, score: Tensor, beta: float, activated: bool,
-                              compute_grad: bool) -> Tuple[Tensor, Tensor]:
+def quality_focal_loss_triton(pred: Tensor, label: Tensor, score: Tensor, weight: Optional[Tensor], beta: float,
+                              activated: bool, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     _check_pred(pred, 2)
     _ops.check_same_device(pred, label, score)
     anchor_shape = _ops.anchor_shape(pred)
@@ -125,24 +136,27 @@ def quality_focal_loss_triton(pred: Tensor, label: Tensor, score: Tensor, beta: 
            "label must be int64 and score float32 (float64 for float64 pred)")
     loss = pred.new_empty(anchor_shape, dtype=_ops.accumulate_dtype(pred.dtype))
     grad = _ops.grad_buffer(pred, compute_grad)
-    _launch_qfl(pred, grad, loss, label.contiguous(), score.contiguous(), pred, beta, activated,
+    weight = _check_weight(pred, weight, anchor_shape)
+    _launch_qfl(pred, grad, loss, label.contiguous(), score.contiguous(), pred, weight, beta, activated,
                 compute_grad, dense_target=False)
     return loss, grad
 
 
 @triton_op("gfl_ops::quality_focal_loss_dense_triton", mutates_args=())
-def quality_focal_loss_dense_triton(pred: Tensor, target: Tensor, beta: float, activated: bool,
-                                    compute_grad: bool) -> Tuple[Tensor, Tensor]:
+def quality_focal_loss_dense_triton(pred: Tensor, target: Tensor, weight: Optional[Tensor], beta: float,
+                                    activated: bool, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     _check_pred(pred, 2)
     _ops.check_same_device(pred, target)
     _check(target.shape == pred.shape and target.dtype == pred.dtype, "target must have pred's shape and dtype")
     loss = pred.new_empty(_ops.anchor_shape(pred), dtype=_ops.accumulate_dtype(pred.dtype))
     grad = _ops.grad_buffer(pred, compute_grad)
-    _launch_qfl(pred, grad, loss, loss, loss, target, beta, activated, compute_grad, dense_target=True)
+    weight = _check_weight(pred, weight, _ops.anchor_shape(pred))
+    _launch_qfl(pred, grad, loss, loss, loss, target, weight, beta, activated, compute_grad, dense_target=True)
     return loss, grad
 
 
-def _launch_bin_rows(kernel, pred: Tensor, grad: Tensor, outputs: List[Tensor], compute_grad: bool) -> None:
+def _launch_bin_rows(kernel, pred: Tensor, grad: Tensor, outputs: List[Tensor], compute_grad: bool,
+                     **constants) -> None:
     num_rows, num_bins = pred.shape
     if num_rows == 0:
         return
@@ -152,7 +166,7 @@ def _launch_bin_rows(kernel, pred: Tensor, grad: Tensor, outputs: List[Tensor], 
         pred, grad if compute_grad else pred, *outputs,
         num_rows, num_bins, pred.stride(0), pred.stride(1), grad_strides[0], grad_strides[1],
         ACC_DTYPE=_acc_dtype(pred), NEED_GRAD=compute_grad, BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
-        num_warps=_num_warps(block_rows * block_bins),
+        num_warps=_num_warps(block_rows * block_bins), **constants,
     )
 
 
@@ -162,14 +176,17 @@ def _check_bins(pred: Tensor) -> None:
 
 
 @triton_op("gfl_ops::distribution_focal_loss_triton", mutates_args=())
-def distribution_focal_loss_triton(pred: Tensor, target: Tensor, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+def distribution_focal_loss_triton(pred: Tensor, target: Tensor, weight: Optional[Tensor],
+                                   compute_grad: bool) -> Tuple[Tensor, Tensor]:
     _check_bins(pred)
     _ops.check_same_device(pred, target)
     _check(tuple(target.shape) == (pred.shape[0],) and target.dtype == _ops.accumulate_dtype(pred.dtype),
            "target must be (M,) float32 (float64 for float64 pred)")
     loss = pred.new_empty((pred.shape[0],), dtype=_ops.accumulate_dtype(pred.dtype))
     grad = _ops.grad_buffer(pred, compute_grad)
-    _launch_bin_rows(kernels.dfl_kernel, pred, grad, [loss, target.contiguous()], compute_grad)
+    weight = _check_weight(pred, weight, (pred.shape[0],))
+    _launch_bin_rows(kernels.dfl_kernel, pred, grad, [loss, target.contiguous(), loss if weight is None else weight],
+                     compute_grad, HAS_WEIGHT=weight is not None)
     return loss, grad
 
 
