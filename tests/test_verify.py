@@ -1,0 +1,52 @@
+"""python -m gfl_ops verify: it passes on this machine, and it fails (exit code 1, FAIL rows)
+when a backend's gradient is wrong."""
+import torch
+
+import gfl_ops
+from gfl_ops import verify
+
+
+def test_verify_passes_for_the_native_backend(capsys):
+    assert verify.main(["--device", "cpu", "--backends", "native"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out
+    for op in ("qfl", "qfl_prob", "qfl_dense", "dfl", "integral"):
+        assert f"\n{op} " in out
+    assert " 0 failed" in out
+
+
+def test_verify_reports_a_wrong_gradient(monkeypatch, capsys):
+    """A native DFL whose gradient is 0.1% off: gradcheck and parity must both fail it."""
+    real = torch.ops.gfl_ops.distribution_focal_loss
+
+    def operator(name, backend):
+        if name == "distribution_focal_loss" and backend == "native":
+            return SkewedOp()
+        return original(name, backend)
+
+    class SkewedOp:
+        def __call__(self, *args):
+            return skewed_dfl(*args)
+
+    def skewed_dfl(pred, target, weight, compute_grad):
+        return _SkewedDfl.apply(pred, target, weight)
+
+    class _SkewedDfl(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, pred, target, weight):
+            loss, grad = real(pred.detach(), target, weight, True)
+            ctx.save_for_backward(grad)
+            return loss, grad
+
+        @staticmethod
+        def backward(ctx, grad_loss, _):
+            (grad,) = ctx.saved_tensors
+            return grad * grad_loss.unsqueeze(1) * 1.001, None, None
+
+    original = gfl_ops._ops.operator
+    monkeypatch.setattr(gfl_ops._ops, "operator", operator)
+    assert verify.main(["--device", "cpu", "--backends", "native"]) == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if "FAIL" in line]
+    assert failed and all(line.startswith("dfl ") for line in failed), failed
+    assert any("gradcheck" in line for line in failed) and any("parity" in line for line in failed)
