@@ -215,7 +215,10 @@ QflWalk choose_qfl_walk(const std::vector<AnchorStrides>& strides, bool need_gra
 
 // Every operator returns the unreduced loss (one value per anchor or row, float32 for half
 // inputs; times `weight` when one is given) and, when compute_grad is true, the gradient of
-// that loss with respect to pred in pred's dtype and layout (an empty tensor otherwise). The autograd formula (gfl_ops/_ops.py)
+// that loss with respect to pred in pred's dtype and layout (an empty tensor otherwise).
+// Gradients flow to pred only (weight and targets are constants), and the autograd backward
+// scales that returned gradient buffer in place: it is the operator's scratch, not a result
+// to keep. No double backward. The autograd formula (gfl_ops/_ops.py)
 // scales that gradient by the incoming per-anchor gradient, so pred is read once per step.
 TORCH_LIBRARY(gfl_ops, m) {
   m.def("quality_focal_loss(Tensor pred, Tensor label, Tensor score, Tensor? weight, float beta, "

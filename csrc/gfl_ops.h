@@ -26,7 +26,6 @@ struct AnchorLayout {
   int64_t inner_size = 1;                              // anchors along the innermost dimension
   int num_outer_dims = 0;                              // dimensions outside it, outermost first
   std::array<int64_t, kMaxAnchorDims> outer_sizes{};
-  int64_t num_outer() const { return num_anchors / (inner_size > 0 ? inner_size : 1); }
 };
 
 // Element strides of one tensor shaped like pred, in the coalesced anchor layout.

@@ -115,6 +115,11 @@ def backward(ctx, grad_loss: Optional[Tensor], _unused: Optional[Tensor]):
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
         # Traced (torch.compile, AOTAutograd): functional form; the compiler reuses the buffer.
         return ((grad * scale).to(grad.dtype),) + no_input_grads[1:]
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "gfl_ops: double backward (create_graph=True) is not supported by the fused operators; "
+            "use backend='reference' for higher-order gradients"
+        )
     if ctx.gradient_consumed:
         # A second backward through the same graph (retain_graph=True, gradcheck, jacobians):
         # the first one scaled the saved buffer in place, so compute the gradient again.

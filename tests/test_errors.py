@@ -417,3 +417,18 @@ def test_functional_under_no_grad_computes_no_gradient():
     with_grad = gfl_ops.quality_focal_loss(pred, L, S, backend="native")
     assert with_grad.requires_grad
     torch.testing.assert_close(loss, with_grad.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", ["qfl", "dfl", "integral"])
+def test_double_backward_raises_a_clear_error(op):
+    """The fused backward is not differentiable: create_graph=True must say so, not return a
+    gradient that silently lacks its second-order terms."""
+    pred = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    if op == "qfl":
+        loss = gfl_ops.quality_focal_loss(pred, torch.randint(0, 6, (6,)), torch.rand(6, dtype=torch.float64), backend="native")
+    elif op == "dfl":
+        loss = gfl_ops.distribution_focal_loss(pred, torch.rand(6, dtype=torch.float64) * 4, backend="native")
+    else:
+        loss = gfl_ops.distribution_integral(pred, backend="native").sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, pred, create_graph=True)

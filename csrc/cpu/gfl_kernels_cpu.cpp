@@ -91,7 +91,8 @@ GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int
       acc_t chunk_loss[kBlock] = {};
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
         const scalar_t* pred_plane = args.pred + pred_base + c * args.pred_strides.class_stride + block_begin;
-        scalar_t* grad_plane = args.grad + grad_base + c * args.grad_strides.class_stride + block_begin;
+        scalar_t* grad_plane =
+            Variant::kNeedGrad ? args.grad + grad_base + c * args.grad_strides.class_stride + block_begin : nullptr;
         const int64_t target_plane = target_base + c * args.target_strides.class_stride + block_begin;
 #pragma omp simd
         for (int64_t j = 0; j < block_size; ++j) {

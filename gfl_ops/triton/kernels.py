@@ -183,7 +183,7 @@ def qfl_kernel(
         weights = tl.full([BLOCK_ANCHORS], 1.0, dtype=acc_t)
     row_loss = tl.zeros([BLOCK_ANCHORS], dtype=acc_t)
     for class_start in range(0, num_classes, BLOCK_CLASSES):
-        classes = class_start + tl.arange(0, BLOCK_CLASSES)
+        classes = (class_start + tl.arange(0, BLOCK_CLASSES)).to(tl.int64)  # 64-bit offsets
         mask = anchor_mask[:, None] & (classes < num_classes)[None, :]
         x = tl.load(pred_ptr + pred_rows[:, None] + classes[None, :] * pred_class_stride, mask=mask, other=0.5)
         if DENSE_TARGET:
@@ -203,7 +203,7 @@ def qfl_kernel(
 def row_softmax(pred_ptr, rows, row_mask, num_bins, pred_row_stride, pred_bin_stride, acc_t: tl.constexpr,
                 BLOCK_BINS: tl.constexpr):
     """A block of rows' logits, exp(z - max) and sum_k exp(z_k - max); padding bins hold -inf."""
-    bins = tl.arange(0, BLOCK_BINS)
+    bins = tl.arange(0, BLOCK_BINS).to(tl.int64)  # 64-bit offsets
     mask = row_mask[:, None] & (bins < num_bins)[None, :]
     offsets = rows[:, None] * pred_row_stride + bins[None, :] * pred_bin_stride
     z = tl.load(pred_ptr + offsets, mask=mask, other=float("-inf")).to(acc_t)
