@@ -1,7 +1,7 @@
 """gfl_ops.nn modules against mmdetection 3.x semantics.
 
-The mmdetection-style implementation below is written here from the formulas of
-GFL_MATH.md and mmdetection's code structure (nonzero + index_put for the positives, two
+The mmdetection-style implementation is benchmarks/mmdet_style.py, written from the formulas
+of GFL_MATH.md and mmdetection's code structure (nonzero + index_put for the positives, two
 F.cross_entropy calls for DFL, softmax + linear for the integral), independent of
 gfl_ops.reference: it checks the modules, the native kernels and the reference at once.
 """
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import gfl_ops
+from gfl_ops.bench import load_mmdet_style
 from gfl_ops.nn import DistributionFocalLoss, Integral, QualityFocalLoss
 from _helpers import make_generator
 
@@ -17,79 +18,11 @@ BACKENDS = ["native", "reference"]
 
 
 # --------------------------------------------------------------------------------------
-# mmdetection-style eager implementation
+# mmdetection-style eager implementation: benchmarks/mmdet_style.py (the benchmark's baseline),
+# wrapped in mmdetection's module interface
 # --------------------------------------------------------------------------------------
 
-
-def mm_weight_reduce_loss(loss, weight=None, reduction="mean", avg_factor=None):
-    if weight is not None:
-        loss = loss * weight
-    if avg_factor is None:
-        return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
-    if reduction == "mean":
-        return loss.sum() / (avg_factor + torch.finfo(torch.float32).eps)
-    if reduction == "none":
-        return loss
-    raise ValueError('avg_factor can not be used with reduction="sum"')
-
-
-def mm_quality_focal_loss(pred, target, beta=2.0):
-    """(label, score) target; pred logits (N, C)."""
-    label, score = target
-    pred_sigmoid = pred.sigmoid()
-    scale_factor = pred_sigmoid
-    zerolabel = scale_factor.new_zeros(pred.shape)
-    loss = F.binary_cross_entropy_with_logits(pred, zerolabel, reduction="none") * scale_factor.pow(beta)
-    bg_class_ind = pred.size(1)
-    pos = ((label >= 0) & (label < bg_class_ind)).nonzero().squeeze(1)
-    pos_label = label[pos].long()
-    scale_factor = score[pos] - pred_sigmoid[pos, pos_label]
-    loss[pos, pos_label] = F.binary_cross_entropy_with_logits(
-        pred[pos, pos_label], score[pos], reduction="none"
-    ) * scale_factor.abs().pow(beta)
-    return loss.sum(dim=1, keepdim=False)
-
-
-def mm_quality_focal_loss_with_prob(pred, target, beta=2.0):
-    label, score = target
-    pred_sigmoid = pred
-    scale_factor = pred_sigmoid
-    zerolabel = scale_factor.new_zeros(pred.shape)
-    loss = F.binary_cross_entropy(pred, zerolabel, reduction="none") * scale_factor.pow(beta)
-    bg_class_ind = pred.size(1)
-    pos = ((label >= 0) & (label < bg_class_ind)).nonzero().squeeze(1)
-    pos_label = label[pos].long()
-    scale_factor = score[pos] - pred_sigmoid[pos, pos_label]
-    loss[pos, pos_label] = F.binary_cross_entropy(
-        pred[pos, pos_label], score[pos], reduction="none"
-    ) * scale_factor.abs().pow(beta)
-    return loss.sum(dim=1, keepdim=False)
-
-
-def mm_quality_focal_loss_tensor_target(pred, target, beta=2.0, activated=False):
-    if activated:
-        pred_sigmoid, loss_function = pred, F.binary_cross_entropy
-    else:
-        pred_sigmoid, loss_function = pred.sigmoid(), F.binary_cross_entropy_with_logits
-    scale_factor = pred_sigmoid
-    target = target.type_as(pred)
-    zerolabel = scale_factor.new_zeros(pred.shape)
-    loss = loss_function(pred, zerolabel, reduction="none") * scale_factor.pow(beta)
-    pos = target != 0
-    scale_factor = target - pred_sigmoid
-    loss[pos] = loss_function(pred[pos], target[pos], reduction="none") * scale_factor[pos].abs().pow(beta)
-    return loss.sum(dim=1, keepdim=False)
-
-
-def mm_distribution_focal_loss(pred, label):
-    dis_left = label.long()
-    dis_right = dis_left + 1
-    weight_left = dis_right.to(label.dtype) - label
-    weight_right = label - dis_left.to(label.dtype)
-    return (
-        F.cross_entropy(pred, dis_left, reduction="none") * weight_left
-        + F.cross_entropy(pred, dis_right, reduction="none") * weight_right
-    )
+mm = load_mmdet_style()
 
 
 class MMQualityFocalLoss(torch.nn.Module):
@@ -100,12 +33,12 @@ class MMQualityFocalLoss(torch.nn.Module):
     def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
         reduction = reduction_override if reduction_override else self.reduction
         if isinstance(target, torch.Tensor):
-            loss = mm_quality_focal_loss_tensor_target(pred, target, self.beta, self.activated)
+            loss = mm.quality_focal_loss_tensor_target(pred, target, self.beta, self.activated)
         elif self.activated:
-            loss = mm_quality_focal_loss_with_prob(pred, target, self.beta)
+            loss = mm.quality_focal_loss_with_prob(pred, *target, self.beta)
         else:
-            loss = mm_quality_focal_loss(pred, target, self.beta)
-        return self.loss_weight * mm_weight_reduce_loss(loss, weight, reduction, avg_factor)
+            loss = mm.quality_focal_loss(pred, *target, self.beta)
+        return self.loss_weight * mm.weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 
 class MMDistributionFocalLoss(torch.nn.Module):
@@ -115,8 +48,8 @@ class MMDistributionFocalLoss(torch.nn.Module):
 
     def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
         reduction = reduction_override if reduction_override else self.reduction
-        loss = mm_distribution_focal_loss(pred, target)
-        return self.loss_weight * mm_weight_reduce_loss(loss, weight, reduction, avg_factor)
+        loss = mm.distribution_focal_loss(pred, target)
+        return self.loss_weight * mm.weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 
 class MMIntegral(torch.nn.Module):
@@ -282,7 +215,7 @@ def test_distribution_focal_loss_clamped_targets_ultralytics_and_mmdet(reg_max):
     for clamp_max in (reg_max - 0.1, max(reg_max - 1 - 0.01, 0.0)):
         target = raw.clamp(0, clamp_max)
         ours = gfl_ops.distribution_focal_loss(pred, target, reduction="none", backend="native")
-        torch.testing.assert_close(ours, mm_distribution_focal_loss(pred, target), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ours, mm.distribution_focal_loss(pred, target), rtol=1e-10, atol=1e-12)
 
 
 def test_distribution_focal_loss_target_at_last_bin():
@@ -307,7 +240,7 @@ def test_distribution_focal_loss_module_errors():
         DistributionFocalLoss()(pred, bad)
     # validate=False: the kernel clamps instead.
     clamped = DistributionFocalLoss(validate=False, reduction="none", backend="native")(pred, bad)
-    torch.testing.assert_close(clamped, mm_distribution_focal_loss(pred, bad.clamp(max=16.0 - 1e-12)), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(clamped, mm.distribution_focal_loss(pred, bad.clamp(max=16.0 - 1e-12)), rtol=1e-9, atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------
