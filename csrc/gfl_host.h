@@ -2,9 +2,14 @@
 // inputs, allocates its outputs, describes the memory layout and hands typed kernel
 // arguments to the device's launcher, the only part that differs between devices.
 //
-//   qfl launcher:      launch(const QflArgs<scalar_t, acc_t, Target>&, activated, compute_grad, QflWalk)
-//   dfl launcher:      launch(const BinRows<scalar_t>&, const acc_t* target, const acc_t* weight, acc_t* loss)
+//   qfl launcher:      launch(const QflArgs<scalar_t, acc_t, Target>&, activated, compute_grad, QflWalk, acc_t* total)
+//   dfl launcher:      launch(const BinRows<scalar_t>&, const acc_t* target, const acc_t* weight, acc_t* loss,
+//                             acc_t* total)
 //   integral launcher: launch(const BinRows<scalar_t>&, scalar_t* value)
+//
+// The loss launchers write one loss per anchor (row) into the loss buffer and, when `total`
+// is not null (reduction "sum"), the sum of those losses into *total (device memory), added
+// up in a fixed order.
 #pragma once
 
 #include "gfl_math.h"
@@ -13,23 +18,44 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace gfl {
+
+// The operator's outputs: the per-anchor losses the launcher writes, and the 0-dim sum
+// returned instead of them for reduction "sum".
+struct LossOutputs {
+  at::Tensor per_anchor;
+  at::Tensor total;  // undefined for reduction "none"
+
+  LossOutputs(at::Tensor per_anchor_losses, LossReduction reduction)
+      : per_anchor(std::move(per_anchor_losses)),
+        total(reduction == LossReduction::kSum ? at::zeros({}, per_anchor.options()) : at::Tensor()) {}
+
+  template <typename acc_t>
+  acc_t* total_data() const {
+    return total.defined() ? total.mutable_data_ptr<acc_t>() : nullptr;
+  }
+
+  const at::Tensor& result() const { return total.defined() ? total : per_anchor; }
+};
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pred, const at::Tensor& label,
                                                            const at::Tensor& score,
                                                            const std::optional<at::Tensor>& weight, double beta,
-                                                           bool activated, bool compute_grad, const Launch& launch) {
+                                                           bool activated, c10::string_view reduction,
+                                                           bool compute_grad, const Launch& launch) {
   check_qfl_inputs(pred, label, score, beta);
   check_weight(pred, weight, anchor_shape(pred), "quality_focal_loss");
-  at::Tensor loss = allocate_qfl_loss(pred);
+  const LossOutputs outputs(allocate_qfl_loss(pred), parse_reduction(reduction, "quality_focal_loss"));
   at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (loss.numel() == 0) {
-    return {loss, grad};
+  if (outputs.per_anchor.numel() == 0) {
+    return {outputs.result(), grad};
   }
   const at::Tensor labels = label.contiguous();
   const at::Tensor scores = score.contiguous();
@@ -42,26 +68,26 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pre
     const QflArgs<scalar_t, acc_t, math::LabelScoreTarget<acc_t>> args{
         pred.const_data_ptr<scalar_t>(),
         compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-        loss.mutable_data_ptr<acc_t>(),
+        outputs.per_anchor.mutable_data_ptr<acc_t>(),
         weight_data<acc_t>(weights),
         {labels.const_data_ptr<int64_t>(), scores.const_data_ptr<acc_t>()},
         layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
-    launch(args, activated, compute_grad, walk);
+    launch(args, activated, compute_grad, walk, outputs.total_data<acc_t>());
   });
-  return {loss, grad};
+  return {outputs.result(), grad};
 }
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tensor& pred, const at::Tensor& target,
                                                                  const std::optional<at::Tensor>& weight, double beta,
-                                                                 bool activated, bool compute_grad,
-                                                                 const Launch& launch) {
+                                                                 bool activated, c10::string_view reduction,
+                                                                 bool compute_grad, const Launch& launch) {
   check_qfl_dense_inputs(pred, target, beta);
   check_weight(pred, weight, anchor_shape(pred), "quality_focal_loss_dense");
-  at::Tensor loss = allocate_qfl_loss(pred);
+  const LossOutputs outputs(allocate_qfl_loss(pred), parse_reduction(reduction, "quality_focal_loss_dense"));
   at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (loss.numel() == 0) {
-    return {loss, grad};
+  if (outputs.per_anchor.numel() == 0) {
+    return {outputs.result(), grad};
   }
   const std::optional<at::Tensor> weights = contiguous_weight(weight);
   std::vector<AnchorStrides> strides;
@@ -72,34 +98,36 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tenso
     const QflArgs<scalar_t, acc_t, math::DenseTarget<scalar_t, acc_t>> args{
         pred.const_data_ptr<scalar_t>(),
         compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-        loss.mutable_data_ptr<acc_t>(),
+        outputs.per_anchor.mutable_data_ptr<acc_t>(),
         weight_data<acc_t>(weights),
         {target.const_data_ptr<scalar_t>()},
         layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
-    launch(args, activated, compute_grad, walk);
+    launch(args, activated, compute_grad, walk, outputs.total_data<acc_t>());
   });
-  return {loss, grad};
+  return {outputs.result(), grad};
 }
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_impl(const at::Tensor& pred, const at::Tensor& target,
                                                                 const std::optional<at::Tensor>& weight,
-                                                                bool compute_grad, const Launch& launch) {
+                                                                c10::string_view reduction, bool compute_grad,
+                                                                const Launch& launch) {
   check_dfl_inputs(pred, target);
   check_weight(pred, weight, {pred.size(0)}, "distribution_focal_loss");
-  at::Tensor loss = at::empty({pred.size(0)}, target.options());
+  const LossOutputs outputs(at::empty({pred.size(0)}, target.options()),
+                            parse_reduction(reduction, "distribution_focal_loss"));
   at::Tensor grad = allocate_grad(pred, compute_grad);
   if (pred.size(0) == 0) {
-    return {loss, grad};
+    return {outputs.result(), grad};
   }
   const at::Tensor targets = target.contiguous();
   const std::optional<at::Tensor> weights = contiguous_weight(weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_focal_loss", [&] {
     using acc_t = math::acc_type_t<scalar_t>;
     launch(make_bin_rows<scalar_t>(pred, grad, compute_grad), targets.const_data_ptr<acc_t>(),
-           weight_data<acc_t>(weights), loss.mutable_data_ptr<acc_t>());
+           weight_data<acc_t>(weights), outputs.per_anchor.mutable_data_ptr<acc_t>(), outputs.total_data<acc_t>());
   });
-  return {loss, grad};
+  return {outputs.result(), grad};
 }
 
 template <typename Launch>

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
 namespace gfl {
 
@@ -115,6 +116,15 @@ void check_same_device(const at::Tensor& pred, const at::Tensor& other, const ch
 
 }  // namespace
 
+LossReduction parse_reduction(c10::string_view reduction, const char* op_name) {
+  if (reduction == "none") {
+    return LossReduction::kNone;
+  }
+  TORCH_CHECK_VALUE(reduction == "sum", op_name, ": reduction must be \"none\" or \"sum\" (the mean is ",
+                    "the sum divided by the anchor count or avg_factor), got \"", std::string(reduction), "\"");
+  return LossReduction::kSum;
+}
+
 void check_qfl_inputs(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& score,
                       double beta) {
   check_class_pred(pred, "quality_focal_loss");
@@ -213,19 +223,22 @@ QflWalk choose_qfl_walk(const std::vector<AnchorStrides>& strides, bool need_gra
 
 }  // namespace gfl
 
-// Every operator returns the unreduced loss (one value per anchor or row, float32 for half
-// inputs; times `weight` when one is given) and, when compute_grad is true, the gradient of
-// that loss with respect to pred in pred's dtype and layout (an empty tensor otherwise).
-// Gradients flow to pred only (weight and targets are constants), and the autograd backward
-// scales that returned gradient buffer in place: it is the operator's scratch, not a result
-// to keep. No double backward. The autograd formula (gfl_ops/_ops.py)
-// scales that gradient by the incoming per-anchor gradient, so pred is read once per step.
+// The loss operators return (loss, grad). loss: with reduction "none", one value per anchor
+// (QFL) or row (DFL), times `weight` when one is given; with "sum", the sum of those values
+// as a 0-dim tensor, added up inside the operator in a fixed order. float32 for half pred,
+// pred's dtype otherwise. grad: when compute_grad is true, d loss / d pred (of every
+// per-anchor value, whatever the reduction) in pred's dtype and layout, an empty tensor
+// otherwise. Gradients flow to pred only (weight and targets are constants); the autograd
+// formula (gfl_ops/_ops.py) scales that gradient buffer in place by the incoming gradient,
+// so pred is read once per training step: the buffer is the operator's scratch, not a
+// result to keep. No double backward. The integral returns (E, dE/dpred) the same way.
 TORCH_LIBRARY(gfl_ops, m) {
   m.def("quality_focal_loss(Tensor pred, Tensor label, Tensor score, Tensor? weight, float beta, "
-        "bool activated, bool compute_grad) -> (Tensor, Tensor)");
+        "bool activated, str reduction, bool compute_grad) -> (Tensor, Tensor)");
   m.def("quality_focal_loss_dense(Tensor pred, Tensor target, Tensor? weight, float beta, bool activated, "
-        "bool compute_grad) -> (Tensor, Tensor)");
-  m.def("distribution_focal_loss(Tensor pred, Tensor target, Tensor? weight, bool compute_grad) -> (Tensor, Tensor)");
+        "str reduction, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("distribution_focal_loss(Tensor pred, Tensor target, Tensor? weight, str reduction, bool compute_grad) "
+        "-> (Tensor, Tensor)");
   m.def("distribution_integral(Tensor pred, bool compute_grad) -> (Tensor, Tensor)");
 }
 

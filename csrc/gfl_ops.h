@@ -6,6 +6,7 @@
 #include "gfl_math.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <array>
 #include <cstdint>
@@ -86,6 +87,12 @@ std::vector<int64_t> anchor_shape(const at::Tensor& pred);
 // Float32 for half and bfloat16 inputs, float64 for float64: the loss dtype and the type
 // scores and targets are read in.
 at::ScalarType accumulate_dtype(at::ScalarType pred_dtype);
+
+// What an operator returns as its loss: the per-anchor (per-row) values, or their sum as a
+// 0-dim tensor, added up in a fixed order (the same bits run after run, whatever the
+// number of threads). The schema's `str reduction`: "none" or "sum".
+enum class LossReduction { kNone, kSum };
+LossReduction parse_reduction(c10::string_view reduction, const char* op_name);
 
 // Memory-safety checks of the operator inputs (the Python API gives friendlier errors first).
 void check_qfl_inputs(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& score,

@@ -1,11 +1,13 @@
 """The registered operators torch.ops.gfl_ops.*: fake kernels and autograd formulas.
 
 The schemas and the device kernels live in C++ (csrc/gfl_ops.cpp, csrc/cpu/, csrc/cuda/).
-Every operator returns (loss, grad): the unreduced loss, one value per anchor (QFL) or row
-(DFL, integral), and, when compute_grad is true, d loss / d pred computed in the same pass
-over pred. Since each anchor's loss depends only on its own row of pred, the backward is
-that saved gradient scaled by the incoming per-anchor gradient: pred is not read again
-(unless a graph is backpropagated twice, when the gradient is computed once more).
+Every loss operator returns (loss, grad): with reduction "none" the loss of each anchor
+(QFL) or row (DFL), with "sum" their sum as a 0-dim tensor (added up inside the operator,
+in a fixed order), and, when compute_grad is true, d loss / d pred computed in the same
+pass over pred. Since each anchor's loss depends only on its own row of pred, the backward
+is that saved gradient scaled by the incoming gradient (per anchor, or one scalar for the
+sum): pred is not read again (unless a graph is backpropagated twice, when the gradient is
+computed once more). The integral returns (E, dE/dpred) the same way.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ try:
     NATIVE_IMPORT_ERROR = None
 except ImportError as error:  # a source checkout that was never built
     NATIVE_IMPORT_ERROR = error
+
+# The reductions the loss operators apply themselves (the mean is their sum divided by the
+# anchor count or avg_factor, a scalar operation left to autograd).
+KERNEL_REDUCTIONS = ("none", "sum")
 
 OPERATORS = (
     "quality_focal_loss",
@@ -110,8 +116,9 @@ def backward(ctx, grad_loss: Optional[Tensor], _unused: Optional[Tensor]):
             "call it with compute_grad=True when pred requires grad"
         )
     grad, *tensor_inputs = ctx.saved_tensors
-    # The per-anchor gradient broadcast over the class (bin) dimension, which is dim 1.
-    scale = grad_loss.unsqueeze(1)
+    # A summed loss: one scalar. Per-anchor losses: each anchor's gradient broadcast over
+    # its class (bin) dimension, which is dim 1.
+    scale = grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1)
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
         # Traced (torch.compile, AOTAutograd): functional form; the compiler reuses the buffer.
         return ((grad * scale).to(grad.dtype),) + no_input_grads[1:]
@@ -142,25 +149,31 @@ def check_same_device(pred: Tensor, *others: Optional[Tensor]) -> None:
         )
 
 
+def loss_buffer(pred: Tensor, shape: tuple, reduction: str) -> Tensor:
+    """The loss output of a loss operator: the per-anchor shape, or 0-dim for "sum"."""
+    torch._check(
+        reduction in KERNEL_REDUCTIONS,
+        lambda: f"gfl_ops: reduction must be one of {KERNEL_REDUCTIONS}, got {reduction!r}",
+    )
+    return pred.new_empty(shape if reduction == "none" else (), dtype=accumulate_dtype(pred.dtype))
+
+
 if native_loaded():
 
     @torch.library.register_fake("gfl_ops::quality_focal_loss")
-    def _(pred, label, score, weight, beta, activated, compute_grad):
+    def _(pred, label, score, weight, beta, activated, reduction, compute_grad):
         check_same_device(pred, label, score, weight)
-        loss = pred.new_empty(anchor_shape(pred), dtype=accumulate_dtype(pred.dtype))
-        return loss, grad_buffer(pred, compute_grad)
+        return loss_buffer(pred, anchor_shape(pred), reduction), grad_buffer(pred, compute_grad)
 
     @torch.library.register_fake("gfl_ops::quality_focal_loss_dense")
-    def _(pred, target, weight, beta, activated, compute_grad):
+    def _(pred, target, weight, beta, activated, reduction, compute_grad):
         check_same_device(pred, target, weight)
-        loss = pred.new_empty(anchor_shape(pred), dtype=accumulate_dtype(pred.dtype))
-        return loss, grad_buffer(pred, compute_grad)
+        return loss_buffer(pred, anchor_shape(pred), reduction), grad_buffer(pred, compute_grad)
 
     @torch.library.register_fake("gfl_ops::distribution_focal_loss")
-    def _(pred, target, weight, compute_grad):
+    def _(pred, target, weight, reduction, compute_grad):
         check_same_device(pred, target, weight)
-        loss = pred.new_empty((pred.shape[0],), dtype=accumulate_dtype(pred.dtype))
-        return loss, grad_buffer(pred, compute_grad)
+        return loss_buffer(pred, (pred.shape[0],), reduction), grad_buffer(pred, compute_grad)
 
     @torch.library.register_fake("gfl_ops::distribution_integral")
     def _(pred, compute_grad):

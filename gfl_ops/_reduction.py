@@ -1,7 +1,9 @@
 """The loss reductions of mmdetection 3.x (mmdet/models/losses/utils.py::weight_reduce_loss).
 
-Shared by every backend and by the reference, so a loss differs between backends only in
-how its per-anchor values are computed.
+The reference applies them to its per-anchor losses (weight_reduce_loss). The compiled
+backends apply the weight and the sum inside their operators, and take the mean of that
+sum with the same mean_of_sum, so a loss differs between backends only in how its values
+are computed and added up.
 """
 from __future__ import annotations
 
@@ -21,17 +23,22 @@ def check_reduction(reduction: str, avg_factor) -> None:
         raise ValueError('avg_factor can not be used with reduction="sum"')
 
 
+def mean_of_sum(total: Tensor, count: int, avg_factor: Optional[Union[float, Tensor]] = None) -> Tensor:
+    """The "mean" of losses that add up to `total`: total / count, or total / (avg_factor +
+    eps). A mean over no elements is 0 (not NaN), so an image batch without anchors trains on.
+    avg_factor may be a 0-dim tensor: it is never read on the host."""
+    if avg_factor is None:
+        return total / max(count, 1)
+    return total / (avg_factor + _FLOAT32_EPS)
+
+
 def weight_reduce_loss(
     loss: Tensor,
     weight: Optional[Tensor] = None,
     reduction: str = "mean",
     avg_factor: Optional[Union[float, Tensor]] = None,
 ) -> Tensor:
-    """loss * weight, then "none" | "sum" | "mean" (sum / (avg_factor + eps) with avg_factor).
-
-    A mean over no elements is 0 (not NaN), so an image batch without anchors trains on.
-    avg_factor may be a 0-dim tensor: it is never read on the host.
-    """
+    """loss * weight, then "none" | "sum" | "mean" (sum / (avg_factor + eps) with avg_factor)."""
     check_reduction(reduction, avg_factor)
     if weight is not None:
         loss = loss * weight
@@ -39,6 +46,4 @@ def weight_reduce_loss(
         return loss
     if reduction == "sum":
         return loss.sum()
-    if avg_factor is None:
-        return loss.sum() / max(loss.numel(), 1)
-    return loss.sum() / (avg_factor + _FLOAT32_EPS)
+    return mean_of_sum(loss.sum(), loss.numel(), avg_factor)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _backends, _ops, reference
-from ._reduction import check_reduction, weight_reduce_loss
+from ._reduction import check_reduction, mean_of_sum, weight_reduce_loss
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AvgFactor = Optional[Union[float, Tensor]]
@@ -135,7 +135,7 @@ def _accumulate_dtype(pred: Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------
-# Unreduced losses, per backend
+# Weight and reduction: inside the operators where they can, else as mmdetection does
 # --------------------------------------------------------------------------------------
 
 
@@ -147,41 +147,24 @@ def _kernel_weight(pred: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
     return weight.to(_accumulate_dtype(pred))
 
 
-def _qfl_per_anchor(pred, label, score, weight, beta, activated, backend):
+def _reduced_loss(operator_loss, reference_loss, pred: Tensor, weight: Optional[Tensor], backend: str,
+                  reduction: str, avg_factor: AvgFactor, count: int) -> Tensor:
+    """The weighted, reduced loss of `count` anchors (rows).
+
+    operator_loss(kernel_weight, kernel_reduction): the backend operator's loss, which
+    applies a constant weight and the sum itself; reference_loss(): the reference's
+    per-anchor losses, which weight_reduce_loss weights and reduces, as it does a weight
+    that requires grad.
+    """
     if backend == "reference":
-        return reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated)
-    loss, _ = _ops.operator("quality_focal_loss", backend)(
-        pred, label.long(), score.to(_accumulate_dtype(pred)), weight, float(beta), activated, _wants_grad(pred)
-    )
-    return loss
-
-
-def _qfl_dense_per_anchor(pred, target, weight, beta, activated, backend):
-    if backend == "reference":
-        return reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated)
-    loss, _ = _ops.operator("quality_focal_loss_dense", backend)(
-        pred, target.to(pred.dtype), weight, float(beta), activated, _wants_grad(pred)
-    )
-    return loss
-
-
-def _dfl_per_row(pred, target, weight, backend):
-    if backend == "reference":
-        return reference.distribution_focal_loss_per_row(pred, target)
-    loss, _ = _ops.operator("distribution_focal_loss", backend)(
-        pred, target.to(_accumulate_dtype(pred)), weight, _wants_grad(pred)
-    )
-    return loss
-
-
-def _weighted_loss(per_anchor, pred: Tensor, weight: Optional[Tensor], backend: str, reduction: str,
-                   avg_factor: AvgFactor) -> Tensor:
-    """per_anchor(kernel_weight) -> the loss, with `weight` applied by the kernels where they
-    can, by weight_reduce_loss otherwise; then the reduction."""
-    kernel_weight = None if backend == "reference" else _kernel_weight(pred, weight)
-    loss = per_anchor(kernel_weight)
-    remaining_weight = None if kernel_weight is not None else weight
-    return weight_reduce_loss(loss, remaining_weight, reduction, avg_factor)
+        return weight_reduce_loss(reference_loss(), weight, reduction, avg_factor)
+    kernel_weight = _kernel_weight(pred, weight)
+    if weight is not None and kernel_weight is None:
+        return weight_reduce_loss(operator_loss(None, "none"), weight, reduction, avg_factor)
+    if reduction == "none":
+        return operator_loss(kernel_weight, "none")
+    total = operator_loss(kernel_weight, "sum")
+    return total if reduction == "sum" else mean_of_sum(total, count, avg_factor)
 
 
 # --------------------------------------------------------------------------------------
@@ -229,9 +212,13 @@ def quality_focal_loss(
     _check_avg_factor(pred, avg_factor, op)
     chosen = _backends.resolve_backend(backend, pred.device, op)
     _check_constant_targets(chosen, op, score=score)
-    return _weighted_loss(
-        lambda w: _qfl_per_anchor(pred, label, score, w, beta, activated, chosen),
-        pred, weight, chosen, reduction, avg_factor,
+    return _reduced_loss(
+        lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
+            pred, label.long(), score.to(_accumulate_dtype(pred)), kernel_weight, float(beta), activated,
+            kernel_reduction, _wants_grad(pred),
+        )[0],
+        lambda: reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated),
+        pred, weight, chosen, reduction, avg_factor, label.numel(),
     )
 
 
@@ -266,9 +253,12 @@ def quality_focal_loss_dense(
     _check_avg_factor(pred, avg_factor, op)
     chosen = _backends.resolve_backend(backend, pred.device, op)
     _check_constant_targets(chosen, op, target=target)
-    return _weighted_loss(
-        lambda w: _qfl_dense_per_anchor(pred, target, w, beta, activated, chosen),
-        pred, weight, chosen, reduction, avg_factor,
+    return _reduced_loss(
+        lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
+            pred, target.to(pred.dtype), kernel_weight, float(beta), activated, kernel_reduction, _wants_grad(pred)
+        )[0],
+        lambda: reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated),
+        pred, weight, chosen, reduction, avg_factor, pred.numel() // pred.shape[1],
     )
 
 
@@ -305,8 +295,12 @@ def distribution_focal_loss(
         _validate_dfl_target_range(target, pred.shape[1] - 1)
     chosen = _backends.resolve_backend(backend, pred.device, op)
     _check_constant_targets(chosen, op, target=target)
-    return _weighted_loss(
-        lambda w: _dfl_per_row(pred, target, w, chosen), pred, weight, chosen, reduction, avg_factor
+    return _reduced_loss(
+        lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
+            pred, target.to(_accumulate_dtype(pred)), kernel_weight, kernel_reduction, _wants_grad(pred)
+        )[0],
+        lambda: reference.distribution_focal_loss_per_row(pred, target),
+        pred, weight, chosen, reduction, avg_factor, pred.shape[0],
     )
 
 

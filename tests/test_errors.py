@@ -333,7 +333,7 @@ def test_out_of_range_labels_are_background(label_dtype):
 def test_huge_labels_on_the_direct_operator():
     pred = torch.randn(4, 3)
     label = torch.tensor([2**62, -(2**62), 3, -1])
-    loss, grad = OPS.quality_focal_loss(pred, label, torch.rand(4), None, 2.0, False, True)
+    loss, grad = OPS.quality_focal_loss(pred, label, torch.rand(4), None, 2.0, False, "none", True)
     expected = gfl_ops.reference.quality_focal_loss_dense_per_anchor(pred.double(), torch.zeros(4, 3, dtype=torch.float64))
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(grad).all()
@@ -347,28 +347,28 @@ P = torch.randn(4, 3)
 L = torch.zeros(4, dtype=torch.long)
 S = torch.rand(4)
 DIRECT_BAD = {
-    "qfl_label_int32": lambda: OPS.quality_focal_loss(P, L.int(), S, None, 2.0, False, False),
-    "qfl_label_float": lambda: OPS.quality_focal_loss(P, L.float(), S, None, 2.0, False, True),
-    "qfl_label_shape": lambda: OPS.quality_focal_loss(P, L[:3], S, None, 2.0, False, False),
-    "qfl_label_2d": lambda: OPS.quality_focal_loss(P, L[:, None], S, None, 2.0, False, False),
-    "qfl_score_shape": lambda: OPS.quality_focal_loss(P, L, S[:2], None, 2.0, False, False),
-    "qfl_score_float64_for_float32_pred": lambda: OPS.quality_focal_loss(P, L, S.double(), None, 2.0, False, False),
-    "qfl_score_half_for_half_pred": lambda: OPS.quality_focal_loss(P.half(), L, S.half(), None, 2.0, False, False),
-    "qfl_integer_pred": lambda: OPS.quality_focal_loss(P.long(), L, S, None, 2.0, False, False),
-    "qfl_pred_1d": lambda: OPS.quality_focal_loss(P[:, 0], L, S, None, 2.0, False, False),
-    "qfl_no_classes": lambda: OPS.quality_focal_loss(P[:, :0], L, S, None, 2.0, False, False),
-    "qfl_negative_beta": lambda: OPS.quality_focal_loss(P, L, S, None, -1.0, False, False),
-    "qfl_nan_beta": lambda: OPS.quality_focal_loss(P, L, S, None, float("nan"), False, False),
-    "dense_target_shape": lambda: OPS.quality_focal_loss_dense(P, P[:, :2], None, 2.0, False, False),
-    "dense_target_dtype": lambda: OPS.quality_focal_loss_dense(P, P.double(), None, 2.0, False, False),
-    "dense_integer_pred": lambda: OPS.quality_focal_loss_dense(P.int(), P.int(), None, 2.0, False, False),
-    "dense_negative_beta": lambda: OPS.quality_focal_loss_dense(P, P, None, -2.0, False, True),
-    "dfl_target_dtype": lambda: OPS.distribution_focal_loss(P, S.double(), None, False),
-    "dfl_target_shape": lambda: OPS.distribution_focal_loss(P, S[:3], None, True),
-    "dfl_target_2d": lambda: OPS.distribution_focal_loss(P, S[:, None], None, False),
-    "dfl_pred_3d": lambda: OPS.distribution_focal_loss(P[None], S, None, False),
-    "dfl_one_bin": lambda: OPS.distribution_focal_loss(P[:, :1], S, None, False),
-    "dfl_integer_pred": lambda: OPS.distribution_focal_loss(P.long(), S, None, False),
+    "qfl_label_int32": lambda: OPS.quality_focal_loss(P, L.int(), S, None, 2.0, False, "none", False),
+    "qfl_label_float": lambda: OPS.quality_focal_loss(P, L.float(), S, None, 2.0, False, "none", True),
+    "qfl_label_shape": lambda: OPS.quality_focal_loss(P, L[:3], S, None, 2.0, False, "none", False),
+    "qfl_label_2d": lambda: OPS.quality_focal_loss(P, L[:, None], S, None, 2.0, False, "none", False),
+    "qfl_score_shape": lambda: OPS.quality_focal_loss(P, L, S[:2], None, 2.0, False, "none", False),
+    "qfl_score_float64_for_float32_pred": lambda: OPS.quality_focal_loss(P, L, S.double(), None, 2.0, False, "none", False),
+    "qfl_score_half_for_half_pred": lambda: OPS.quality_focal_loss(P.half(), L, S.half(), None, 2.0, False, "none", False),
+    "qfl_integer_pred": lambda: OPS.quality_focal_loss(P.long(), L, S, None, 2.0, False, "none", False),
+    "qfl_pred_1d": lambda: OPS.quality_focal_loss(P[:, 0], L, S, None, 2.0, False, "none", False),
+    "qfl_no_classes": lambda: OPS.quality_focal_loss(P[:, :0], L, S, None, 2.0, False, "none", False),
+    "qfl_negative_beta": lambda: OPS.quality_focal_loss(P, L, S, None, -1.0, False, "none", False),
+    "qfl_nan_beta": lambda: OPS.quality_focal_loss(P, L, S, None, float("nan"), False, "none", False),
+    "dense_target_shape": lambda: OPS.quality_focal_loss_dense(P, P[:, :2], None, 2.0, False, "none", False),
+    "dense_target_dtype": lambda: OPS.quality_focal_loss_dense(P, P.double(), None, 2.0, False, "none", False),
+    "dense_integer_pred": lambda: OPS.quality_focal_loss_dense(P.int(), P.int(), None, 2.0, False, "none", False),
+    "dense_negative_beta": lambda: OPS.quality_focal_loss_dense(P, P, None, -2.0, False, "none", True),
+    "dfl_target_dtype": lambda: OPS.distribution_focal_loss(P, S.double(), None, "none", False),
+    "dfl_target_shape": lambda: OPS.distribution_focal_loss(P, S[:3], None, "none", True),
+    "dfl_target_2d": lambda: OPS.distribution_focal_loss(P, S[:, None], None, "none", False),
+    "dfl_pred_3d": lambda: OPS.distribution_focal_loss(P[None], S, None, "none", False),
+    "dfl_one_bin": lambda: OPS.distribution_focal_loss(P[:, :1], S, None, "none", False),
+    "dfl_integer_pred": lambda: OPS.distribution_focal_loss(P.long(), S, None, "none", False),
     "integral_one_bin": lambda: OPS.distribution_integral(P[:, :1], True),
     "integral_1d": lambda: OPS.distribution_integral(P[0], False),
     "integral_integer_pred": lambda: OPS.distribution_integral(P.short(), False),
@@ -381,11 +381,25 @@ def test_direct_operator_bad_input_raises_runtime_error(name):
         DIRECT_BAD[name]()
 
 
+BAD_KERNEL_REDUCTION = {
+    "qfl_mean": lambda: OPS.quality_focal_loss(P, L, S, None, 2.0, False, "mean", False),
+    "dense_typo": lambda: OPS.quality_focal_loss_dense(P, P, None, 2.0, False, "sums", False),
+    "dfl_empty": lambda: OPS.distribution_focal_loss(P, S, None, "", True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_KERNEL_REDUCTION))
+def test_direct_operator_reduction_is_none_or_sum(name):
+    """The operators sum; the mean (over anchors or avg_factor) is taken outside them."""
+    with pytest.raises(ValueError, match='reduction must be "none" or "sum"'):
+        BAD_KERNEL_REDUCTION[name]()
+
+
 DEVICE_MIX = {
-    "qfl_label_on_meta": lambda: OPS.quality_focal_loss(P, L.to(META), S, None, 2.0, False, False),
-    "qfl_score_on_meta": lambda: OPS.quality_focal_loss(P, L, S.to(META), None, 2.0, False, False),
-    "dense_target_on_meta": lambda: OPS.quality_focal_loss_dense(P, P.to(META), None, 2.0, False, False),
-    "dfl_target_on_meta": lambda: OPS.distribution_focal_loss(P, S.to(META), None, False),
+    "qfl_label_on_meta": lambda: OPS.quality_focal_loss(P, L.to(META), S, None, 2.0, False, "none", False),
+    "qfl_score_on_meta": lambda: OPS.quality_focal_loss(P, L, S.to(META), None, 2.0, False, "none", False),
+    "dense_target_on_meta": lambda: OPS.quality_focal_loss_dense(P, P.to(META), None, 2.0, False, "none", False),
+    "dfl_target_on_meta": lambda: OPS.distribution_focal_loss(P, S.to(META), None, "none", False),
 }
 
 
@@ -403,7 +417,7 @@ def test_direct_operator_mixed_devices_raise(name):
 def test_backward_through_an_operator_called_without_grad_raises():
     """compute_grad=False saves no gradient: a backward through that call is a clear error."""
     pred = torch.randn(4, 3, requires_grad=True)
-    loss, grad = OPS.quality_focal_loss(pred, L, S, None, 2.0, False, False)
+    loss, grad = OPS.quality_focal_loss(pred, L, S, None, 2.0, False, "none", False)
     assert grad.numel() == 0
     with pytest.raises(RuntimeError, match="compute_grad=False"):
         loss.sum().backward()

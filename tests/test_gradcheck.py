@@ -152,21 +152,23 @@ def test_gradcheck_integral_module_and_nd(method, device):
     _check(method, lambda p: gfl_ops.distribution_integral(p, backend="native"), y)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_direct_ops(method, device):
-    """The registered operators' loss output, called directly with compute_grad=True."""
+def test_gradcheck_direct_ops(method, device, reduction):
+    """The registered operators' loss output (per anchor, or summed inside the operator),
+    called directly with compute_grad=True."""
     gen = make_generator("gc-ops")
     ops = torch.ops.gfl_ops
     pred = make_class_pred("channels_last", (1, 2, 3), 4, torch.float64, device, gen)
     label = make_labels(anchor_shape(pred), 4, gen, device)
     score = make_scores(anchor_shape(pred), torch.float64, gen, device)
     target = torch.rand(pred.shape, generator=gen, dtype=torch.float64).to(device)
-    _check(method, lambda p: ops.quality_focal_loss(p, label, score, None, 2.0, False, True)[0], pred)
-    _check(method, lambda p: ops.quality_focal_loss_dense(p, target, None, 1.5, False, True)[0], pred)
+    _check(method, lambda p: ops.quality_focal_loss(p, label, score, None, 2.0, False, reduction, True)[0], pred)
+    _check(method, lambda p: ops.quality_focal_loss_dense(p, target, None, 1.5, False, reduction, True)[0], pred)
     bins = make_bin_pred("transposed", 4, 6, torch.float64, device, gen)
     dfl_target = make_dfl_target(4, 6, torch.float64, gen, device)
-    _check(method, lambda p: ops.distribution_focal_loss(p, dfl_target, None, True)[0], bins)
+    _check(method, lambda p: ops.distribution_focal_loss(p, dfl_target, None, reduction, True)[0], bins)
     _check(method, lambda p: ops.distribution_integral(p, True)[0], bins)
 
 

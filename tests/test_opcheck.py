@@ -34,11 +34,11 @@ def _qfl_samples(device, dtype, grad):
         pred = make_class_pred(layout, anchors, classes, dtype, device, gen).requires_grad_(grad)
         label = make_labels(anchor_shape(pred), classes, gen, device)
         score = make_scores(anchor_shape(pred), _acc(dtype), gen, device)
-        samples.append((pred, label, score, None, 2.0, False, grad))
+        samples.append((pred, label, score, None, 2.0, False, "none", grad))
         weight = make_scores(anchor_shape(pred), _acc(dtype), gen, device)
-        samples.append((pred, label, score, weight, 1.5, False, grad))
+        samples.append((pred, label, score, weight, 1.5, False, "sum", grad))
     pred = make_class_pred("nchw", (1, 2, 2), 3, dtype, device, gen, activated=True).requires_grad_(grad)
-    samples.append((pred, make_labels((1, 2, 2), 3, gen, device), make_scores((1, 2, 2), _acc(dtype), gen, device), None, 2.0, True, grad))
+    samples.append((pred, make_labels((1, 2, 2), 3, gen, device), make_scores((1, 2, 2), _acc(dtype), gen, device), None, 2.0, True, "sum", grad))
     return samples
 
 
@@ -48,8 +48,8 @@ def _dense_samples(device, dtype, grad):
     for layout, anchors, classes in [("contiguous", 6, 5), ("channels_last", (2, 2, 3), 4), ("transposed", 5, 3)]:
         pred = make_class_pred(layout, anchors, classes, dtype, device, gen).requires_grad_(grad)
         target = torch.rand(pred.shape, generator=gen).to(dtype).to(device)
-        samples.append((pred, target, None, 2.0, False, grad))
-        samples.append((pred, target, make_scores(anchor_shape(pred), _acc(dtype), gen, device), 0.5, False, grad))
+        samples.append((pred, target, None, 2.0, False, "none", grad))
+        samples.append((pred, target, make_scores(anchor_shape(pred), _acc(dtype), gen, device), 0.5, False, "sum", grad))
     return samples
 
 
@@ -58,8 +58,8 @@ def _dfl_samples(device, dtype, grad):
     samples = []
     for layout, rows, bins in [("contiguous", 8, 17), ("transposed", 5, 4), ("sliced", 3, 8)]:
         pred = make_bin_pred(layout, rows, bins, dtype, device, gen).requires_grad_(grad)
-        samples.append((pred, make_dfl_target(rows, bins, _acc(dtype), gen, device), None, grad))
-        samples.append((pred, make_dfl_target(rows, bins, _acc(dtype), gen, device), make_scores((rows,), _acc(dtype), gen, device), grad))
+        samples.append((pred, make_dfl_target(rows, bins, _acc(dtype), gen, device), None, "none", grad))
+        samples.append((pred, make_dfl_target(rows, bins, _acc(dtype), gen, device), make_scores((rows,), _acc(dtype), gen, device), "sum", grad))
     return samples
 
 

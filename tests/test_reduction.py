@@ -1,5 +1,7 @@
 """gfl_ops.weight_reduce_loss against explicit formulas (mmdetection 3.x's reductions), and the
 reductions as every public function applies them."""
+import math
+
 import pytest
 import torch
 
@@ -120,3 +122,53 @@ def test_public_functions_apply_the_reduction_to_the_unreduced_loss(backend, red
             manual = manual.sum() / (2.0 + EPS32)
         out = call(reduction=reduction, weight=weight, avg_factor=avg)
         torch.testing.assert_close(out, manual, rtol=1e-12, atol=1e-12)
+
+
+def _summed_by_operator(name, threads):
+    """The loss summed inside the native operator (reduction "sum"), with `threads` threads."""
+    gen = torch.Generator().manual_seed(23)
+    ops = torch.ops.gfl_ops
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if name == "qfl":
+            pred = torch.randn(3000, 80, generator=gen)
+            label = torch.randint(0, 90, (3000,), generator=gen)
+            args = (pred, label, torch.rand(3000, generator=gen), torch.rand(3000, generator=gen), 2.0, False)
+        elif name == "qfl_nchw":
+            pred = torch.randn(2, 20, 37, 41, generator=gen)
+            target = torch.rand(pred.shape, generator=gen) * (torch.rand(pred.shape, generator=gen) < 0.01)
+            args = (pred, target, None, 1.5, False)
+        else:
+            pred = torch.randn(20000, 17, generator=gen)
+            args = (pred, torch.rand(20000, generator=gen) * 16, torch.rand(20000, generator=gen))
+        op = {"qfl": ops.quality_focal_loss, "qfl_nchw": ops.quality_focal_loss_dense, "dfl": ops.distribution_focal_loss}[name]
+        total, _ = op(*args, "sum", False)
+        per_anchor, _ = op(*args, "none", False)
+    finally:
+        torch.set_num_threads(previous)
+    return total, per_anchor
+
+
+@pytest.mark.parametrize("name", ["qfl", "qfl_nchw", "dfl"])
+def test_native_sum_is_deterministic_whatever_the_thread_count(name):
+    """The operators add up their losses in fixed chunks and a fixed order: the same bits
+    with one thread or two, run after run; and as accurate as a float64 sum rounded once."""
+    if not torch.ops.gfl_ops.distribution_focal_loss.default.has_kernel_for_dispatch_key("CPU"):
+        pytest.skip("the native CPU kernels are not built")
+    one_thread, per_anchor = _summed_by_operator(name, 1)
+    two_threads, _ = _summed_by_operator(name, 2)
+    again, _ = _summed_by_operator(name, 2)
+    assert one_thread.shape == () and one_thread.dtype == torch.float32
+    assert torch.equal(one_thread, two_threads) and torch.equal(two_threads, again)
+    exact = math.fsum(per_anchor.double().flatten().tolist())
+    assert abs(one_thread.item() - exact) <= abs(exact) * torch.finfo(torch.float32).eps
+
+
+def test_native_sum_of_no_anchors_is_zero():
+    ops = torch.ops.gfl_ops
+    total, grad = ops.distribution_focal_loss(torch.empty(0, 17), torch.empty(0), None, "sum", True)
+    assert total.shape == () and total.item() == 0.0 and grad.shape == (0, 17)
+    total, _ = ops.quality_focal_loss(torch.empty(0, 80), torch.empty(0, dtype=torch.long), torch.empty(0), None, 2.0,
+                                      False, "sum", False)
+    assert total.shape == () and total.item() == 0.0

@@ -28,20 +28,21 @@ def test_verify_reports_a_wrong_gradient(monkeypatch, capsys):
         def __call__(self, *args):
             return skewed_dfl(*args)
 
-    def skewed_dfl(pred, target, weight, compute_grad):
-        return _SkewedDfl.apply(pred, target, weight)
+    def skewed_dfl(pred, target, weight, reduction, compute_grad):
+        return _SkewedDfl.apply(pred, target, weight, reduction)
 
     class _SkewedDfl(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, pred, target, weight):
-            loss, grad = real(pred.detach(), target, weight, True)
+        def forward(ctx, pred, target, weight, reduction):
+            loss, grad = real(pred.detach(), target, weight, reduction, True)
             ctx.save_for_backward(grad)
             return loss, grad
 
         @staticmethod
         def backward(ctx, grad_loss, _):
             (grad,) = ctx.saved_tensors
-            return grad * grad_loss.unsqueeze(1) * 1.001, None, None
+            scale = grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1)
+            return grad * scale * 1.001, None, None, None
 
     original = gfl_ops._ops.operator
     monkeypatch.setattr(gfl_ops._ops, "operator", operator)

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define GFL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -29,9 +30,41 @@ namespace {
 
 using math::LossAndGrad;
 
-// Anchors (rows) per task of the thread pool: about 16k elements each.
-int64_t grain_for(int64_t elements_per_anchor) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elements_per_anchor));
+// Anchors (rows) per chunk of work: about 16k elements, a multiple of the walk's block.
+int64_t chunk_for(int64_t elements_per_anchor, int64_t block) {
+  const int64_t anchors = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elements_per_anchor));
+  return (anchors + block - 1) / block * block;
+}
+
+// Runs walk(begin, end) over the anchors [0, count) on torch's thread pool, in fixed chunks
+// of `chunk` anchors. With a `total`, it also adds up loss[0, count): each chunk's losses
+// right after its walk wrote them (still in cache), then the chunks' sums in order, in
+// double, so the sum has the same bits whatever the number of threads.
+template <typename acc_t, typename Walk>
+void parallel_walk(int64_t count, int64_t chunk, const acc_t* loss, acc_t* total, const Walk& walk) {
+  const int64_t num_chunks = (count + chunk - 1) / chunk;
+  std::vector<double> chunk_sums(total != nullptr ? num_chunks : 0);
+  at::parallel_for(0, num_chunks, 1, [&](int64_t first_chunk, int64_t last_chunk) {
+    for (int64_t c = first_chunk; c < last_chunk; ++c) {
+      const int64_t begin = c * chunk;
+      const int64_t end = std::min(count, begin + chunk);
+      walk(begin, end);
+      if (total != nullptr) {
+        double sum = 0;
+        for (int64_t i = begin; i < end; ++i) {
+          sum += static_cast<double>(loss[i]);
+        }
+        chunk_sums[c] = sum;
+      }
+    }
+  });
+  if (total != nullptr) {
+    double sum = 0;
+    for (const double chunk_sum : chunk_sums) {
+      sum += chunk_sum;
+    }
+    *total = static_cast<acc_t>(sum);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -68,10 +101,12 @@ GFL_CPU_CLONES void qfl_rows(const QflArgs<scalar_t, acc_t, Target>& args, int64
 // within a class plane, so a block of anchors is processed class by class, vectorised
 // across anchors, with the per-anchor sums kept in small local arrays (chunked over
 // classes like math::qfl_anchor).
+constexpr int64_t kPlaneBlock = 64;  // anchors per block of the plane walk
+
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
 GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int64_t outer,
                                int64_t inner_begin, int64_t inner_end) {
-  constexpr int64_t kBlock = 64;
+  constexpr int64_t kBlock = kPlaneBlock;
   const Target target = args.target;
   const acc_t beta = args.beta;
   const int64_t num_classes = args.layout.num_classes;
@@ -120,9 +155,10 @@ GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int
 // Splits the anchors over the thread pool and hands each run of anchors that shares an
 // outer index to the walk that suits the layout.
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
-void qfl_launch(const QflArgs<scalar_t, acc_t, Target>& args, QflWalk walk) {
+void qfl_launch(const QflArgs<scalar_t, acc_t, Target>& args, QflWalk walk, acc_t* total) {
   const AnchorLayout& layout = args.layout;
-  at::parallel_for(0, layout.num_anchors, grain_for(layout.num_classes), [&](int64_t begin, int64_t end) {
+  const int64_t chunk = chunk_for(layout.num_classes, kPlaneBlock);
+  parallel_walk(layout.num_anchors, chunk, args.loss, total, [&](int64_t begin, int64_t end) {
     for (int64_t anchor = begin; anchor < end;) {
       const int64_t outer = anchor / layout.inner_size;
       const int64_t inner_begin = anchor % layout.inner_size;
@@ -334,11 +370,12 @@ struct BinWalk {
   static constexpr int64_t kBins = kBins_;
 };
 
-// Runs `walk(BinWalk<...>{}, begin, end)` over the rows in parallel, the walk chosen once.
-template <typename scalar_t, typename Walk>
-void launch_bin_rows(const BinRows<scalar_t>& rows, const Walk& walk) {
+// Runs `walk(BinWalk<...>{}, begin, end)` over the rows in parallel, the walk chosen once;
+// with a `total`, also adds up loss[] (parallel_walk).
+template <typename scalar_t, typename acc_t, typename Walk>
+void launch_bin_rows(const BinRows<scalar_t>& rows, const acc_t* loss, acc_t* total, const Walk& walk) {
   const bool unit_bin_stride = rows.pred_bin_stride == 1 && (rows.grad == nullptr || rows.grad_bin_stride == 1);
-  at::parallel_for(0, rows.num_rows, grain_for(rows.num_bins), [&](int64_t begin, int64_t end) {
+  parallel_walk(rows.num_rows, chunk_for(rows.num_bins, kRowBlock), loss, total, [&](int64_t begin, int64_t end) {
     if (!unit_bin_stride) {
       walk(BinWalk<false, 0>{}, begin, end);
     } else if (rows.num_bins == 17) {
@@ -356,16 +393,18 @@ void launch_bin_rows(const BinRows<scalar_t>& rows, const Walk& walk) {
 // The launchers of gfl_host.h's operator bodies.
 struct CpuQflLaunch {
   template <typename scalar_t, typename acc_t, typename Target>
-  void operator()(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk) const {
+  void operator()(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk,
+                  acc_t* total) const {
     dispatch_qfl_variant(activated, args.beta == acc_t(2), compute_grad,
-                         [&](auto variant) { qfl_launch<decltype(variant)>(args, walk); });
+                         [&](auto variant) { qfl_launch<decltype(variant)>(args, walk, total); });
   }
 };
 
 struct CpuDflLaunch {
   template <typename scalar_t, typename acc_t>
-  void operator()(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight, acc_t* loss) const {
-    launch_bin_rows(rows, [&](auto walk, int64_t begin, int64_t end) {
+  void operator()(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight, acc_t* loss,
+                  acc_t* total) const {
+    launch_bin_rows(rows, loss, total, [&](auto walk, int64_t begin, int64_t end) {
       using W = decltype(walk);
       if constexpr (W::kBins > 0) {
         dfl_row_blocks<W::kBins, scalar_t, acc_t>(rows, target, weight, loss, begin, end);
@@ -380,7 +419,8 @@ struct CpuIntegralLaunch {
   template <typename scalar_t>
   void operator()(const BinRows<scalar_t>& rows, scalar_t* value) const {
     using acc_t = math::acc_type_t<scalar_t>;
-    launch_bin_rows(rows, [&](auto walk, int64_t begin, int64_t end) {
+    launch_bin_rows(rows, static_cast<const acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+                    [&](auto walk, int64_t begin, int64_t end) {
       using W = decltype(walk);
       if constexpr (W::kBins > 0) {
         integral_row_blocks<W::kBins, scalar_t, acc_t>(rows, value, begin, end);
@@ -394,20 +434,24 @@ struct CpuIntegralLaunch {
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_cpu(const at::Tensor& pred, const at::Tensor& label,
                                                           const at::Tensor& score,
                                                           const std::optional<at::Tensor>& weight, double beta,
-                                                          bool activated, bool compute_grad) {
-  return quality_focal_loss_impl(pred, label, score, weight, beta, activated, compute_grad, CpuQflLaunch{});
+                                                          bool activated, c10::string_view reduction,
+                                                          bool compute_grad) {
+  return quality_focal_loss_impl(pred, label, score, weight, beta, activated, reduction, compute_grad,
+                                 CpuQflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cpu(const at::Tensor& pred, const at::Tensor& target,
                                                                 const std::optional<at::Tensor>& weight,
-                                                                double beta, bool activated, bool compute_grad) {
-  return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, compute_grad, CpuQflLaunch{});
+                                                                double beta, bool activated,
+                                                                c10::string_view reduction, bool compute_grad) {
+  return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, reduction, compute_grad,
+                                       CpuQflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cpu(const at::Tensor& pred, const at::Tensor& target,
                                                                const std::optional<at::Tensor>& weight,
-                                                               bool compute_grad) {
-  return distribution_focal_loss_impl(pred, target, weight, compute_grad, CpuDflLaunch{});
+                                                               c10::string_view reduction, bool compute_grad) {
+  return distribution_focal_loss_impl(pred, target, weight, reduction, compute_grad, CpuDflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> distribution_integral_cpu(const at::Tensor& pred, bool compute_grad) {

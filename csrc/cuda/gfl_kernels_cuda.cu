@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -52,6 +53,52 @@ __device__ __forceinline__ acc_t warp_sum(acc_t value) {
     value += __shfl_down_sync(0xffffffffu, value, offset);
   }
   return value;  // complete in lane 0
+}
+
+// ---------------------------------------------------------------------------------------
+// Reduction "sum": the per-anchor losses added up in a fixed order, so that the sum has the
+// same bits run after run (no atomics). A grid whose size depends only on the count adds
+// up fixed sets of values (each thread in order, then a fixed tree over the block), and
+// one block adds up the blocks' sums the same way. Two small launches on the stream; no
+// host sync.
+// ---------------------------------------------------------------------------------------
+
+constexpr int64_t kMaxSumBlocks = 512;
+constexpr int64_t kValuesPerSumThread = 8;
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) block_sums_kernel(const acc_t* values, int64_t count, acc_t* sums) {
+  __shared__ acc_t partial[kThreads];
+  acc_t sum = 0;
+  for (int64_t i = global_thread(); i < count; i += grid_threads()) {
+    sum += values[i];
+  }
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+      partial[threadIdx.x] += partial[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    sums[blockIdx.x] = partial[0];
+  }
+}
+
+// *total = values[0] + ... + values[count - 1], count > 0, on `stream`.
+template <typename acc_t>
+void deterministic_sum(const acc_t* values, int64_t count, acc_t* total, cudaStream_t stream) {
+  const int64_t blocks =
+      std::clamp<int64_t>((count + kThreads * kValuesPerSumThread - 1) / (kThreads * kValuesPerSumThread), 1,
+                          kMaxSumBlocks);
+  const at::Tensor block_sums = at::empty(
+      {blocks}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value).device(at::kCUDA, c10::cuda::current_device()));
+  acc_t* sums = block_sums.mutable_data_ptr<acc_t>();
+  block_sums_kernel<acc_t><<<static_cast<int>(blocks), kThreads, 0, stream>>>(values, count, sums);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  block_sums_kernel<acc_t><<<1, kThreads, 0, stream>>>(sums, blocks, total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -112,7 +159,8 @@ __global__ void __launch_bounds__(kThreads) qfl_thread_per_anchor_kernel(const Q
 
 struct CudaQflLaunch {
   template <typename scalar_t, typename acc_t, typename Target>
-  void operator()(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk) const {
+  void operator()(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk,
+                  acc_t* total) const {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_qfl_variant(activated, args.beta == acc_t(2), compute_grad, [&](auto variant) {
       using Variant = decltype(variant);
@@ -123,22 +171,29 @@ struct CudaQflLaunch {
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    if (total != nullptr) {
+      deterministic_sum(args.loss, args.layout.num_anchors, total, stream);
+    }
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_cuda(const at::Tensor& pred, const at::Tensor& label,
                                                            const at::Tensor& score,
                                                            const std::optional<at::Tensor>& weight, double beta,
-                                                           bool activated, bool compute_grad) {
+                                                           bool activated, c10::string_view reduction,
+                                                           bool compute_grad) {
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  return quality_focal_loss_impl(pred, label, score, weight, beta, activated, compute_grad, CudaQflLaunch{});
+  return quality_focal_loss_impl(pred, label, score, weight, beta, activated, reduction, compute_grad,
+                                 CudaQflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cuda(const at::Tensor& pred, const at::Tensor& target,
                                                                  const std::optional<at::Tensor>& weight,
-                                                                 double beta, bool activated, bool compute_grad) {
+                                                                 double beta, bool activated,
+                                                                 c10::string_view reduction, bool compute_grad) {
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, compute_grad, CudaQflLaunch{});
+  return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, reduction, compute_grad,
+                                       CudaQflLaunch{});
 }
 
 // ---------------------------------------------------------------------------------------
@@ -167,10 +222,14 @@ __global__ void __launch_bounds__(kThreads) integral_kernel(const BinRows<scalar
 
 struct CudaDflLaunch {
   template <typename scalar_t, typename acc_t>
-  void operator()(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight, acc_t* loss) const {
-    dfl_kernel<scalar_t, acc_t><<<blocks_for(rows.num_rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        rows, target, weight, loss);
+  void operator()(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight, acc_t* loss,
+                  acc_t* total) const {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dfl_kernel<scalar_t, acc_t><<<blocks_for(rows.num_rows), kThreads, 0, stream>>>(rows, target, weight, loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (total != nullptr) {
+      deterministic_sum(loss, rows.num_rows, total, stream);
+    }
   }
 };
 
@@ -186,9 +245,9 @@ struct CudaIntegralLaunch {
 
 std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cuda(const at::Tensor& pred, const at::Tensor& target,
                                                                 const std::optional<at::Tensor>& weight,
-                                                                bool compute_grad) {
+                                                                c10::string_view reduction, bool compute_grad) {
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  return distribution_focal_loss_impl(pred, target, weight, compute_grad, CudaDflLaunch{});
+  return distribution_focal_loss_impl(pred, target, weight, reduction, compute_grad, CudaDflLaunch{});
 }
 
 std::tuple<at::Tensor, at::Tensor> distribution_integral_cuda(const at::Tensor& pred, bool compute_grad) {

@@ -1,7 +1,7 @@
 """torch.ops.gfl_ops.*_triton: the Triton kernels as registered operators.
 
 Same schemas and contract as the native operators (gfl_ops/_ops.py): each returns the
-unreduced loss and, when compute_grad, d loss / d pred from the same pass. They are
+loss (per anchor, or summed) and, when compute_grad, d loss / d pred from the same pass. They are
 torch.library.triton_op's, so torch.compile traces into the kernels, and they share the
 native operators' autograd formula.
 """
@@ -89,6 +89,13 @@ def _anchor_layout(tensors: List[Tensor]):
     return inner_size, [(o, i, t.stride(1)) for o, i, t in zip(outer_strides, inner_strides, tensors)]
 
 
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    """The operator's loss output: per anchor, or (reduction "sum") their sum. torch.sum adds
+    up in a fixed order on the GPU, so the result has the same bits run after run."""
+    _check(reduction in _ops.KERNEL_REDUCTIONS, f"reduction must be one of {_ops.KERNEL_REDUCTIONS}, got {reduction!r}")
+    return loss.sum() if reduction == "sum" else loss
+
+
 def _check_weight(pred: Tensor, weight: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
     """The weight, checked and contiguous, or None."""
     if weight is None:
@@ -126,7 +133,7 @@ def _launch_qfl(pred: Tensor, grad: Tensor, loss: Tensor, label: Tensor, score: 
 
 @triton_op("gfl_ops::quality_focal_loss_triton", mutates_args=())
 def quality_focal_loss_triton(pred: Tensor, label: Tensor, score: Tensor, weight: Optional[Tensor], beta: float,
-                              activated: bool, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+                              activated: bool, reduction: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     _check_pred(pred, 2)
     _ops.check_same_device(pred, label, score)
     anchor_shape = _ops.anchor_shape(pred)
@@ -139,12 +146,12 @@ def quality_focal_loss_triton(pred: Tensor, label: Tensor, score: Tensor, weight
     weight = _check_weight(pred, weight, anchor_shape)
     _launch_qfl(pred, grad, loss, label.contiguous(), score.contiguous(), pred, weight, beta, activated,
                 compute_grad, dense_target=False)
-    return loss, grad
+    return _reduce(loss, reduction), grad
 
 
 @triton_op("gfl_ops::quality_focal_loss_dense_triton", mutates_args=())
 def quality_focal_loss_dense_triton(pred: Tensor, target: Tensor, weight: Optional[Tensor], beta: float,
-                                    activated: bool, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+                                    activated: bool, reduction: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     _check_pred(pred, 2)
     _ops.check_same_device(pred, target)
     _check(target.shape == pred.shape and target.dtype == pred.dtype, "target must have pred's shape and dtype")
@@ -152,7 +159,7 @@ def quality_focal_loss_dense_triton(pred: Tensor, target: Tensor, weight: Option
     grad = _ops.grad_buffer(pred, compute_grad)
     weight = _check_weight(pred, weight, _ops.anchor_shape(pred))
     _launch_qfl(pred, grad, loss, loss, loss, target, weight, beta, activated, compute_grad, dense_target=True)
-    return loss, grad
+    return _reduce(loss, reduction), grad
 
 
 def _launch_bin_rows(kernel, pred: Tensor, grad: Tensor, outputs: List[Tensor], compute_grad: bool,
@@ -176,7 +183,7 @@ def _check_bins(pred: Tensor) -> None:
 
 
 @triton_op("gfl_ops::distribution_focal_loss_triton", mutates_args=())
-def distribution_focal_loss_triton(pred: Tensor, target: Tensor, weight: Optional[Tensor],
+def distribution_focal_loss_triton(pred: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
                                    compute_grad: bool) -> Tuple[Tensor, Tensor]:
     _check_bins(pred)
     _ops.check_same_device(pred, target)
@@ -187,7 +194,7 @@ def distribution_focal_loss_triton(pred: Tensor, target: Tensor, weight: Optiona
     weight = _check_weight(pred, weight, (pred.shape[0],))
     _launch_bin_rows(kernels.dfl_kernel, pred, grad, [loss, target.contiguous(), loss if weight is None else weight],
                      compute_grad, HAS_WEIGHT=weight is not None)
-    return loss, grad
+    return _reduce(loss, reduction), grad
 
 
 @triton_op("gfl_ops::distribution_integral_triton", mutates_args=())
