@@ -67,14 +67,19 @@ GFL_HOST_DEVICE float exp_(float x) {
   return expf(x);
 #else
   const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  // Rounding by adding 1.5 * 2^23: the sum's last mantissa bits hold n, so n needs no
+  // floor() and no float-to-int conversion (both slow in vector code). |n| <= 127.
+  constexpr float kRoundingShift = 12582912.0f;
+  constexpr int32_t kRoundingShiftBits = 0x4B400000;  // the bits of kRoundingShift
+  const float shifted = clamped * 1.44269504088896341f + kRoundingShift;
+  const float n = shifted - kRoundingShift;
   // ln2 split in two so that n * ln2 is subtracted without rounding error.
   const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
   const float r2 = r * r;
   const float poly =
       (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
          4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r2 + r + 1.0f;
-  const float two_to_n = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+  const float two_to_n = bits_to_float((float_to_bits(shifted) - kRoundingShiftBits + 127) << 23);
   float result = poly * two_to_n;
   result = select(x < -87.0f, 0.0f, result);                       // underflow: exactly 0
   result = select(x > 88.0f, __builtin_huge_valf(), result);       // overflow: +inf

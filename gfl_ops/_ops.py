@@ -8,10 +8,12 @@ pass over pred. Since each anchor's loss depends only on its own row of pred, th
 is that saved gradient scaled by the incoming gradient (per anchor, or one scalar for the
 sum): pred is not read again (unless a graph is backpropagated twice, when the gradient is
 computed once more). The integral returns (E, dE/dpred) the same way.
+
+That backward is registered in C++ for the native operators (csrc/gfl_ops.cpp: no Python
+on a training step's path) and from here, setup_context / backward, for the Triton ones.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -179,9 +181,5 @@ if native_loaded():
     def _(pred, compute_grad):
         return pred.new_empty((pred.shape[0],)), grad_buffer(pred, compute_grad)
 
-    for _operator in OPERATORS:
-        torch.library.register_autograd(
-            f"gfl_ops::{_operator}",
-            backward,
-            setup_context=functools.partial(setup_context, operator=getattr(torch.ops.gfl_ops, _operator).default),
-        )
+    # Autograd of the native operators is registered in C++ (csrc/gfl_ops.cpp), with the
+    # formula of setup_context / backward above, which the Triton operators use.

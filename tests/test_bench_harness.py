@@ -121,6 +121,24 @@ def test_peak_memory_counts_the_allocations_of_a_step():
     assert 2 * size <= peak < 2 * size + 4096
 
 
+@pytest.mark.parametrize("op", ["qfl", "dfl", "integral"])
+def test_a_native_training_step_holds_one_buffer_of_preds_size(op):
+    """Forward + backward holds the gradient (which becomes pred.grad without a copy) and
+    the per-anchor loss vector: not a second pred-sized buffer."""
+    if "native" not in bench.available_providers(op, torch.device("cpu")):
+        pytest.skip("the native CPU kernels are not built")
+    case = bench.Case(op, 4096, 17 if op != "qfl" else 80, "nc" if op == "qfl" else "rows", torch.float32)
+    inputs = bench.make_inputs(case, torch.device("cpu"))
+    fn = bench.make_provider("native", case, torch.device("cpu"))
+    bench.run_step(fn, inputs, "full")  # first call outside the measurement
+    bench.clear_grad(inputs)
+    peak = bench.peak_extra_bytes(lambda: bench.run_step(fn, inputs, "full"), torch.device("cpu"))
+    if peak is None:
+        pytest.skip("this torch's profiler does not report CPU allocations")
+    assert inputs.pred.grad is not None
+    assert case.pred_bytes <= peak <= case.pred_bytes * 1.1, peak / case.pred_bytes
+
+
 def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     json_path = tmp_path / "bench.json"
     plot_path = tmp_path / "bench.png"

@@ -265,22 +265,16 @@ GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* t
     block.load(rows, first_row);
     int64_t left[kRowBlock];
     acc_t weight_left[kRowBlock], weight_right[kRowBlock], z_left[kRowBlock], z_right[kRowBlock];
-#pragma omp simd
     for (int64_t j = 0; j < kRowBlock; ++j) {
       const math::DflBins<acc_t> bins = math::dfl_bins(target[first_row + j], kBins);
       left[j] = bins.left;
       weight_left[j] = bins.weight_left;
       weight_right[j] = bins.weight_right;
-      z_left[j] = 0;
-      z_right[j] = 0;
-    }
-    // z_i and z_{i+1}, picked lane by lane (a gather from the local block, as selects).
-    for (int64_t k = 0; k < kBins; ++k) {
-#pragma omp simd
-      for (int64_t j = 0; j < kRowBlock; ++j) {
-        z_left[j] += k == left[j] ? block.z[k][j] : acc_t(0);
-        z_right[j] += k == left[j] + 1 ? block.z[k][j] : acc_t(0);
-      }
+      // z_i and z_{i+1}: two scalar loads from pred (cheaper than picking them out of
+      // the block lane by lane, and than reading back the block's fresh vector stores).
+      const scalar_t* row = rows.pred + (first_row + j) * rows.pred_row_stride;
+      z_left[j] = static_cast<acc_t>(row[bins.left]);
+      z_right[j] = static_cast<acc_t>(row[bins.left + 1]);
     }
     acc_t row_weight[kRowBlock];
     for (int64_t j = 0; j < kRowBlock; ++j) {
