@@ -7,9 +7,9 @@
 //                             acc_t* total)
 //   integral launcher: launch(const BinRows<scalar_t>&, scalar_t* value)
 //
-// The loss launchers write one loss per anchor (row) into the loss buffer and, when `total`
-// is not null (reduction "sum"), the sum of those losses into *total (device memory), added
-// up in a fixed order.
+// The loss launchers write one loss per anchor (row) into the loss buffer (reduction "none")
+// or, when `total` is not null (reduction "sum", the loss buffer then null), the sum of
+// those losses into *total (device memory), added up in a fixed order.
 #pragma once
 
 #include "gfl_math.h"
@@ -26,15 +26,25 @@
 
 namespace gfl {
 
-// The operator's outputs: the per-anchor losses the launcher writes, and the 0-dim sum
-// returned instead of them for reduction "sum".
+// The operator's loss output: the per-anchor losses (reduction "none"), or their 0-dim sum
+// (reduction "sum"), for which no per-anchor vector is allocated: the launchers add up as
+// they go (their loss pointer is then null).
 struct LossOutputs {
-  at::Tensor per_anchor;
-  at::Tensor total;  // undefined for reduction "none"
+  at::Tensor per_anchor;  // undefined for reduction "sum"
+  at::Tensor total;       // undefined for reduction "none"
 
-  LossOutputs(at::Tensor per_anchor_losses, LossReduction reduction)
-      : per_anchor(std::move(per_anchor_losses)),
-        total(reduction == LossReduction::kSum ? at::zeros({}, per_anchor.options()) : at::Tensor()) {}
+  LossOutputs(at::IntArrayRef anchor_shape, const at::TensorOptions& options, LossReduction reduction) {
+    if (reduction == LossReduction::kSum) {
+      total = at::zeros({}, options);
+    } else {
+      per_anchor = at::empty(anchor_shape, options);
+    }
+  }
+
+  template <typename acc_t>
+  acc_t* per_anchor_data() const {
+    return per_anchor.defined() ? per_anchor.mutable_data_ptr<acc_t>() : nullptr;
+  }
 
   template <typename acc_t>
   acc_t* total_data() const {
@@ -52,9 +62,9 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pre
                                                            bool compute_grad, const Launch& launch) {
   check_qfl_inputs(pred, label, score, beta);
   check_weight(pred, weight, anchor_shape(pred), "quality_focal_loss");
-  const LossOutputs outputs(allocate_qfl_loss(pred), parse_reduction(reduction, "quality_focal_loss"));
+  const LossOutputs outputs(anchor_shape(pred), qfl_loss_options(pred), parse_reduction(reduction, "quality_focal_loss"));
   at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (outputs.per_anchor.numel() == 0) {
+  if (pred.numel() == 0) {
     return {outputs.result(), grad};
   }
   const at::Tensor labels = label.contiguous();
@@ -68,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pre
     const QflArgs<scalar_t, acc_t, math::LabelScoreTarget<acc_t>> args{
         pred.const_data_ptr<scalar_t>(),
         compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-        outputs.per_anchor.mutable_data_ptr<acc_t>(),
+        outputs.per_anchor_data<acc_t>(),
         weight_data<acc_t>(weights),
         {labels.const_data_ptr<int64_t>(), scores.const_data_ptr<acc_t>()},
         layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
@@ -84,9 +94,10 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tenso
                                                                  bool compute_grad, const Launch& launch) {
   check_qfl_dense_inputs(pred, target, beta);
   check_weight(pred, weight, anchor_shape(pred), "quality_focal_loss_dense");
-  const LossOutputs outputs(allocate_qfl_loss(pred), parse_reduction(reduction, "quality_focal_loss_dense"));
+  const LossOutputs outputs(anchor_shape(pred), qfl_loss_options(pred),
+                            parse_reduction(reduction, "quality_focal_loss_dense"));
   at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (outputs.per_anchor.numel() == 0) {
+  if (pred.numel() == 0) {
     return {outputs.result(), grad};
   }
   const std::optional<at::Tensor> weights = contiguous_weight(weight);
@@ -98,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tenso
     const QflArgs<scalar_t, acc_t, math::DenseTarget<scalar_t, acc_t>> args{
         pred.const_data_ptr<scalar_t>(),
         compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-        outputs.per_anchor.mutable_data_ptr<acc_t>(),
+        outputs.per_anchor_data<acc_t>(),
         weight_data<acc_t>(weights),
         {target.const_data_ptr<scalar_t>()},
         layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
@@ -114,8 +125,7 @@ std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_impl(const at::Tensor
                                                                 const Launch& launch) {
   check_dfl_inputs(pred, target);
   check_weight(pred, weight, {pred.size(0)}, "distribution_focal_loss");
-  const LossOutputs outputs(at::empty({pred.size(0)}, target.options()),
-                            parse_reduction(reduction, "distribution_focal_loss"));
+  const LossOutputs outputs({pred.size(0)}, target.options(), parse_reduction(reduction, "distribution_focal_loss"));
   at::Tensor grad = allocate_grad(pred, compute_grad);
   if (pred.size(0) == 0) {
     return {outputs.result(), grad};
@@ -125,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_impl(const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_focal_loss", [&] {
     using acc_t = math::acc_type_t<scalar_t>;
     launch(make_bin_rows<scalar_t>(pred, grad, compute_grad), targets.const_data_ptr<acc_t>(),
-           weight_data<acc_t>(weights), outputs.per_anchor.mutable_data_ptr<acc_t>(), outputs.total_data<acc_t>());
+           weight_data<acc_t>(weights), outputs.per_anchor_data<acc_t>(), outputs.total_data<acc_t>());
   });
   return {outputs.result(), grad};
 }

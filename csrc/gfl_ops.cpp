@@ -198,8 +198,8 @@ at::Tensor allocate_grad(const at::Tensor& pred, bool compute_grad) {
   return at::empty_like(pred);  // keeps pred's strides when pred is non-overlapping and dense
 }
 
-at::Tensor allocate_qfl_loss(const at::Tensor& pred) {
-  return at::empty(anchor_shape(pred), pred.options().dtype(accumulate_dtype(pred.scalar_type())));
+at::TensorOptions qfl_loss_options(const at::Tensor& pred) {
+  return pred.options().dtype(accumulate_dtype(pred.scalar_type()));
 }
 
 AnchorLayout qfl_layout(const at::Tensor& pred, const at::Tensor& grad, bool compute_grad,

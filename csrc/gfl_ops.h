@@ -115,8 +115,8 @@ std::optional<at::Tensor> contiguous_weight(const std::optional<at::Tensor>& wei
 // the caller needs no gradient.
 at::Tensor allocate_grad(const at::Tensor& pred, bool compute_grad);
 
-// The per-anchor loss of QFL: float32 for half pred (float64 for float64), pred's anchor shape.
-at::Tensor allocate_qfl_loss(const at::Tensor& pred);
+// The options of QFL's loss: float32 for half pred (float64 for float64), pred's device.
+at::TensorOptions qfl_loss_options(const at::Tensor& pred);
 
 // The layout of pred, the gradient (when computed) and a dense target (when given), and
 // each one's strides in it: [pred, grad, target].

@@ -58,10 +58,14 @@ def make_generator(*key) -> torch.Generator:
 
 
 def is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense (some permutation of t is contiguous)."""
-    from torch._prims_common import is_non_overlapping_and_dense_or_false
-
-    return bool(is_non_overlapping_and_dense_or_false(t))
+    """Non-overlapping and dense: some permutation of t's dimensions is contiguous (the
+    dimensions of size > 1, ordered by stride, each step the product of the sizes before)."""
+    expected_stride = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected_stride:
+            return False
+        expected_stride *= size
+    return True
 
 
 # --------------------------------------------------------------------------------------

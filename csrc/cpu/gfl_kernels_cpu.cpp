@@ -36,26 +36,31 @@ int64_t chunk_for(int64_t elements_per_anchor, int64_t block) {
   return (anchors + block - 1) / block * block;
 }
 
-// Runs walk(begin, end) over the anchors [0, count) on torch's thread pool, in fixed chunks
-// of `chunk` anchors. With a `total`, it also adds up loss[0, count): each chunk's losses
-// right after its walk wrote them (still in cache), then the chunks' sums in order, in
-// double, so the sum has the same bits whatever the number of threads.
+// Runs walk(begin, end, loss) over the anchors [0, count) on torch's thread pool, in fixed
+// chunks of `chunk` anchors; the walk writes the loss of anchor begin + i to loss[i].
+// Reduction "none" (total null): loss points into the per-anchor output. Reduction "sum":
+// loss is a buffer of one chunk, reused chunk after chunk, whose values are added up right
+// after the walk wrote them (still in cache); then the chunks' sums in order, in double,
+// into *total: the same bits whatever the number of threads, and no per-anchor vector.
 template <typename acc_t, typename Walk>
-void parallel_walk(int64_t count, int64_t chunk, const acc_t* loss, acc_t* total, const Walk& walk) {
+void parallel_walk(int64_t count, int64_t chunk, acc_t* per_anchor, acc_t* total, const Walk& walk) {
   const int64_t num_chunks = (count + chunk - 1) / chunk;
   std::vector<double> chunk_sums(total != nullptr ? num_chunks : 0);
   at::parallel_for(0, num_chunks, 1, [&](int64_t first_chunk, int64_t last_chunk) {
+    std::vector<acc_t> chunk_losses(total != nullptr ? chunk : 0);
     for (int64_t c = first_chunk; c < last_chunk; ++c) {
       const int64_t begin = c * chunk;
       const int64_t end = std::min(count, begin + chunk);
-      walk(begin, end);
-      if (total != nullptr) {
-        double sum = 0;
-        for (int64_t i = begin; i < end; ++i) {
-          sum += static_cast<double>(loss[i]);
-        }
-        chunk_sums[c] = sum;
+      if (total == nullptr) {
+        walk(begin, end, per_anchor == nullptr ? nullptr : per_anchor + begin);
+        continue;
       }
+      walk(begin, end, chunk_losses.data());
+      double sum = 0;
+      for (int64_t i = 0; i < end - begin; ++i) {
+        sum += static_cast<double>(chunk_losses[i]);
+      }
+      chunk_sums[c] = sum;
     }
   });
   if (total != nullptr) {
@@ -72,10 +77,12 @@ void parallel_walk(int64_t count, int64_t chunk, const acc_t* loss, acc_t* total
 // ---------------------------------------------------------------------------------------
 
 // Row walk: for each anchor, math::qfl_anchor over its classes (vectorised when classes
-// are contiguous, kUnitClassStride). Used for (N, C) and channels-last layouts.
+// are contiguous, kUnitClassStride). Used for (N, C) and channels-last layouts. The QFL
+// walks cover anchors (outer, inner_begin..inner_end - 1) and write the loss of anchor
+// (outer, j) to loss[j - inner_begin].
 template <bool kUnitClassStride, typename Variant, typename scalar_t, typename acc_t, typename Target>
 GFL_CPU_CLONES void qfl_rows(const QflArgs<scalar_t, acc_t, Target>& args, int64_t outer,
-                             int64_t inner_begin, int64_t inner_end) {
+                             int64_t inner_begin, int64_t inner_end, acc_t* loss) {
   // Locals, so the compiler knows the gradient stores cannot change them.
   const Target target = args.target;
   const acc_t beta = args.beta;
@@ -88,7 +95,7 @@ GFL_CPU_CLONES void qfl_rows(const QflArgs<scalar_t, acc_t, Target>& args, int64
   const int64_t target_base = args.target_strides.outer_offset(outer, args.layout);
   for (int64_t j = inner_begin; j < inner_end; ++j) {
     const int64_t anchor = outer * args.layout.inner_size + j;
-    args.loss[anchor] = math::qfl_anchor<Variant>(
+    loss[j - inner_begin] = math::qfl_anchor<Variant>(
         args.pred + pred_base + j * args.pred_strides.inner_stride, pred_class,
         Variant::kNeedGrad ? args.grad + grad_base + j * args.grad_strides.inner_stride : nullptr, grad_class,
         target, anchor,
@@ -105,7 +112,7 @@ constexpr int64_t kPlaneBlock = 64;  // anchors per block of the plane walk
 
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
 GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int64_t outer,
-                               int64_t inner_begin, int64_t inner_end) {
+                               int64_t inner_begin, int64_t inner_end, acc_t* loss) {
   constexpr int64_t kBlock = kPlaneBlock;
   const Target target = args.target;
   const acc_t beta = args.beta;
@@ -147,7 +154,7 @@ GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int
       }
     }
     for (int64_t j = 0; j < block_size; ++j) {
-      args.loss[first_anchor + j] = weight_at(args.weight, first_anchor + j) * block_loss[j];
+      loss[block_begin - inner_begin + j] = weight_at(args.weight, first_anchor + j) * block_loss[j];
     }
   }
 }
@@ -158,20 +165,20 @@ template <typename Variant, typename scalar_t, typename acc_t, typename Target>
 void qfl_launch(const QflArgs<scalar_t, acc_t, Target>& args, QflWalk walk, acc_t* total) {
   const AnchorLayout& layout = args.layout;
   const int64_t chunk = chunk_for(layout.num_classes, kPlaneBlock);
-  parallel_walk(layout.num_anchors, chunk, args.loss, total, [&](int64_t begin, int64_t end) {
+  parallel_walk(layout.num_anchors, chunk, args.loss, total, [&](int64_t begin, int64_t end, acc_t* loss) {
     for (int64_t anchor = begin; anchor < end;) {
       const int64_t outer = anchor / layout.inner_size;
       const int64_t inner_begin = anchor % layout.inner_size;
       const int64_t inner_end = std::min(layout.inner_size, inner_begin + (end - anchor));
       switch (walk) {
         case QflWalk::kRows:
-          qfl_rows<true, Variant>(args, outer, inner_begin, inner_end);
+          qfl_rows<true, Variant>(args, outer, inner_begin, inner_end, loss + (anchor - begin));
           break;
         case QflWalk::kPlanes:
-          qfl_planes<Variant>(args, outer, inner_begin, inner_end);
+          qfl_planes<Variant>(args, outer, inner_begin, inner_end, loss + (anchor - begin));
           break;
         case QflWalk::kStridedRows:
-          qfl_rows<false, Variant>(args, outer, inner_begin, inner_end);
+          qfl_rows<false, Variant>(args, outer, inner_begin, inner_end, loss + (anchor - begin));
           break;
       }
       anchor += inner_end - inner_begin;
@@ -185,7 +192,8 @@ void qfl_launch(const QflArgs<scalar_t, acc_t, Target>& args, QflWalk walk, acc_
 // Rows are short (8, 16 or 17 bins), so loop overhead dominates unless the compiler knows
 // the row: kBins > 0 fixes the bin count at compile time (the loops become straight-line
 // vector code), kBins == 0 reads it at run time. Both need contiguous bins (unit stride);
-// other layouts take the general walk.
+// other layouts take the general walk. Every walk covers rows row_begin..row_end - 1 and
+// writes row r's loss (value) to loss[r - row_begin] (value[r - row_begin]).
 // ---------------------------------------------------------------------------------------
 
 // Bin counts that get their own walk: GFL/mmdetection (reg_max 16 -> 17), YOLOv8
@@ -193,12 +201,13 @@ void qfl_launch(const QflArgs<scalar_t, acc_t, Target>& args, QflWalk walk, acc_
 template <bool kUnitBinStride, int64_t kBins, typename scalar_t, typename acc_t>
 GFL_CPU_CLONES void dfl_rows(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight,
                              acc_t* loss, int64_t row_begin, int64_t row_end) {
+  // Rows row_begin..row_end - 1; the loss of row r goes to loss[r - row_begin].
   const int64_t num_bins = kBins > 0 ? kBins : rows.num_bins;
   const int64_t pred_bin = kUnitBinStride ? 1 : rows.pred_bin_stride;
   const int64_t grad_bin = kUnitBinStride ? 1 : rows.grad_bin_stride;
   for (int64_t r = row_begin; r < row_end; ++r) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
-    loss[r] = math::dfl_row(rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, target[r],
+    loss[r - row_begin] = math::dfl_row(rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, target[r],
                             weight_at(weight, r), grad, grad_bin);
   }
 }
@@ -283,7 +292,7 @@ GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* t
 #pragma omp simd
     for (int64_t j = 0; j < kRowBlock; ++j) {
       const math::DflBins<acc_t> bins{left[j], weight_left[j], weight_right[j]};
-      loss[first_row + j] = row_weight[j] * math::dfl_loss(math::log_sum_exp(block.row_max[j], block.sum_exp[j]),
+      loss[first_row - row_begin + j] = row_weight[j] * math::dfl_loss(math::log_sum_exp(block.row_max[j], block.sum_exp[j]),
                                                            z_left[j], z_right[j], bins);
     }
     if (rows.grad == nullptr) {
@@ -303,7 +312,7 @@ GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* t
     }
     block.store_gradient(rows, first_row);
   }
-  dfl_rows<true, kBins>(rows, target, weight, loss, first_row, row_end);  // the last rows, one by one
+  dfl_rows<true, kBins>(rows, target, weight, loss + (first_row - row_begin), first_row, row_end);  // the last rows
 }
 
 template <bool kUnitBinStride, int64_t kBins, typename scalar_t, typename acc_t>
@@ -314,7 +323,7 @@ GFL_CPU_CLONES void integral_rows(const BinRows<scalar_t>& rows, scalar_t* value
   const int64_t grad_bin = kUnitBinStride ? 1 : rows.grad_bin_stride;
   for (int64_t r = row_begin; r < row_end; ++r) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
-    value[r] = static_cast<scalar_t>(
+    value[r - row_begin] = static_cast<scalar_t>(
         math::integral_row<acc_t>(rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, grad, grad_bin));
   }
 }
@@ -341,7 +350,7 @@ GFL_CPU_CLONES void integral_row_blocks(const BinRows<scalar_t>& rows, scalar_t*
 #pragma omp simd
     for (int64_t j = 0; j < kRowBlock; ++j) {
       expectation[j] *= inv_sum[j];
-      value[first_row + j] = static_cast<scalar_t>(expectation[j]);
+      value[first_row - row_begin + j] = static_cast<scalar_t>(expectation[j]);
     }
     if (rows.grad == nullptr) {
       continue;
@@ -354,7 +363,7 @@ GFL_CPU_CLONES void integral_row_blocks(const BinRows<scalar_t>& rows, scalar_t*
     }
     block.store_gradient(rows, first_row);
   }
-  integral_rows<true, kBins, scalar_t, acc_t>(rows, value, first_row, row_end);  // the last rows, one by one
+  integral_rows<true, kBins, scalar_t, acc_t>(rows, value + (first_row - row_begin), first_row, row_end);  // the last rows
 }
 
 // A walk's two compile-time choices: contiguous bins, and the bin count (0: at run time).
@@ -364,24 +373,26 @@ struct BinWalk {
   static constexpr int64_t kBins = kBins_;
 };
 
-// Runs `walk(BinWalk<...>{}, begin, end)` over the rows in parallel, the walk chosen once;
-// with a `total`, also adds up loss[] (parallel_walk).
-template <typename scalar_t, typename acc_t, typename Walk>
-void launch_bin_rows(const BinRows<scalar_t>& rows, const acc_t* loss, acc_t* total, const Walk& walk) {
+// Runs `walk(BinWalk<...>{}, begin, end, out)` over the rows in parallel, the walk chosen
+// once; the walk writes row begin + i's value to out[i] (parallel_walk: per_row + begin,
+// or a chunk buffer that is added up into *total).
+template <typename scalar_t, typename out_t, typename Walk>
+void launch_bin_rows(const BinRows<scalar_t>& rows, out_t* per_row, out_t* total, const Walk& walk) {
   const bool unit_bin_stride = rows.pred_bin_stride == 1 && (rows.grad == nullptr || rows.grad_bin_stride == 1);
-  parallel_walk(rows.num_rows, chunk_for(rows.num_bins, kRowBlock), loss, total, [&](int64_t begin, int64_t end) {
-    if (!unit_bin_stride) {
-      walk(BinWalk<false, 0>{}, begin, end);
-    } else if (rows.num_bins == 17) {
-      walk(BinWalk<true, 17>{}, begin, end);
-    } else if (rows.num_bins == 16) {
-      walk(BinWalk<true, 16>{}, begin, end);
-    } else if (rows.num_bins == 8) {
-      walk(BinWalk<true, 8>{}, begin, end);
-    } else {
-      walk(BinWalk<true, 0>{}, begin, end);
-    }
-  });
+  parallel_walk(rows.num_rows, chunk_for(rows.num_bins, kRowBlock), per_row, total,
+                [&](int64_t begin, int64_t end, out_t* out) {
+                  if (!unit_bin_stride) {
+                    walk(BinWalk<false, 0>{}, begin, end, out);
+                  } else if (rows.num_bins == 17) {
+                    walk(BinWalk<true, 17>{}, begin, end, out);
+                  } else if (rows.num_bins == 16) {
+                    walk(BinWalk<true, 16>{}, begin, end, out);
+                  } else if (rows.num_bins == 8) {
+                    walk(BinWalk<true, 8>{}, begin, end, out);
+                  } else {
+                    walk(BinWalk<true, 0>{}, begin, end, out);
+                  }
+                });
 }
 
 // The launchers of gfl_host.h's operator bodies.
@@ -398,12 +409,12 @@ struct CpuDflLaunch {
   template <typename scalar_t, typename acc_t>
   void operator()(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight, acc_t* loss,
                   acc_t* total) const {
-    launch_bin_rows(rows, loss, total, [&](auto walk, int64_t begin, int64_t end) {
+    launch_bin_rows(rows, loss, total, [&](auto walk, int64_t begin, int64_t end, acc_t* out) {
       using W = decltype(walk);
       if constexpr (W::kBins > 0) {
-        dfl_row_blocks<W::kBins, scalar_t, acc_t>(rows, target, weight, loss, begin, end);
+        dfl_row_blocks<W::kBins, scalar_t, acc_t>(rows, target, weight, out, begin, end);
       } else {
-        dfl_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, target, weight, loss, begin, end);
+        dfl_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, target, weight, out, begin, end);
       }
     });
   }
@@ -413,13 +424,13 @@ struct CpuIntegralLaunch {
   template <typename scalar_t>
   void operator()(const BinRows<scalar_t>& rows, scalar_t* value) const {
     using acc_t = math::acc_type_t<scalar_t>;
-    launch_bin_rows(rows, static_cast<const acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
-                    [&](auto walk, int64_t begin, int64_t end) {
+    launch_bin_rows(rows, value, static_cast<scalar_t*>(nullptr), [&](auto walk, int64_t begin, int64_t end,
+                                                                      scalar_t* out) {
       using W = decltype(walk);
       if constexpr (W::kBins > 0) {
-        integral_row_blocks<W::kBins, scalar_t, acc_t>(rows, value, begin, end);
+        integral_row_blocks<W::kBins, scalar_t, acc_t>(rows, out, begin, end);
       } else {
-        integral_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, value, begin, end);
+        integral_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, out, begin, end);
       }
     });
   }

@@ -8,7 +8,9 @@
 //       neighbouring anchors of a class plane (coalesced);
 //   DFL and the integral: a thread per row of n + 1 bins, math::dfl_row / integral_row.
 //
-// All offsets are 64-bit; grids stride over the work, so any N x C fits.
+// Reduction "sum" is taken inside the loss kernels (per-block sums, then one block adds
+// them up: see launch_loss_kernel). All offsets are 64-bit; grids stride over the work,
+// so any N x C fits.
 #include "../gfl_host.h"
 #include "../gfl_math.h"
 #include "../gfl_ops.h"
@@ -31,8 +33,10 @@ using math::LossAndGrad;
 
 constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
-// Grid-stride loops cover whatever the grid does not; this many blocks fill any GPU.
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+// Grid-stride loops cover whatever the grid does not. 8192 blocks (2M threads, several waves
+// on an H100's 132 SMs) fill any GPU, and keep the per-block sums of reduction "sum" few
+// enough for one block to add them up (32 KB). To tune by measurement on a GPU.
+constexpr int64_t kMaxBlocks = 8192;
 
 int blocks_for(int64_t threads_needed) {
   const int64_t blocks = (threads_needed + kThreads - 1) / kThreads;
@@ -56,24 +60,19 @@ __device__ __forceinline__ acc_t warp_sum(acc_t value) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Reduction "sum": the per-anchor losses added up in a fixed order, so that the sum has the
-// same bits run after run (no atomics). A grid whose size depends only on the count adds
-// up fixed sets of values (each thread in order, then a fixed tree over the block), and
-// one block adds up the blocks' sums the same way. Two small launches on the stream; no
-// host sync.
+// Reduction "sum", inside the loss kernels: each thread adds up the losses it computes, each
+// block adds up its threads' sums (a fixed tree in shared memory) into one value per block,
+// and the blocks' values are added up the same way, in one block. The grid's size depends
+// only on the anchor count, so every sum is taken in the same order run after run: the
+// same bits, no atomics, no host sync, and no per-anchor loss vector.
 // ---------------------------------------------------------------------------------------
 
-constexpr int64_t kMaxSumBlocks = 512;
-constexpr int64_t kValuesPerSumThread = 8;
-
+// *out = the sum of every thread's `value`, in a fixed order. Every thread of the block
+// (kThreads of them) must call it.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) block_sums_kernel(const acc_t* values, int64_t count, acc_t* sums) {
+__device__ __forceinline__ void block_sum_to(acc_t value, acc_t* out) {
   __shared__ acc_t partial[kThreads];
-  acc_t sum = 0;
-  for (int64_t i = global_thread(); i < count; i += grid_threads()) {
-    sum += values[i];
-  }
-  partial[threadIdx.x] = sum;
+  partial[threadIdx.x] = value;
   __syncthreads();
   for (int stride = kThreads / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) {
@@ -82,23 +81,44 @@ __global__ void __launch_bounds__(kThreads) block_sums_kernel(const acc_t* value
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    sums[blockIdx.x] = partial[0];
+    *out = partial[0];
   }
 }
 
-// *total = values[0] + ... + values[count - 1], count > 0, on `stream`.
+// One block: *total = values[0] + ... + values[count - 1].
 template <typename acc_t>
-void deterministic_sum(const acc_t* values, int64_t count, acc_t* total, cudaStream_t stream) {
-  const int64_t blocks =
-      std::clamp<int64_t>((count + kThreads * kValuesPerSumThread - 1) / (kThreads * kValuesPerSumThread), 1,
-                          kMaxSumBlocks);
-  const at::Tensor block_sums = at::empty(
-      {blocks}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value).device(at::kCUDA, c10::cuda::current_device()));
-  acc_t* sums = block_sums.mutable_data_ptr<acc_t>();
-  block_sums_kernel<acc_t><<<static_cast<int>(blocks), kThreads, 0, stream>>>(values, count, sums);
+__global__ void __launch_bounds__(kThreads) sum_kernel(const acc_t* values, int64_t count, acc_t* total) {
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) {
+    sum += values[i];
+  }
+  block_sum_to(sum, total);
+}
+
+// Where a loss kernel puts its losses: per anchor (reduction "none"), or one sum per block
+// (reduction "sum", per_anchor null).
+template <typename acc_t>
+struct LossSink {
+  acc_t* per_anchor;
+  acc_t* block_sums;
+};
+
+// The launch of a loss kernel over `blocks` blocks: `kernel(sink)` on the stream, then,
+// for reduction "sum", the blocks' sums added up into *total.
+template <typename acc_t, typename Kernel>
+void launch_loss_kernel(int blocks, acc_t* per_anchor, acc_t* total, cudaStream_t stream, const Kernel& kernel) {
+  at::Tensor block_sums;
+  if (total != nullptr) {
+    block_sums = at::empty({blocks}, at::TensorOptions()
+                                         .dtype(c10::CppTypeToScalarType<acc_t>::value)
+                                         .device(at::kCUDA, c10::cuda::current_device()));
+  }
+  kernel(LossSink<acc_t>{per_anchor, total != nullptr ? block_sums.mutable_data_ptr<acc_t>() : nullptr});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  block_sums_kernel<acc_t><<<1, kThreads, 0, stream>>>(sums, blocks, total);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (total != nullptr) {
+    sum_kernel<acc_t><<<1, kThreads, 0, stream>>>(block_sums.const_data_ptr<acc_t>(), blocks, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -108,9 +128,11 @@ void deterministic_sum(const acc_t* values, int64_t count, acc_t* total, cudaStr
 // A warp per anchor. Every lane of a warp runs the same anchors, so the shuffles see the
 // whole warp.
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
-__global__ void __launch_bounds__(kThreads) qfl_warp_per_anchor_kernel(const QflArgs<scalar_t, acc_t, Target> args) {
+__global__ void __launch_bounds__(kThreads) qfl_warp_per_anchor_kernel(const QflArgs<scalar_t, acc_t, Target> args,
+                                                                       const LossSink<acc_t> sink) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t num_classes = args.layout.num_classes;
+  acc_t thread_sum = 0;
   for (int64_t anchor = global_thread() / kWarpSize; anchor < args.layout.num_anchors;
        anchor += grid_threads() / kWarpSize) {
     const int64_t outer = anchor / args.layout.inner_size;
@@ -135,25 +157,40 @@ __global__ void __launch_bounds__(kThreads) qfl_warp_per_anchor_kernel(const Qfl
     }
     loss = warp_sum(loss);
     if (lane == 0) {
-      args.loss[anchor] = weight * loss;
+      if (sink.per_anchor != nullptr) {
+        sink.per_anchor[anchor] = weight * loss;
+      }
+      thread_sum += weight * loss;
     }
+  }
+  if (sink.block_sums != nullptr) {
+    block_sum_to(thread_sum, sink.block_sums + blockIdx.x);
   }
 }
 
 // A thread per anchor, walking its classes.
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
-__global__ void __launch_bounds__(kThreads) qfl_thread_per_anchor_kernel(const QflArgs<scalar_t, acc_t, Target> args) {
+__global__ void __launch_bounds__(kThreads) qfl_thread_per_anchor_kernel(const QflArgs<scalar_t, acc_t, Target> args,
+                                                                         const LossSink<acc_t> sink) {
+  acc_t thread_sum = 0;
   for (int64_t anchor = global_thread(); anchor < args.layout.num_anchors; anchor += grid_threads()) {
     const int64_t outer = anchor / args.layout.inner_size;
     const int64_t inner = anchor - outer * args.layout.inner_size;
     scalar_t* grad = Variant::kNeedGrad
                          ? args.grad + args.grad_strides.outer_offset(outer, args.layout) + inner * args.grad_strides.inner_stride
                          : nullptr;
-    args.loss[anchor] = math::qfl_anchor<Variant>(
+    const acc_t loss = math::qfl_anchor<Variant>(
         args.pred + args.pred_strides.outer_offset(outer, args.layout) + inner * args.pred_strides.inner_stride,
         args.pred_strides.class_stride, grad, args.grad_strides.class_stride, args.target, anchor,
         args.target_strides.outer_offset(outer, args.layout) + inner * args.target_strides.inner_stride,
         args.target_strides.class_stride, args.layout.num_classes, args.beta, weight_at(args.weight, anchor));
+    if (sink.per_anchor != nullptr) {
+      sink.per_anchor[anchor] = loss;
+    }
+    thread_sum += loss;
+  }
+  if (sink.block_sums != nullptr) {
+    block_sum_to(thread_sum, sink.block_sums + blockIdx.x);
   }
 }
 
@@ -165,15 +202,17 @@ struct CudaQflLaunch {
     dispatch_qfl_variant(activated, args.beta == acc_t(2), compute_grad, [&](auto variant) {
       using Variant = decltype(variant);
       if (walk == QflWalk::kRows) {
-        qfl_warp_per_anchor_kernel<Variant><<<blocks_for(args.layout.num_anchors * kWarpSize), kThreads, 0, stream>>>(args);
+        const int blocks = blocks_for(args.layout.num_anchors * kWarpSize);
+        launch_loss_kernel(blocks, args.loss, total, stream, [&](const LossSink<acc_t>& sink) {
+          qfl_warp_per_anchor_kernel<Variant><<<blocks, kThreads, 0, stream>>>(args, sink);
+        });
       } else {
-        qfl_thread_per_anchor_kernel<Variant><<<blocks_for(args.layout.num_anchors), kThreads, 0, stream>>>(args);
+        const int blocks = blocks_for(args.layout.num_anchors);
+        launch_loss_kernel(blocks, args.loss, total, stream, [&](const LossSink<acc_t>& sink) {
+          qfl_thread_per_anchor_kernel<Variant><<<blocks, kThreads, 0, stream>>>(args, sink);
+        });
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    if (total != nullptr) {
-      deterministic_sum(args.loss, args.layout.num_anchors, total, stream);
-    }
   }
 };
 
@@ -202,11 +241,19 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cuda(const at::Tenso
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) dfl_kernel(const BinRows<scalar_t> rows, const acc_t* target,
-                                                       const acc_t* weight, acc_t* loss) {
+                                                       const acc_t* weight, const LossSink<acc_t> sink) {
+  acc_t thread_sum = 0;
   for (int64_t r = global_thread(); r < rows.num_rows; r += grid_threads()) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
-    loss[r] = math::dfl_row(rows.pred + r * rows.pred_row_stride, rows.pred_bin_stride, rows.num_bins, target[r],
-                            weight_at(weight, r), grad, rows.grad_bin_stride);
+    const acc_t loss = math::dfl_row(rows.pred + r * rows.pred_row_stride, rows.pred_bin_stride, rows.num_bins,
+                                     target[r], weight_at(weight, r), grad, rows.grad_bin_stride);
+    if (sink.per_anchor != nullptr) {
+      sink.per_anchor[r] = loss;
+    }
+    thread_sum += loss;
+  }
+  if (sink.block_sums != nullptr) {
+    block_sum_to(thread_sum, sink.block_sums + blockIdx.x);
   }
 }
 
@@ -225,11 +272,10 @@ struct CudaDflLaunch {
   void operator()(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight, acc_t* loss,
                   acc_t* total) const {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dfl_kernel<scalar_t, acc_t><<<blocks_for(rows.num_rows), kThreads, 0, stream>>>(rows, target, weight, loss);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (total != nullptr) {
-      deterministic_sum(loss, rows.num_rows, total, stream);
-    }
+    const int blocks = blocks_for(rows.num_rows);
+    launch_loss_kernel(blocks, loss, total, stream, [&](const LossSink<acc_t>& sink) {
+      dfl_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(rows, target, weight, sink);
+    });
   }
 };
 
