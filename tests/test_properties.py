@@ -90,7 +90,10 @@ def dfl_cases(draw):
     n = bins - 1
     edges = st.sampled_from([0.0, float(n), n - 1e-4, n - 0.1, 0.5])
     integers = st.integers(0, n).map(float)
-    values = st.floats(0.0, float(n), allow_nan=False)
+    # No subnormal targets: they are not a case of their own (a tiny target like any other),
+    # and hypothesis refuses to draw them once some library has set flush-to-zero in the
+    # process (torch 2.5's inductor loads C++ built with -ffast-math).
+    values = st.floats(0.0, float(n), allow_nan=False, allow_subnormal=False)
     targets = draw(st.lists(st.one_of(edges, integers, values), min_size=rows, max_size=rows))
     return layout, rows, bins, targets
 
