@@ -26,16 +26,20 @@ def cuda_build_possible() -> bool:
 
 
 def default_cuda_arch_list() -> str:
-    """Turing through Hopper, plus Blackwell where the toolkit has it, and PTX of the newest
-    for GPUs after it. TORCH_CUDA_ARCH_LIST, when set, wins (`make` sets 9.0 for CI)."""
+    """Turing through Hopper, plus Blackwell where both the toolkit (CUDA 12.8+) and torch
+    (2.7+, whose cpp_extension rejects unknown architectures) have it, and PTX of the
+    newest for GPUs after it. TORCH_CUDA_ARCH_LIST, when set, wins (`make` sets 9.0 for CI)."""
     import re
     import subprocess
 
+    import torch
+
     nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     release = re.search(r"release (\d+)\.(\d+)", subprocess.check_output([nvcc, "--version"], text=True))
-    version = (int(release.group(1)), int(release.group(2))) if release else (0, 0)
+    toolkit = (int(release.group(1)), int(release.group(2))) if release else (0, 0)
+    torch_version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
     archs = ["7.5", "8.0", "8.6", "8.9", "9.0"]
-    if version >= (12, 8):
+    if toolkit >= (12, 8) and torch_version >= (2, 7):
         archs += ["10.0", "12.0"]
     return ";".join(archs) + "+PTX"
 

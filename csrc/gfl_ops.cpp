@@ -278,37 +278,70 @@ std::pair<at::Tensor, at::Tensor> call_below_autograd(const c10::OperatorHandle&
   return {stack[0].toTensor(), stack[1].toTensor()};
 }
 
+// The operator's arguments as saved for backward: the tensors as saved variables (version
+// checked, released after backward), the rest as they are, None where a tensor was.
+void save_arguments(AutogradContext* ctx, const torch::jit::Stack& arguments) {
+  variable_list tensors;
+  c10::List<int64_t> tensor_positions;
+  c10::impl::GenericList others(c10::AnyType::get());
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    if (arguments[i].isTensor()) {
+      tensors.push_back(arguments[i].toTensor());
+      tensor_positions.push_back(static_cast<int64_t>(i));
+      others.push_back(c10::IValue());
+    } else {
+      others.push_back(arguments[i]);
+    }
+  }
+  ctx->save_for_backward(tensors);
+  ctx->saved_data["tensor_positions"] = std::move(tensor_positions);
+  ctx->saved_data["arguments"] = std::move(others);
+}
+
+// The saved arguments, tensors back in place. Unpacking checks that no saved tensor was
+// modified in place since the forward, and fails after the graph was freed, as PyTorch's
+// own operators do.
+torch::jit::Stack saved_arguments(AutogradContext* ctx) {
+  torch::jit::Stack arguments = ctx->saved_data["arguments"].toList().vec();
+  const variable_list tensors = ctx->get_saved_variables();
+  const c10::List<int64_t> positions = ctx->saved_data["tensor_positions"].toIntList();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    arguments[positions.get(i)] = tensors[i];
+  }
+  return arguments;
+}
+
 class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
  public:
-  // pred: arguments[0], passed on its own so that autograd tracks it (and only it).
+  // Compiled autograd may trace the backward (it sees the functional form: is_traced).
+  static constexpr bool is_traceable = true;
+
+  // pred: arguments[0], passed on its own so that autograd tracks it (and only it). The
+  // operator's second output, the gradient buffer, goes to *gradient_output rather than
+  // out of the Function: it is not differentiable, and a Function with non-differentiable
+  // outputs is refused by compiled autograd.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const c10::OperatorHandle& op,
-                               torch::jit::Stack arguments) {
+                               torch::jit::Stack arguments, at::Tensor* gradient_output) {
     arguments[0] = pred;
     auto [loss, grad] = call_below_autograd(op, arguments);
-    ctx->mark_non_differentiable({grad});
-    // Unused outputs reach backward undefined: no zero-filled pred-sized gradient for `grad`.
-    ctx->set_materialize_grads(false);
-    c10::impl::GenericList saved_arguments(c10::AnyType::get());
-    for (const c10::IValue& argument : arguments) {
-      saved_arguments.push_back(argument);
-    }
+    save_arguments(ctx, arguments);
     ctx->saved_data["operator"] = op.schema().name();
-    ctx->saved_data["arguments"] = std::move(saved_arguments);
     // A plain reference, not a saved variable: the eager backward scales it in place.
     ctx->saved_data["gradient"] = grad;
     ctx->saved_data["gradient_consumed"] = false;
-    return {loss, grad};
+    *gradient_output = std::move(grad);
+    return {loss};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list input_grads(3);  // pred, op, arguments
+    variable_list input_grads(4);  // pred, op, arguments, gradient_output
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) {
       return input_grads;
     }
-    const c10::List<c10::IValue> arguments = ctx->saved_data["arguments"].toList();
-    TORCH_CHECK(arguments.get(arguments.size() - 1).toBool(), "gfl_ops: backward through an operator called with ",
-                "compute_grad=False; call it with compute_grad=True when pred requires grad");
+    torch::jit::Stack arguments = saved_arguments(ctx);
+    TORCH_CHECK(arguments.back().toBool(), "gfl_ops: backward through an operator called with compute_grad=False; ",
+                "call it with compute_grad=True when pred requires grad");
     const at::Tensor scale = grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1);
     const bool consumed = ctx->saved_data["gradient_consumed"].toBool();
     if (!consumed && (is_traced(grad_loss) || is_traced(ctx->saved_data["gradient"].toTensor()))) {
@@ -323,11 +356,10 @@ class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
       // A second backward through the same graph (retain_graph=True, gradcheck, jacobians):
       // the first one scaled the saved buffer in place and handed it over, so compute the
       // gradient again.
-      torch::jit::Stack stack = arguments.vec();
-      stack.back() = true;
+      arguments.back() = true;
       const c10::OperatorHandle op =
           c10::Dispatcher::singleton().findSchemaOrThrow(ctx->saved_data["operator"].toStringRef().c_str(), "");
-      grad = call_below_autograd(op, std::move(stack)).second;
+      grad = call_below_autograd(op, std::move(arguments)).second;
     } else {
       grad = ctx->saved_data["gradient"].toTensor();
     }
@@ -348,9 +380,10 @@ void fused_loss_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack
   torch::jit::Stack arguments(stack->end() - num_arguments, stack->end());
   torch::jit::drop(*stack, num_arguments);
   const at::Tensor pred = arguments[0].toTensor();
-  variable_list outputs = FusedLossFunction::apply(pred, op, std::move(arguments));
-  stack->emplace_back(std::move(outputs[0]));
-  stack->emplace_back(std::move(outputs[1]));
+  at::Tensor grad;
+  variable_list loss = FusedLossFunction::apply(pred, op, std::move(arguments), &grad);
+  stack->emplace_back(std::move(loss[0]));
+  stack->emplace_back(std::move(grad));
 }
 
 }  // namespace

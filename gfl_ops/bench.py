@@ -65,14 +65,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 # Shapes from GFL_MATH.md. QFL: anchors N (2 images of GFL at 800x1344, YOLOv8 batches)
 # x 80 COCO classes, and LVIS's 1203 classes at N = 8400. DFL / integral: rows = 4 x
 # positives, 16 or 17 bins.
-QFL_ANCHORS = (8400, 44800, 134400, 358400)
+QFL_ANCHORS = (8400, 44800, 134400, 358400, 537600)
 QFL_CLASSES = 80
 QFL_LVIS = (8400, 1203)
 DFL_ROWS = (4096, 16384, 65536, 262144)
 DFL_BINS = (16, 17)
 QUICK_QFL = ((44800, 80), (134400, 80))
 QUICK_DFL = ((16384, 17), (65536, 17))
-CPU_SKIPPED_QFL_ANCHORS = (358400,)
+CPU_SKIPPED_QFL_ANCHORS = (358400, 537600)
 CPU_SKIPPED_DFL_ROWS = (262144,)
 
 CHANNEL_FIRST_BATCH = 2  # (B, C, H, W) with H * W = N / B: 2 images per GPU, as GFL trains
@@ -81,15 +81,29 @@ POSITIVE_FRACTION = 0.01
 BETA = 2.0
 DFL_AVG_FACTOR = 4.0  # GFLHead: the 4 sides of a box, weighted by its score
 
-# What the numbers should show (informational; printed under the table, never asserted):
-# (op, mode, shape, layout, dtype) -> minimum speedup of native over each provider.
-HEADLINE_TARGETS = {
-    ("qfl", "full", (44800, 80), "nc", "fp32"): {"mmdet": 5.0, "compile": 1.5},
-    ("qfl", "full", (134400, 80), "nc", "fp32"): {"mmdet": 5.0, "compile": 1.5},
-    ("dfl", "full", (16384, 17), "rows", "fp32"): {"mmdet": 2.5, "compile": 1.5},
-    ("dfl", "full", (65536, 17), "rows", "fp32"): {"mmdet": 2.5, "compile": 1.5},
+# What the numbers should show (informational; printed under the table, never asserted),
+# per device type: (op, mode, shape, layout, dtype) -> targets. A provider's name: native's
+# minimum speedup over it. PEAK_OVER_PRED: native's largest peak extra memory over pred's
+# size. PEAK_VS_REFERENCE: the smallest ratio of the eager reference's peak to native's.
+# COPY_FRACTION: native's smallest share of a same-size copy's bandwidth (bytes_moved).
+PEAK_OVER_PRED = "peak over pred"
+PEAK_VS_REFERENCE = "peak vs reference"
+COPY_FRACTION = "copy fraction"
+_CPU_TARGETS = {  # the foundation issue, on the 2-core development machine
+    ("qfl", "full", (44800, 80), "nc", "fp32"): {"mmdet": 5.0, "compile": 1.5, PEAK_OVER_PRED: 1.0},
+    ("qfl", "full", (134400, 80), "nc", "fp32"): {"mmdet": 5.0, "compile": 1.5, PEAK_OVER_PRED: 1.0},
+    ("dfl", "full", (16384, 17), "rows", "fp32"): {"mmdet": 2.5, "compile": 1.5, PEAK_OVER_PRED: 1.0},
+    ("dfl", "full", (65536, 17), "rows", "fp32"): {"mmdet": 2.5, "compile": 1.5, PEAK_OVER_PRED: 1.0},
 }
-HEADLINE_MAX_PEAK_OVER_PRED = 1.0
+_CUDA_QFL_TARGETS = {"reference": 10.0, "compile": 1.3, COPY_FRACTION: 0.75, PEAK_VS_REFERENCE: 5.0}
+_CUDA_DFL_TARGETS = {"reference": 5.0, PEAK_VS_REFERENCE: 5.0}
+_CUDA_TARGETS = {  # the CUDA issue
+    **{("qfl", "full", (anchors, 80), "nc", dtype): _CUDA_QFL_TARGETS
+       for anchors in (134400, 537600) for dtype in ("fp32", "bf16")},
+    **{("dfl", "full", (rows, 17), "rows", dtype): _CUDA_DFL_TARGETS
+       for rows in (65536, 262144) for dtype in ("fp32", "bf16")},
+}
+HEADLINE_TARGETS = {"cpu": _CPU_TARGETS, "cuda": _CUDA_TARGETS}
 
 
 # --------------------------------------------------------------------------------------
@@ -754,10 +768,51 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(out)
 
 
-def format_headlines(rows: List[dict]) -> str:
-    """The targets of HEADLINE_TARGETS that this run measured, met or not."""
+def _measured(found: Dict[str, dict], name: str) -> Optional[Tuple[float, str]]:
+    """A target's measured value and its description, or None where this run lacks it."""
+    native = found["native"]
+    if name == PEAK_OVER_PRED:
+        over = native["peak_extra_over_pred"]
+        return None if over is None else (over, f"peak {over:.2f}x pred")
+    if name == PEAK_VS_REFERENCE:
+        reference = found.get("reference", {}).get("peak_extra_bytes")
+        if not reference or not native["peak_extra_bytes"]:
+            return None
+        ratio = reference / native["peak_extra_bytes"]
+        return ratio, f"peak {ratio:.1f}x below reference"
+    if name == COPY_FRACTION:
+        fraction = native["bandwidth_fraction"]
+        return fraction, f"{fraction:.0%} of copy bandwidth"
+    if name not in found:
+        return None
+    speedup = found[name]["native_speedup"]
+    return speedup, f"{speedup:.2f}x {name}"
+
+
+def _target_verdicts(found: Dict[str, dict], targets: dict) -> List[str]:
+    """'<measured> (target <bound>: met|MISSED)' for each target this run measured."""
+    parts = []
+    for name, bound in targets.items():
+        measured = _measured(found, name)
+        if measured is None:
+            continue
+        value, text = measured
+        if name == PEAK_OVER_PRED:
+            # "One buffer of pred's size": the 0-dim outputs (the loss, its mean: tens of
+            # bytes) are no buffer, hence the 0.1% of slack.
+            met, bound_text = value <= bound * 1.001, f"<= {bound:g}x"
+        elif name == COPY_FRACTION:
+            met, bound_text = value >= bound, f">= {bound:.0%}"
+        else:
+            met, bound_text = value >= bound, f">= {bound:g}x"
+        parts.append(f"{text} (target {bound_text}: {'met' if met else 'MISSED'})")
+    return parts
+
+
+def format_headlines(rows: List[dict], device_type: str = "cpu") -> str:
+    """The targets of HEADLINE_TARGETS[device_type] that this run measured, met or not."""
     lines = []
-    for (op, mode, shape, layout, dtype), targets in HEADLINE_TARGETS.items():
+    for (op, mode, shape, layout, dtype), targets in HEADLINE_TARGETS.get(device_type, {}).items():
         found = {
             row["provider"]: row
             for row in rows
@@ -767,18 +822,8 @@ def format_headlines(rows: List[dict]) -> str:
         }
         if "native" not in found:
             continue
-        parts = []
-        for provider, minimum in targets.items():
-            if provider in found:
-                speedup = found[provider]["native_speedup"]
-                verdict = "met" if speedup >= minimum else "MISSED"
-                parts.append(f"{speedup:.2f}x {provider} (target {minimum:g}x: {verdict})")
-        over = found["native"]["peak_extra_over_pred"]
-        if over is not None:
-            verdict = "met" if over <= HEADLINE_MAX_PEAK_OVER_PRED else "MISSED"
-            parts.append(f"peak {over:.2f}x pred (target <= {HEADLINE_MAX_PEAK_OVER_PRED:g}x: {verdict})")
         label = "x".join(map(str, shape))
-        lines.append(f"  {op} {mode} {label} {layout} {dtype}: native " + ", ".join(parts))
+        lines.append(f"  {op} {mode} {label} {layout} {dtype}: native " + ", ".join(_target_verdicts(found, targets)))
     return "Headline targets (informational):\n" + "\n".join(lines) if lines else ""
 
 
@@ -962,7 +1007,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = run(cases, settings)
     print()
     print(format_table(rows))
-    headlines = format_headlines(rows)
+    headlines = format_headlines(rows, settings.device.type)
     if headlines:
         print()
         print(headlines)

@@ -192,7 +192,7 @@ def test_plan_of_quick_and_cpu_default():
     assert max(case.rows for case in default if case.op == "dfl") == 65536
     assert notes  # what the CPU default left out is said
     full, _, _ = bench.plan(bench.parse_args(["--device", "cpu", "--full"]))
-    assert max(case.rows for case in full if case.op == "qfl") == 358400
+    assert max(case.rows for case in full if case.op == "qfl") == 537600
 
 
 def test_error_rows_are_reported_not_raised():
@@ -216,3 +216,36 @@ def test_reference_dense_target_matches_labels():
     assert target.shape == inputs.pred.shape
     assert int((target != 0).sum()) == int(inputs.kwargs["avg_factor"])
     assert reference.quality_focal_loss_dense(inputs.pred, target, avg_factor=inputs.kwargs["avg_factor"]).isfinite()
+
+
+def _row(provider, op, shape, dtype="fp32", layout="nc", **figures):
+    row = dict(provider=provider, op=op, mode="full", shape=list(shape), layout=layout, dtype=dtype, error=None)
+    row.update(dict(native_speedup=1.0, peak_extra_bytes=None, peak_extra_over_pred=None, bandwidth_fraction=0.0))
+    row.update(figures)
+    return row
+
+
+def test_headlines_judge_each_target_of_the_device():
+    cpu_rows = [
+        _row("native", "qfl", (44800, 80), peak_extra_bytes=100, peak_extra_over_pred=1.0004),
+        _row("mmdet", "qfl", (44800, 80), native_speedup=6.0),
+        _row("compile", "qfl", (44800, 80), native_speedup=1.2),
+        _row("native", "dfl", (16384, 17), layout="rows", peak_extra_bytes=100, peak_extra_over_pred=1.06),
+    ]
+    text = bench.format_headlines(cpu_rows, "cpu")
+    qfl, dfl = text.splitlines()[1:]
+    assert "6.00x mmdet (target >= 5x: met)" in qfl and "1.20x compile (target >= 1.5x: MISSED)" in qfl
+    assert "peak 1.00x pred (target <= 1x: met)" in qfl  # 0-dim outputs are no buffer
+    assert "peak 1.06x pred (target <= 1x: MISSED)" in dfl
+    assert "qfl full 134400x80" not in text  # not measured: not reported
+
+    cuda_rows = [
+        _row("native", "qfl", (537600, 80), dtype="bf16", peak_extra_bytes=10, bandwidth_fraction=0.8),
+        _row("reference", "qfl", (537600, 80), dtype="bf16", native_speedup=12.0, peak_extra_bytes=40),
+        _row("compile", "qfl", (537600, 80), dtype="bf16", native_speedup=1.4),
+    ]
+    line = bench.format_headlines(cuda_rows, "cuda").splitlines()[1]
+    assert "12.00x reference (target >= 10x: met)" in line and "1.40x compile (target >= 1.3x: met)" in line
+    assert "80% of copy bandwidth (target >= 75%: met)" in line
+    assert "peak 4.0x below reference (target >= 5x: MISSED)" in line
+    assert bench.format_headlines(cuda_rows, "cpu") == ""

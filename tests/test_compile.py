@@ -152,3 +152,31 @@ def test_compiled_losses_on_half_channels_last_logits(device):
     assert grad_c.dtype == torch.float16
     torch.testing.assert_close(grad_c, grad_e)
     torch._dynamo.reset()
+
+
+def test_compiled_autograd_traces_the_native_backward():
+    """torch._dynamo.compiled_autograd traces the C++ backward of the native operators
+    (it refuses autograd Functions with non-differentiable outputs)."""
+    import torch._dynamo.compiled_autograd as compiled_autograd
+
+    gen = make_generator("compiled-autograd")
+    pred = torch.randn(64, 80, generator=gen, requires_grad=True)
+    label = torch.randint(0, 90, (64,), generator=gen)
+    score = torch.rand(64, generator=gen)
+    bins = torch.randn(32, 17, generator=gen, requires_grad=True)
+    target = torch.rand(32, generator=gen) * 16
+
+    def step():
+        qfl = gfl_ops.quality_focal_loss(pred, label, score, backend="native")
+        dfl = gfl_ops.distribution_focal_loss(bins, target, avg_factor=8.0, backend="native")
+        (qfl + 0.25 * dfl).backward()
+        grads = pred.grad, bins.grad
+        pred.grad = bins.grad = None
+        return grads
+
+    expected = step()
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+        got = step()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)

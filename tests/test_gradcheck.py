@@ -190,3 +190,26 @@ def test_second_backward_through_one_graph(op):
     first = first.clone()
     (second,) = torch.autograd.grad(loss, pred)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_backward_through_a_freed_graph_raises():
+    """As PyTorch's own operators: the saved inputs are released after a backward."""
+    gen = make_generator("freed")
+    pred = make_bin_pred("contiguous", 5, 6, torch.float64, "cpu", gen).requires_grad_()
+    loss = gfl_ops.distribution_focal_loss(pred, make_dfl_target(5, 6, torch.float64, gen, "cpu"), backend="native")
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+def test_pred_modified_in_place_after_the_forward_raises():
+    """A gradient computed for values pred no longer holds would be silently wrong."""
+    gen = make_generator("inplace")
+    leaf = make_class_pred("contiguous", 5, 4, torch.float64, "cpu", gen).requires_grad_()
+    pred = leaf * 1.0
+    loss = gfl_ops.quality_focal_loss(pred, make_labels((5,), 4, gen, "cpu"), make_scores((5,), torch.float64, gen, "cpu"),
+                                      backend="native")
+    with torch.no_grad():
+        pred.mul_(3.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
