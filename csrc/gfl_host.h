@@ -18,7 +18,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <tuple>
 #include <utility>
@@ -35,10 +34,18 @@ struct LossOutputs {
 
   LossOutputs(at::IntArrayRef anchor_shape, const at::TensorOptions& options, LossReduction reduction) {
     if (reduction == LossReduction::kSum) {
-      total = at::zeros({}, options);
+      total = at::empty({}, options);  // the launcher writes it (no fill kernel on CUDA)
     } else {
       per_anchor = at::empty(anchor_shape, options);
     }
+  }
+
+  // The result when there are no anchors: no launcher runs, and a sum of nothing is 0.
+  const at::Tensor& result_of_no_anchors() const {
+    if (total.defined()) {
+      total.zero_();
+    }
+    return result();
   }
 
   template <typename acc_t>
@@ -65,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pre
   const LossOutputs outputs(anchor_shape(pred), qfl_loss_options(pred), parse_reduction(reduction, "quality_focal_loss"));
   at::Tensor grad = allocate_grad(pred, compute_grad);
   if (pred.numel() == 0) {
-    return {outputs.result(), grad};
+    return {outputs.result_of_no_anchors(), grad};
   }
   const at::Tensor labels = label.contiguous();
   const at::Tensor scores = score.contiguous();
@@ -98,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tenso
                             parse_reduction(reduction, "quality_focal_loss_dense"));
   at::Tensor grad = allocate_grad(pred, compute_grad);
   if (pred.numel() == 0) {
-    return {outputs.result(), grad};
+    return {outputs.result_of_no_anchors(), grad};
   }
   const std::optional<at::Tensor> weights = contiguous_weight(weight);
   std::vector<AnchorStrides> strides;
@@ -128,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_impl(const at::Tensor
   const LossOutputs outputs({pred.size(0)}, target.options(), parse_reduction(reduction, "distribution_focal_loss"));
   at::Tensor grad = allocate_grad(pred, compute_grad);
   if (pred.size(0) == 0) {
-    return {outputs.result(), grad};
+    return {outputs.result_of_no_anchors(), grad};
   }
   const at::Tensor targets = target.contiguous();
   const std::optional<at::Tensor> weights = contiguous_weight(weight);

@@ -52,7 +52,7 @@ template <typename scalar_t, typename acc_t, typename Target>
 struct QflArgs {
   const scalar_t* pred;
   scalar_t* grad;  // null when no gradient is wanted
-  acc_t* loss;     // one per anchor, contiguous
+  acc_t* loss;     // one per anchor, contiguous; null for reduction "sum" (the launcher adds up)
   const acc_t* weight;  // one per anchor, contiguous; null: every weight is 1
   Target target;
   AnchorLayout layout;
