@@ -20,6 +20,7 @@
 #include <ATen/ops/empty.h>
 
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -113,14 +114,26 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tenso
   const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/true);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss_dense", [&] {
     using acc_t = math::acc_type_t<scalar_t>;
-    const QflArgs<scalar_t, acc_t, math::DenseTarget<scalar_t, acc_t>> args{
-        pred.const_data_ptr<scalar_t>(),
-        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-        outputs.per_anchor_data<acc_t>(),
-        weight_data<acc_t>(weights),
-        {target.const_data_ptr<scalar_t>()},
-        layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
-    launch(args, activated, compute_grad, walk, outputs.total_data<acc_t>());
+    // The target is read in its own dtype, pred's or the accumulation type (a float32 target
+    // of half pred, as AMP produces it): no N x C copy to convert it.
+    const auto run = [&](auto target_type) {
+      using target_t = decltype(target_type);
+      const QflArgs<scalar_t, acc_t, math::DenseTarget<target_t, acc_t>> args{
+          pred.const_data_ptr<scalar_t>(),
+          compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
+          outputs.per_anchor_data<acc_t>(),
+          weight_data<acc_t>(weights),
+          {target.const_data_ptr<target_t>()},
+          layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
+      launch(args, activated, compute_grad, walk, outputs.total_data<acc_t>());
+    };
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      run(scalar_t{});
+    } else if (target.scalar_type() == pred.scalar_type()) {
+      run(scalar_t{});
+    } else {
+      run(acc_t{});
+    }
   });
   return {outputs.result(), grad};
 }

@@ -152,9 +152,10 @@ void check_qfl_dense_inputs(const at::Tensor& pred, const at::Tensor& target, do
   check_same_device(pred, target, "target");
   TORCH_CHECK(target.sizes() == pred.sizes(), "quality_focal_loss_dense: target must have pred's shape ",
               pred.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == pred.scalar_type(),
-              "quality_focal_loss_dense: target must have pred's dtype ", pred.scalar_type(),
-              ", got ", target.scalar_type());
+  TORCH_CHECK(target.scalar_type() == pred.scalar_type() ||
+                  target.scalar_type() == accumulate_dtype(pred.scalar_type()),
+              "quality_focal_loss_dense: target must have pred's dtype ", pred.scalar_type(), " or ",
+              accumulate_dtype(pred.scalar_type()), ", got ", target.scalar_type());
 }
 
 void check_bin_inputs(const at::Tensor& pred, const char* op_name) {

@@ -147,6 +147,15 @@ def _kernel_weight(pred: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
     return weight.to(_accumulate_dtype(pred))
 
 
+def _dense_target_for_kernel(pred: Tensor, target: Tensor) -> Tensor:
+    """The kernels read a dense target in pred's dtype or in float32 (float64 for float64
+    pred) as it is: AMP's float32 targets of bfloat16 logits need no N x C copy. Other
+    dtypes are converted to float32 (float64)."""
+    if target.dtype in (pred.dtype, _accumulate_dtype(pred)):
+        return target
+    return target.to(_accumulate_dtype(pred))
+
+
 def _reduced_loss(operator_loss, reference_loss, pred: Tensor, weight: Optional[Tensor], backend: str,
                   reduction: str, avg_factor: AvgFactor, count: int) -> Tensor:
     """The weighted, reduced loss of `count` anchors (rows).
@@ -236,8 +245,9 @@ def quality_focal_loss_dense(
     """Quality Focal Loss against a dense soft target of pred's shape.
 
     mmdetection's quality_focal_loss_tensor_target; with beta=0 it is the soft-target BCE of
-    YOLOv8 (summed over classes per anchor). A target of another dtype is cast to pred's,
-    as mmdetection does.
+    YOLOv8 (summed over classes per anchor). The target is used at its own precision (in
+    float32 maths, as the reference does): a float32 target of half logits is read as it is,
+    not rounded to pred's dtype and not copied.
     """
     op = "quality_focal_loss_dense"
     _check_class_pred(pred, op)
@@ -255,7 +265,8 @@ def quality_focal_loss_dense(
     _check_constant_targets(chosen, op, target=target)
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            pred, target.to(pred.dtype), kernel_weight, float(beta), activated, kernel_reduction, _wants_grad(pred)
+            pred, _dense_target_for_kernel(pred, target), kernel_weight, float(beta), activated, kernel_reduction,
+            _wants_grad(pred),
         )[0],
         lambda: reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated),
         pred, weight, chosen, reduction, avg_factor, pred.numel() // pred.shape[1],

@@ -217,6 +217,42 @@ def test_qfl_dense_reductions_weights_avg_factor(device, dtype, reduction, weigh
     check_parity(qfl_dense_call, pred, dict(target=target, **kwargs), out_dtype=accumulate_dtype(dtype))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("layout", ["contiguous", "nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_qfl_dense_float32_target_of_half_logits(device, dtype, layout, reduction):
+    """AMP: half logits, float32 soft targets, read at their own precision (not rounded to
+    pred's dtype), as the reference reads them."""
+    gen = make_generator("dense-amp", dtype, layout, reduction)
+    anchors = (2, 3, 5) if layout != "contiguous" else 13
+    pred = make_class_pred(layout, anchors, 7, dtype, device, gen)
+    target = dense_target(pred.float(), layout, anchors, gen, device)
+    assert target.dtype == torch.float32
+    check_parity(qfl_dense_call, pred, dict(target=target, reduction=reduction), out_dtype=torch.float32)
+
+
+def test_qfl_dense_float32_target_is_not_copied():
+    """A float32 target of bfloat16 logits costs no N x C conversion: the step allocates the
+    gradient (bfloat16) and nothing of the target's size."""
+    from gfl_ops import bench
+
+    gen = make_generator("dense-amp-copy")
+    pred = torch.randn(4096, 80, generator=gen).to(torch.bfloat16).requires_grad_()
+    target = torch.rand(4096, 80, generator=gen)
+
+    def step():
+        gfl_ops.quality_focal_loss_dense(pred, target, backend="native").backward()
+
+    step()
+    pred.grad = None
+    peak = bench.peak_extra_bytes(step, torch.device("cpu"))
+    if peak is None:
+        pytest.skip("this torch's profiler does not report CPU allocations")
+    gradient = pred.numel() * pred.element_size()
+    assert gradient <= peak <= gradient + 64, peak - gradient
+
+
 @pytest.mark.parametrize("activated", [False, True], ids=["logits", "activated"])
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
@@ -255,14 +291,17 @@ def test_qfl_dense_target_from_labels_equals_label_form(dtype, layout, anchors):
     torch.testing.assert_close(ga, gb)
 
 
-def test_qfl_dense_target_of_another_dtype_is_cast_to_pred_dtype():
-    """A float32 target with float16 pred behaves as target.to(float16) (mmdetection's type_as)."""
+def test_qfl_dense_target_of_a_third_dtype_is_read_as_float32():
+    """A float64 (or bfloat16) target with float16 pred behaves as target.float(): the
+    kernels read pred's dtype and float32, and the maths is float32."""
     gen = make_generator("dense-cast")
     pred = make_class_pred("contiguous", 7, 5, torch.float16, "cpu", gen)
-    target32 = torch.rand(7, 5, generator=gen) * (torch.rand(7, 5, generator=gen) < 0.5)
-    a = gfl_ops.quality_focal_loss_dense(pred, target32, reduction="none", backend="native")
-    b = gfl_ops.quality_focal_loss_dense(pred, target32.half(), reduction="none", backend="native")
-    assert torch.equal(a, b)
+    target64 = torch.rand(7, 5, generator=gen, dtype=torch.float64) * (torch.rand(7, 5, generator=gen) < 0.5)
+    expected = gfl_ops.quality_focal_loss_dense(pred, target64.float(), reduction="none", backend="native")
+    for target in (target64, target64.bfloat16()):
+        got = gfl_ops.quality_focal_loss_dense(pred, target, reduction="none", backend="native")
+        assert torch.equal(got, gfl_ops.quality_focal_loss_dense(pred, target.float(), reduction="none", backend="native"))
+    assert not torch.equal(expected, gfl_ops.quality_focal_loss_dense(pred, target64.half(), reduction="none", backend="native"))
 
 
 # --------------------------------------------------------------------------------------

@@ -154,7 +154,8 @@ def quality_focal_loss_dense_triton(pred: Tensor, target: Tensor, weight: Option
                                     activated: bool, reduction: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     _check_pred(pred, 2)
     _ops.check_same_device(pred, target)
-    _check(target.shape == pred.shape and target.dtype == pred.dtype, "target must have pred's shape and dtype")
+    _check(target.shape == pred.shape and target.dtype in (pred.dtype, _ops.accumulate_dtype(pred.dtype)),
+           "target must have pred's shape, and pred's dtype or float32 (float64 for float64 pred)")
     loss = pred.new_empty(_ops.anchor_shape(pred), dtype=_ops.accumulate_dtype(pred.dtype))
     grad = _ops.grad_buffer(pred, compute_grad)
     weight = _check_weight(pred, weight, _ops.anchor_shape(pred))
