@@ -255,10 +255,17 @@ TORCH_LIBRARY(gfl_ops, m) {
 //
 //   d total / d pred[n, c, ...] = d total / d loss[n, ...] * d loss[n, ...] / d pred[n, c, ...]
 //
-// i.e. the saved gradient scaled by the incoming gradient (one scalar for a summed loss),
-// broadcast over the class (bin) dimension 1. Gradients flow to pred only: targets and
-// weights are constants. The Triton operators carry the same formula in Python
-// (gfl_ops/_ops.py: setup_context, backward).
+// with one scalar d total / d loss for a summed loss, broadcast over the class (bin)
+// dimension 1. Two ways to get there, chosen by the caller through compute_grad:
+//   - compute_grad=True: the forward pass wrote d loss / d pred; backward scales it in
+//     place (no second pass over pred; the choice for compute-bound CPUs);
+//   - compute_grad=False: backward runs the operator again with weight * d total / d loss
+//     as its per-anchor weight, which the kernels apply to the gradient they write: one
+//     pass that reads pred and writes the final gradient (3 passes over pred's size per
+//     step instead of 4; the choice for memory-bound GPUs). The integral has no weight:
+//     its gradient is recomputed, then scaled.
+// Gradients flow to pred only: targets and weights are constants. The Triton operators
+// carry the compute_grad=True formula in Python (gfl_ops/_ops.py: setup_context, backward).
 // ---------------------------------------------------------------------------------------
 namespace {
 
@@ -312,6 +319,28 @@ torch::jit::Stack saved_arguments(AutogradContext* ctx) {
   return arguments;
 }
 
+// The position of the argument called `name` in the operator's schema, or -1.
+int64_t argument_index(const c10::OperatorHandle& op, const char* name) {
+  const std::optional<int> index = op.schema().argumentIndexWithName(name);
+  return index.has_value() ? *index : -1;
+}
+
+// d total / d pred recomputed in one pass: the operator with weight * d total / d loss as
+// its per-anchor weight and reduction "none".
+at::Tensor recompute_scaled_gradient(const c10::OperatorHandle& op, torch::jit::Stack arguments,
+                                     const at::Tensor& grad_loss) {
+  const at::Tensor& pred = arguments[0].toTensor();
+  const int64_t weight_index = argument_index(op, "weight");
+  at::Tensor factor = grad_loss.expand(gfl::anchor_shape(pred));
+  if (arguments[weight_index].isTensor()) {
+    factor = factor * arguments[weight_index].toTensor();
+  }
+  arguments[weight_index] = factor.to(gfl::accumulate_dtype(pred.scalar_type())).contiguous();
+  arguments[argument_index(op, "reduction")] = std::string("none");
+  arguments.back() = true;
+  return call_below_autograd(op, std::move(arguments)).second;
+}
+
 class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
  public:
   // Compiled autograd may trace the backward (it sees the functional form: is_traced).
@@ -341,11 +370,19 @@ class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
       return input_grads;
     }
     torch::jit::Stack arguments = saved_arguments(ctx);
-    TORCH_CHECK(arguments.back().toBool(), "gfl_ops: backward through an operator called with compute_grad=False; ",
-                "call it with compute_grad=True when pred requires grad");
+    const c10::OperatorHandle op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(ctx->saved_data["operator"].toStringRef().c_str(), "");
+    const bool gradient_saved = arguments.back().toBool();
+    TORCH_CHECK(gradient_saved || !at::GradMode::is_enabled() || is_traced(grad_loss),
+                "gfl_ops: double backward (create_graph=True) is not supported by the fused operators; use ",
+                "backend='reference' for higher-order gradients");
+    if (!gradient_saved && argument_index(op, "weight") >= 0) {
+      input_grads[0] = recompute_scaled_gradient(op, std::move(arguments), grad_loss);
+      return input_grads;
+    }
     const at::Tensor scale = grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1);
     const bool consumed = ctx->saved_data["gradient_consumed"].toBool();
-    if (!consumed && (is_traced(grad_loss) || is_traced(ctx->saved_data["gradient"].toTensor()))) {
+    if (gradient_saved && !consumed && (is_traced(grad_loss) || is_traced(ctx->saved_data["gradient"].toTensor()))) {
       const at::Tensor& grad = ctx->saved_data["gradient"].toTensor();
       input_grads[0] = (grad * scale).to(grad.scalar_type());  // functional: the compiler reuses the buffer
       return input_grads;
@@ -353,13 +390,11 @@ class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
     TORCH_CHECK(!at::GradMode::is_enabled(), "gfl_ops: double backward (create_graph=True) is not supported by ",
                 "the fused operators; use backend='reference' for higher-order gradients");
     at::Tensor grad;
-    if (consumed) {
-      // A second backward through the same graph (retain_graph=True, gradcheck, jacobians):
-      // the first one scaled the saved buffer in place and handed it over, so compute the
-      // gradient again.
+    if (!gradient_saved || consumed) {
+      // No gradient from the forward (compute_grad=False: the integral), or a second backward
+      // through the same graph (retain_graph=True, gradcheck, jacobians) after the first one
+      // scaled the saved buffer in place and handed it over: compute the gradient again.
       arguments.back() = true;
-      const c10::OperatorHandle op =
-          c10::Dispatcher::singleton().findSchemaOrThrow(ctx->saved_data["operator"].toStringRef().c_str(), "");
       grad = call_below_autograd(op, std::move(arguments)).second;
     } else {
       grad = ctx->saved_data["gradient"].toTensor();

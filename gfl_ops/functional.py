@@ -7,6 +7,7 @@ weight/reduction. Class (bin) dimension 1, as in F.cross_entropy.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Union
 
 import torch
@@ -17,6 +18,16 @@ from ._reduction import check_reduction, mean_of_sum, weight_reduce_loss
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AvgFactor = Optional[Union[float, Tensor]]
+
+# Which pass of a training step computes pred's gradient in the native loss operators, by
+# device type. "forward": the forward writes it and the backward scales it in place (fewer
+# flops, one more pass over memory: CPUs are compute-bound). "backward": the forward only
+# reads pred and the backward writes the final gradient in one pass (3 passes over pred's
+# size per step instead of 4: GPUs are memory-bound). csrc/gfl_ops.cpp's autograd does
+# either. GFL_OPS_GRADIENT_PASS=forward|backward sets every device (for measurements).
+GRADIENT_PASS = {"cpu": "forward", "cuda": "backward"}
+if os.environ.get("GFL_OPS_GRADIENT_PASS") in ("forward", "backward"):
+    GRADIENT_PASS = dict.fromkeys(GRADIENT_PASS, os.environ["GFL_OPS_GRADIENT_PASS"])
 
 
 # --------------------------------------------------------------------------------------
@@ -115,6 +126,14 @@ def _validate_dfl_target_range(target: Tensor, last_bin: int) -> None:
 
 def _wants_grad(pred: Tensor) -> bool:
     return torch.is_grad_enabled() and pred.requires_grad
+
+
+def _loss_compute_grad(pred: Tensor, backend: str) -> bool:
+    """compute_grad for a loss operator: the gradient in the forward pass, or (native
+    operators, GRADIENT_PASS "backward") in the backward pass."""
+    if not _wants_grad(pred):
+        return False
+    return backend != "native" or GRADIENT_PASS.get(pred.device.type, "forward") == "forward"
 
 
 def _check_constant_targets(backend: str, op: str, **targets: Tensor) -> None:
@@ -224,7 +243,7 @@ def quality_focal_loss(
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
             pred, label.long(), score.to(_accumulate_dtype(pred)), kernel_weight, float(beta), activated,
-            kernel_reduction, _wants_grad(pred),
+            kernel_reduction, _loss_compute_grad(pred, chosen),
         )[0],
         lambda: reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated),
         pred, weight, chosen, reduction, avg_factor, label.numel(),
@@ -266,7 +285,7 @@ def quality_focal_loss_dense(
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
             pred, _dense_target_for_kernel(pred, target), kernel_weight, float(beta), activated, kernel_reduction,
-            _wants_grad(pred),
+            _loss_compute_grad(pred, chosen),
         )[0],
         lambda: reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated),
         pred, weight, chosen, reduction, avg_factor, pred.numel() // pred.shape[1],
@@ -308,7 +327,8 @@ def distribution_focal_loss(
     _check_constant_targets(chosen, op, target=target)
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            pred, target.to(_accumulate_dtype(pred)), kernel_weight, kernel_reduction, _wants_grad(pred)
+            pred, target.to(_accumulate_dtype(pred)), kernel_weight, kernel_reduction,
+            _loss_compute_grad(pred, chosen),
         )[0],
         lambda: reference.distribution_focal_loss_per_row(pred, target),
         pred, weight, chosen, reduction, avg_factor, pred.shape[0],

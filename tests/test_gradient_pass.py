@@ -1,0 +1,132 @@
+"""The native operators' two ways to a gradient (csrc/gfl_ops.cpp, functional.GRADIENT_PASS):
+computed in the forward pass and scaled in backward (compute_grad=True, the CPU default), or
+computed in the backward pass with the incoming gradient folded into the kernel's per-anchor
+weight (compute_grad=False, the CUDA default). Both must give the reference's gradients."""
+import pytest
+import torch
+
+import gfl_ops
+from gfl_ops import bench, functional
+from _helpers import (
+    accumulate_dtype,
+    anchor_shape,
+    check_parity,
+    make_bin_pred,
+    make_class_pred,
+    make_dfl_target,
+    make_generator,
+    make_labels,
+    make_scores,
+)
+
+OPS = torch.ops.gfl_ops
+
+
+@pytest.fixture
+def gradient_in_backward(monkeypatch):
+    monkeypatch.setitem(functional.GRADIENT_PASS, "cpu", "backward")
+
+
+def _calls(dtype, gen):
+    """(name, pred, fn(pred, **kwargs)) for every loss, on a layout that exercises strides."""
+    pred = make_class_pred("channels_last", (2, 3, 2), 5, dtype, "cpu", gen)
+    label = make_labels(anchor_shape(pred), 5, gen, "cpu")
+    score = make_scores(anchor_shape(pred), accumulate_dtype(dtype), gen, "cpu")
+    target = torch.rand(pred.shape, generator=gen).to(dtype)
+    bins = make_bin_pred("transposed", 7, 6, dtype, "cpu", gen)
+    dfl_target = make_dfl_target(7, 6, accumulate_dtype(dtype), gen, "cpu")
+    return [
+        ("qfl", pred, lambda p, **kw: gfl_ops.quality_focal_loss(p, label, score, **kw)),
+        ("qfl_dense", pred, lambda p, **kw: gfl_ops.quality_focal_loss_dense(p, target, beta=1.5, **kw)),
+        ("dfl", bins, lambda p, **kw: gfl_ops.distribution_focal_loss(p, dfl_target, **kw)),
+    ]
+
+
+def _options(name, pred, gen, reduction, weighting):
+    shape = anchor_shape(pred) if name != "dfl" else (pred.shape[0],)
+    options = dict(reduction=reduction)
+    if weighting != "none":
+        weight = torch.rand(shape, generator=gen, dtype=accumulate_dtype(pred.dtype))
+        options["weight"] = weight.requires_grad_() if weighting == "weight_requires_grad" else weight
+    if reduction == "mean":
+        options["avg_factor"] = torch.tensor(3.5)
+    return options
+
+
+@pytest.mark.parametrize("weighting", ["none", "constant", "weight_requires_grad"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gradcheck_with_the_gradient_in_backward(gradient_in_backward, reduction, weighting):
+    gen = make_generator("pass-gradcheck", reduction, weighting)
+    for name, pred, call in _calls(torch.float64, gen):
+        options = _options(name, pred, gen, reduction, weighting)
+        pred = pred.detach().requires_grad_()
+        assert torch.autograd.gradcheck(lambda p: call(p, backend="native", **options), (pred,)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_parity_with_the_gradient_in_backward(gradient_in_backward, dtype, reduction):
+    gen = make_generator("pass-parity", dtype, reduction)
+    for name, pred, call in _calls(dtype, gen):
+        options = _options(name, pred, gen, reduction, "constant")
+        check_parity(lambda p, **kw: call(p, **kw), pred, options, out_dtype=accumulate_dtype(dtype))
+
+
+def test_both_passes_give_the_same_gradient(monkeypatch):
+    gen = make_generator("pass-same")
+    for name, pred, call in _calls(torch.float32, gen):
+        options = _options(name, pred, gen, "mean", "constant")
+        grads = {}
+        for gradient_pass in ("forward", "backward"):
+            monkeypatch.setitem(functional.GRADIENT_PASS, "cpu", gradient_pass)
+            p = pred.detach().requires_grad_()
+            (call(p, backend="native", **options) * 3.0).backward()
+            grads[gradient_pass] = p.grad
+        torch.testing.assert_close(grads["backward"], grads["forward"], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_direct_operator_without_compute_grad_recomputes_in_backward():
+    """compute_grad=False writes no gradient; a backward through the call computes it."""
+    gen = make_generator("pass-direct")
+    pred = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    label, score = make_labels((6,), 4, gen, "cpu"), make_scores((6,), torch.float64, gen, "cpu")
+    loss, grad = OPS.quality_focal_loss(pred, label, score, None, 2.0, False, "sum", False)
+    assert grad.numel() == 0
+    (got,) = torch.autograd.grad(loss * 2.0, pred)
+    reference = gfl_ops.quality_focal_loss(pred, label, score, reduction="sum", backend="reference")
+    (expected,) = torch.autograd.grad(reference * 2.0, pred)
+    torch.testing.assert_close(got, expected)
+    bins = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    value, _ = OPS.distribution_integral(bins, False)  # no weight: recomputed, then scaled
+    upstream = torch.randn(5, generator=gen, dtype=torch.float64)
+    (got,) = torch.autograd.grad(value, bins, upstream)
+    (expected,) = torch.autograd.grad(gfl_ops.reference.distribution_integral(bins), bins, upstream)
+    torch.testing.assert_close(got, expected)
+
+
+def test_double_backward_with_the_gradient_in_backward_raises(gradient_in_backward):
+    pred = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    loss = gfl_ops.distribution_focal_loss(pred, torch.rand(5, dtype=torch.float64) * 5, backend="native")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, pred, create_graph=True)
+
+
+def test_compiled_training_step_with_the_gradient_in_backward(gradient_in_backward):
+    """torch.compile(fullgraph=True) of a training step traces the recomputing backward."""
+    from test_compile import test_compiled_training_step_equals_eager
+
+    test_compiled_training_step_equals_eager("cpu")
+
+
+@pytest.mark.parametrize("op", ["qfl", "dfl"])
+def test_a_step_with_the_gradient_in_backward_holds_one_buffer_of_preds_size(gradient_in_backward, op):
+    case = bench.Case(op, 4096, 80 if op == "qfl" else 17, "nc" if op == "qfl" else "rows", torch.float32)
+    inputs = bench.make_inputs(case, torch.device("cpu"))
+    fn = bench.make_provider("native", case, torch.device("cpu"))
+    bench.run_step(fn, inputs, "full")
+    bench.clear_grad(inputs)
+    peak = bench.peak_extra_bytes(lambda: bench.run_step(fn, inputs, "full"), torch.device("cpu"))
+    if peak is None:
+        pytest.skip("this torch's profiler does not report CPU allocations")
+    # The gradient, and the recomputing call's per-anchor weight and loss (1/C of pred each).
+    assert case.pred_bytes <= peak <= case.pred_bytes * (1 + 2.5 / case.classes), peak / case.pred_bytes
