@@ -326,7 +326,7 @@ int64_t argument_index(const c10::OperatorHandle& op, const char* name) {
 }
 
 // d total / d pred recomputed in one pass: the operator with weight * d total / d loss as
-// its per-anchor weight and reduction "none".
+// its per-anchor weight (and reduction "sum", whose loss output, unused, is one number).
 at::Tensor recompute_scaled_gradient(const c10::OperatorHandle& op, torch::jit::Stack arguments,
                                      const at::Tensor& grad_loss) {
   const at::Tensor& pred = arguments[0].toTensor();
@@ -336,7 +336,7 @@ at::Tensor recompute_scaled_gradient(const c10::OperatorHandle& op, torch::jit::
     factor = factor * arguments[weight_index].toTensor();
   }
   arguments[weight_index] = factor.to(gfl::accumulate_dtype(pred.scalar_type())).contiguous();
-  arguments[argument_index(op, "reduction")] = std::string("none");
+  arguments[argument_index(op, "reduction")] = std::string("sum");
   arguments.back() = true;
   return call_below_autograd(op, std::move(arguments)).second;
 }
