@@ -5,7 +5,8 @@
 // x86-64 (GCC target_clones picks one at load time), (2) the transcendental functions of
 // gfl_math.h are branch-free, so whole class loops vectorise, (3) rows are spread over
 // torch's intra-op thread pool. Reductions inside a row run in a fixed order for a given
-// machine, so results are the same bits run after run.
+// machine, and the sum of reduction "sum" in fixed chunks (parallel_walk), so results are
+// the same bits run after run, whatever the number of threads.
 #include "../gfl_host.h"
 #include "../gfl_math.h"
 #include "../gfl_ops.h"
@@ -424,8 +425,8 @@ struct CpuIntegralLaunch {
   template <typename scalar_t>
   void operator()(const BinRows<scalar_t>& rows, scalar_t* value) const {
     using acc_t = math::acc_type_t<scalar_t>;
-    launch_bin_rows(rows, value, static_cast<scalar_t*>(nullptr), [&](auto walk, int64_t begin, int64_t end,
-                                                                      scalar_t* out) {
+    scalar_t* const no_total = nullptr;  // the integral is not a loss: nothing to add up
+    launch_bin_rows(rows, value, no_total, [&](auto walk, int64_t begin, int64_t end, scalar_t* out) {
       using W = decltype(walk);
       if constexpr (W::kBins > 0) {
         integral_row_blocks<W::kBins, scalar_t, acc_t>(rows, out, begin, end);
