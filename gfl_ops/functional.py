@@ -1,8 +1,9 @@
 """The public functions of gfl_ops, in the style of torch.nn.functional.
 
 Each one checks its arguments (a clear error for bad input, before any kernel runs),
-resolves the backend, computes the unreduced loss with it and applies mmdetection's
-weight/reduction. Class (bin) dimension 1, as in F.cross_entropy.
+resolves the backend and computes the loss with mmdetection's weight/reduction: the
+compiled operators apply the weight and the sum themselves, the reference through
+weight_reduce_loss. Class (bin) dimension 1, as in F.cross_entropy.
 """
 from __future__ import annotations
 
