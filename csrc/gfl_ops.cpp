@@ -331,7 +331,13 @@ at::Tensor recompute_scaled_gradient(const c10::OperatorHandle& op, torch::jit::
                                      const at::Tensor& grad_loss) {
   const at::Tensor& pred = arguments[0].toTensor();
   const int64_t weight_index = argument_index(op, "weight");
-  at::Tensor factor = grad_loss.expand(gfl::anchor_shape(pred));
+  // pred's anchor shape in symbolic sizes, so that torch.compile(dynamic=True) traces it
+  // without specialising on N.
+  c10::SymDimVector anchor_sizes{pred.sym_size(0)};
+  for (int64_t d = 2; d < pred.dim(); ++d) {
+    anchor_sizes.push_back(pred.sym_size(d));
+  }
+  at::Tensor factor = grad_loss.expand_symint(anchor_sizes);
   if (arguments[weight_index].isTensor()) {
     factor = factor * arguments[weight_index].toTensor();
   }

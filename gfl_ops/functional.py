@@ -61,7 +61,9 @@ def _check_class_pred(pred: Tensor, op: str) -> None:
 
 
 def _check_beta(beta: float, op: str) -> None:
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+    # Comparisons rather than math.isfinite, which torch.compile(dynamic=True) cannot trace
+    # for a float it made symbolic. NaN fails beta >= 0.
+    if not (isinstance(beta, (int, float)) and 0 <= beta < math.inf):
         raise ValueError(f"{op}: beta must be a finite number >= 0, got {beta!r}")
 
 
