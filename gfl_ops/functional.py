@@ -25,7 +25,8 @@ AvgFactor = Optional[Union[float, Tensor]]
 # flops, one more pass over memory: CPUs are compute-bound). "backward": the forward only
 # reads pred and the backward writes the final gradient in one pass (3 passes over pred's
 # size per step instead of 4: GPUs are memory-bound). csrc/gfl_ops.cpp's autograd does
-# either. GFL_OPS_GRADIENT_PASS=forward|backward sets every device (for measurements).
+# either. GFL_OPS_GRADIENT_PASS=forward|backward sets every device (for measurements);
+# float16 pred always takes "backward" (see _loss_compute_grad).
 GRADIENT_PASS = {"cpu": "forward", "cuda": "backward"}
 if os.environ.get("GFL_OPS_GRADIENT_PASS") in ("forward", "backward"):
     GRADIENT_PASS = dict.fromkeys(GRADIENT_PASS, os.environ["GFL_OPS_GRADIENT_PASS"])
@@ -133,10 +134,20 @@ def _wants_grad(pred: Tensor) -> bool:
 
 def _loss_compute_grad(pred: Tensor, backend: str) -> bool:
     """compute_grad for a loss operator: the gradient in the forward pass, or (native
-    operators, GRADIENT_PASS "backward") in the backward pass."""
+    operators, GRADIENT_PASS "backward") in the backward pass.
+
+    float16 pred always takes the backward pass: a gradient stored in float16 before the
+    backward scales it (by GradScaler's 2^16, by 1 / avg_factor) would lose its small
+    values to float16's range (nothing below 6e-8), where the reference rounds the scaled
+    gradient once. The backward pass writes the final, scaled gradient in one rounding.
+    bfloat16 has float32's range and keeps the device's choice."""
     if not _wants_grad(pred):
         return False
-    return backend != "native" or GRADIENT_PASS.get(pred.device.type, "forward") == "forward"
+    if backend != "native":
+        return True
+    if pred.dtype == torch.float16:
+        return False
+    return GRADIENT_PASS.get(pred.device.type, "forward") == "forward"
 
 
 def _check_constant_targets(backend: str, op: str, **targets: Tensor) -> None:

@@ -213,3 +213,30 @@ def test_pred_modified_in_place_after_the_forward_raises():
         pred.mul_(3.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
+def test_batched_incoming_gradients(monkeypatch, gradient_pass):
+    """gradcheck's check_batched_grad and jacobian(vectorize=True) call backward once with a
+    batch of incoming gradients (vmap): the fused backward must not scale its one gradient
+    buffer in place by a batched tensor."""
+    from gfl_ops import functional
+
+    monkeypatch.setitem(functional.GRADIENT_PASS, "cpu", gradient_pass)
+    gen = make_generator("batched", gradient_pass)
+    pred = make_class_pred("contiguous", 5, 4, torch.float64, "cpu", gen)
+    label, score = make_labels((5,), 4, gen, "cpu"), make_scores((5,), torch.float64, gen, "cpu")
+    bins = make_bin_pred("contiguous", 4, 6, torch.float64, "cpu", gen)
+    dfl_target = make_dfl_target(4, 6, torch.float64, gen, "cpu")
+    losses = [
+        (pred, lambda p, backend: gfl_ops.quality_focal_loss(p, label, score, reduction="none", backend=backend)),
+        (bins, lambda p, backend: gfl_ops.distribution_focal_loss(p, dfl_target, reduction="none", backend=backend)),
+        (bins, lambda p, backend: gfl_ops.distribution_integral(p, backend=backend)),
+    ]
+    for values, loss in losses:
+        leaf = values.detach().requires_grad_()
+        native = lambda p: loss(p, "native")  # noqa: E731
+        assert torch.autograd.gradcheck(native, (leaf,), check_batched_grad=True)
+        jacobian = torch.autograd.functional.jacobian(native, leaf, vectorize=True)
+        expected = torch.autograd.functional.jacobian(lambda p: loss(p, "reference"), leaf)
+        torch.testing.assert_close(jacobian, expected)

@@ -10,6 +10,7 @@ from gfl_ops import bench, functional
 from _helpers import (
     accumulate_dtype,
     anchor_shape,
+    assert_parity,
     check_parity,
     make_bin_pred,
     make_class_pred,
@@ -130,3 +131,32 @@ def test_a_step_with_the_gradient_in_backward_holds_one_buffer_of_preds_size(gra
         pytest.skip("this torch's profiler does not report CPU allocations")
     # The gradient, and the recomputing call's per-anchor weight (1/C of pred).
     assert case.pred_bytes <= peak <= case.pred_bytes * (1 + 1.5 / case.classes), peak / case.pred_bytes
+
+
+def test_float16_gradients_keep_the_small_values_a_loss_scaler_lifts():
+    """AMP's float16 training: GradScaler multiplies the loss by 2^16, so a per-element
+    gradient of 1e-9 becomes 6.6e-5, well inside float16's range. Stored in float16 before
+    that scale (the forward gradient pass) it would round to 0; the reference rounds the
+    scaled gradient once. float16 pred therefore takes the backward pass on every device:
+    no more zeros than the reference, and the reference's values."""
+    gen = make_generator("fp16-scaled")
+    num_anchors, num_classes = 512, 80
+    # Confident background logits around -6: d loss / d x ~ 3 sigma^3 ~ 4e-8 per element,
+    # below float16's smallest subnormal (6e-8) once divided by avg_factor.
+    pred = (torch.randn(num_anchors, num_classes, generator=gen) * 0.5 - 6.0).to(torch.float16)
+    label = make_labels((num_anchors,), num_classes, gen, "cpu", positive_fraction=0.05)
+    score = make_scores((num_anchors,), torch.float32, gen, "cpu")
+    loss_scale, avg_factor = 65536.0, 40.0
+    grads = {}
+    for backend in ("native", "reference"):
+        leaf = pred.detach().requires_grad_()
+        loss = gfl_ops.quality_focal_loss(leaf, label, score, avg_factor=avg_factor, backend=backend)
+        (loss * loss_scale).backward()
+        grads[backend] = leaf.grad
+    pred64 = pred.double().requires_grad_()
+    loss64 = gfl_ops.quality_focal_loss(pred64, label, score.double(), avg_factor=avg_factor, backend="reference")
+    (exact,) = torch.autograd.grad(loss64 * loss_scale, pred64)
+    reference_zeros = int((grads["reference"] == 0).sum())
+    assert reference_zeros < exact.numel() // 2, "a bad test input: the reference flushes most values too"
+    assert int((grads["native"] == 0).sum()) <= reference_zeros
+    assert_parity("scaled float16 gradient", grads["native"], exact, [grads["reference"]])

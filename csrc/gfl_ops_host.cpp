@@ -1,0 +1,224 @@
+// The host-side helpers declared in gfl_ops.h, shared by every device's implementation of
+// the operators (gfl_host.h): input checks that keep the kernels in bounds, output
+// allocation, and the coalesced anchor layout that lets kernels read pred in place.
+// Kept apart from the operator registrations (gfl_ops.cpp) so that a test build of the
+// CUDA kernels (tests/cuda_emulation/) can link these without registering the operators.
+#include "gfl_ops.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <string>
+
+namespace gfl {
+
+std::vector<int64_t> anchor_shape(const at::Tensor& pred) {
+  std::vector<int64_t> shape{pred.size(0)};
+  for (int64_t d = 2; d < pred.dim(); ++d) {
+    shape.push_back(pred.size(d));
+  }
+  return shape;
+}
+
+AnchorLayout make_anchor_layout(const std::vector<at::Tensor>& tensors,
+                                std::vector<AnchorStrides>& strides_out) {
+  const at::Tensor& pred = tensors.front();
+  AnchorLayout layout;
+  layout.num_classes = pred.size(1);
+  layout.num_anchors = 1;
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < pred.dim(); ++d) {
+    dims.push_back(d);
+  }
+  for (int64_t d : dims) {
+    layout.num_anchors *= pred.size(d);
+  }
+
+  // Groups of merged dimensions, innermost first: a size and each tensor's stride.
+  struct Group {
+    int64_t size;
+    std::vector<int64_t> strides;
+  };
+  std::vector<Group> groups;
+  for (auto it = dims.rbegin(); it != dims.rend(); ++it) {
+    const int64_t size = pred.size(*it);
+    if (size == 1) {
+      continue;  // a size-1 dimension contributes nothing to any offset
+    }
+    std::vector<int64_t> strides;
+    for (const at::Tensor& t : tensors) {
+      strides.push_back(t.stride(*it));
+    }
+    bool merges = !groups.empty();
+    for (size_t t = 0; merges && t < tensors.size(); ++t) {
+      merges = strides[t] == groups.back().strides[t] * groups.back().size;
+    }
+    if (merges) {
+      groups.back().size *= size;
+    } else {
+      groups.push_back({size, strides});
+    }
+  }
+  if (groups.empty()) {
+    groups.push_back({1, std::vector<int64_t>(tensors.size(), 0)});
+  }
+  TORCH_CHECK(static_cast<int>(groups.size()) <= kMaxAnchorDims + 1,
+              "gfl_ops: pred has too many non-mergeable anchor dimensions (at most ",
+              kMaxAnchorDims + 1, ")");
+
+  layout.inner_size = groups.front().size;
+  layout.num_outer_dims = static_cast<int>(groups.size()) - 1;
+  strides_out.assign(tensors.size(), AnchorStrides{});
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    strides_out[t].class_stride = tensors[t].stride(1);
+    strides_out[t].inner_stride = groups.front().strides[t];
+  }
+  for (int d = 0; d < layout.num_outer_dims; ++d) {
+    const Group& group = groups[groups.size() - 1 - d];  // outermost first
+    layout.outer_sizes[d] = group.size;
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      strides_out[t].outer_strides[d] = group.strides[t];
+    }
+  }
+  return layout;
+}
+
+at::ScalarType accumulate_dtype(at::ScalarType pred_dtype) {
+  return pred_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace {
+
+void check_float_pred(const at::Tensor& pred, const char* op_name) {
+  TORCH_CHECK(pred.scalar_type() == at::kFloat || pred.scalar_type() == at::kDouble ||
+                  pred.scalar_type() == at::kHalf || pred.scalar_type() == at::kBFloat16,
+              op_name, ": pred must be float32, float64, float16 or bfloat16, got ",
+              pred.scalar_type());
+}
+
+void check_beta(double beta) {
+  TORCH_CHECK(std::isfinite(beta) && beta >= 0.0,
+              "quality_focal_loss: beta must be finite and >= 0, got ", beta);
+}
+
+void check_class_pred(const at::Tensor& pred, const char* op_name) {
+  check_float_pred(pred, op_name);
+  TORCH_CHECK(pred.dim() >= 2, op_name, ": pred must be (N, C) or (B, C, d1, ..., dk), got ",
+              pred.dim(), " dimension(s)");
+  TORCH_CHECK(pred.size(1) > 0, op_name, ": pred has no classes (C = 0)");
+}
+
+void check_same_device(const at::Tensor& pred, const at::Tensor& other, const char* name) {
+  TORCH_CHECK(other.device() == pred.device(), name, " is on ", other.device(),
+              " but pred is on ", pred.device());
+}
+
+}  // namespace
+
+LossReduction parse_reduction(c10::string_view reduction, const char* op_name) {
+  if (reduction == "none") {
+    return LossReduction::kNone;
+  }
+  TORCH_CHECK_VALUE(reduction == "sum", op_name, ": reduction must be \"none\" or \"sum\" (the mean is ",
+                    "the sum divided by the anchor count or avg_factor), got \"", std::string(reduction), "\"");
+  return LossReduction::kSum;
+}
+
+void check_qfl_inputs(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& score,
+                      double beta) {
+  check_class_pred(pred, "quality_focal_loss");
+  check_beta(beta);
+  check_same_device(pred, label, "label");
+  check_same_device(pred, score, "score");
+  const std::vector<int64_t> shape = anchor_shape(pred);
+  TORCH_CHECK(label.sizes() == at::IntArrayRef(shape), "quality_focal_loss: label must have shape ",
+              at::IntArrayRef(shape), " (pred without its class dimension), got ", label.sizes());
+  TORCH_CHECK(score.sizes() == at::IntArrayRef(shape), "quality_focal_loss: score must have shape ",
+              at::IntArrayRef(shape), ", got ", score.sizes());
+  TORCH_CHECK(label.scalar_type() == at::kLong, "quality_focal_loss: label must be int64, got ",
+              label.scalar_type());
+  TORCH_CHECK(score.scalar_type() == accumulate_dtype(pred.scalar_type()),
+              "quality_focal_loss: score must be ", accumulate_dtype(pred.scalar_type()),
+              " for ", pred.scalar_type(), " pred, got ", score.scalar_type());
+}
+
+void check_qfl_dense_inputs(const at::Tensor& pred, const at::Tensor& target, double beta) {
+  check_class_pred(pred, "quality_focal_loss_dense");
+  check_beta(beta);
+  check_same_device(pred, target, "target");
+  TORCH_CHECK(target.sizes() == pred.sizes(), "quality_focal_loss_dense: target must have pred's shape ",
+              pred.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == pred.scalar_type() ||
+                  target.scalar_type() == accumulate_dtype(pred.scalar_type()),
+              "quality_focal_loss_dense: target must have pred's dtype ", pred.scalar_type(), " or ",
+              accumulate_dtype(pred.scalar_type()), ", got ", target.scalar_type());
+}
+
+void check_bin_inputs(const at::Tensor& pred, const char* op_name) {
+  check_float_pred(pred, op_name);
+  TORCH_CHECK(pred.dim() == 2, op_name, ": pred must be (M, n + 1), got ", pred.dim(),
+              " dimension(s)");
+  TORCH_CHECK(pred.size(1) >= 2, op_name, ": pred needs at least 2 bins, got ", pred.size(1));
+}
+
+void check_dfl_inputs(const at::Tensor& pred, const at::Tensor& target) {
+  check_bin_inputs(pred, "distribution_focal_loss");
+  check_same_device(pred, target, "target");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == pred.size(0),
+              "distribution_focal_loss: target must have shape (", pred.size(0), "), got ",
+              target.sizes());
+  TORCH_CHECK(target.scalar_type() == accumulate_dtype(pred.scalar_type()),
+              "distribution_focal_loss: target must be ", accumulate_dtype(pred.scalar_type()),
+              " for ", pred.scalar_type(), " pred, got ", target.scalar_type());
+}
+
+void check_weight(const at::Tensor& pred, const std::optional<at::Tensor>& weight, at::IntArrayRef shape,
+                  const char* op_name) {
+  if (!weight.has_value()) {
+    return;
+  }
+  check_same_device(pred, *weight, "weight");
+  TORCH_CHECK(weight->sizes() == at::IntArrayRef(shape), op_name, ": weight must have the loss's shape ",
+              shape, ", got ", weight->sizes());
+  TORCH_CHECK(weight->scalar_type() == accumulate_dtype(pred.scalar_type()), op_name, ": weight must be ",
+              accumulate_dtype(pred.scalar_type()), " for ", pred.scalar_type(), " pred, got ", weight->scalar_type());
+}
+
+std::optional<at::Tensor> contiguous_weight(const std::optional<at::Tensor>& weight) {
+  return weight.has_value() ? std::optional<at::Tensor>(weight->contiguous()) : std::nullopt;
+}
+
+at::Tensor allocate_grad(const at::Tensor& pred, bool compute_grad) {
+  if (!compute_grad) {
+    return at::empty({0}, pred.options());
+  }
+  return at::empty_like(pred);  // keeps pred's strides when pred is non-overlapping and dense
+}
+
+at::TensorOptions qfl_loss_options(const at::Tensor& pred) {
+  return pred.options().dtype(accumulate_dtype(pred.scalar_type()));
+}
+
+AnchorLayout qfl_layout(const at::Tensor& pred, const at::Tensor& grad, bool compute_grad,
+                        const at::Tensor* dense_target, std::vector<AnchorStrides>& strides) {
+  // Tensors that are not there take pred's place: their strides are computed and unused.
+  return make_anchor_layout({pred, compute_grad ? grad : pred, dense_target != nullptr ? *dense_target : pred},
+                            strides);
+}
+
+QflWalk choose_qfl_walk(const std::vector<AnchorStrides>& strides, bool need_grad, bool dense_target) {
+  const AnchorStrides& pred = strides[0];
+  const AnchorStrides& grad = strides[1];
+  const AnchorStrides& target = strides[2];
+  if (pred.class_stride == 1 && (!need_grad || grad.class_stride == 1) &&
+      (!dense_target || target.class_stride == 1)) {
+    return QflWalk::kRows;
+  }
+  if (pred.inner_stride == 1 && (!need_grad || grad.inner_stride == 1) &&
+      (!dense_target || target.inner_stride == 1)) {
+    return QflWalk::kPlanes;
+  }
+  return QflWalk::kStridedRows;
+}
+
+}  // namespace gfl
