@@ -23,7 +23,18 @@
 // kernel below scales that gradient buffer in place by the incoming gradient,
 // so pred is read once per training step: the buffer is the operator's scratch, not a
 // result to keep. No double backward. The integral returns (E, dE/dpred) the same way.
-TORCH_LIBRARY(gfl_ops, m) {
+//
+// The namespace is gfl_ops; a second build of this file may name another one (the tests
+// build it as gfl_ops_cuda_emulated, with the CUDA kernels run under an emulator, to drive
+// those kernels through these very schemas and this autograd kernel).
+#ifndef GFL_OPS_NAMESPACE
+#define GFL_OPS_NAMESPACE gfl_ops
+#endif
+// TORCH_LIBRARY pastes its namespace argument into names: expand GFL_OPS_NAMESPACE first.
+#define GFL_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define GFL_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+GFL_TORCH_LIBRARY(GFL_OPS_NAMESPACE, m) {
   m.def("quality_focal_loss(Tensor pred, Tensor label, Tensor score, Tensor? weight, float beta, "
         "bool activated, str reduction, bool compute_grad) -> (Tensor, Tensor)");
   m.def("quality_focal_loss_dense(Tensor pred, Tensor target, Tensor? weight, float beta, bool activated, "
@@ -222,7 +233,7 @@ void fused_loss_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gfl_ops, Autograd, m) {
+GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, Autograd, m) {
   for (const char* name : {"quality_focal_loss", "quality_focal_loss_dense", "distribution_focal_loss",
                            "distribution_integral"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&fused_loss_autograd>());

@@ -160,26 +160,39 @@ def loss_buffer(pred: Tensor, shape: tuple, reduction: str) -> Tensor:
     return pred.new_empty(shape if reduction == "none" else (), dtype=accumulate_dtype(pred.dtype))
 
 
+def _fake_quality_focal_loss(pred, label, score, weight, beta, activated, reduction, compute_grad):
+    check_same_device(pred, label, score, weight)
+    return loss_buffer(pred, anchor_shape(pred), reduction), grad_buffer(pred, compute_grad)
+
+
+def _fake_quality_focal_loss_dense(pred, target, weight, beta, activated, reduction, compute_grad):
+    check_same_device(pred, target, weight)
+    return loss_buffer(pred, anchor_shape(pred), reduction), grad_buffer(pred, compute_grad)
+
+
+def _fake_distribution_focal_loss(pred, target, weight, reduction, compute_grad):
+    check_same_device(pred, target, weight)
+    return loss_buffer(pred, (pred.shape[0],), reduction), grad_buffer(pred, compute_grad)
+
+
+def _fake_distribution_integral(pred, compute_grad):
+    return pred.new_empty((pred.shape[0],)), grad_buffer(pred, compute_grad)
+
+
+def register_fake_kernels(namespace: str) -> None:
+    """The fake kernels (shapes, dtypes, strides without computing) of the operators
+    defined by csrc/gfl_ops.cpp in `namespace`: gfl_ops, or the test suite's second build
+    of them (tests/_cuda_emulation.py)."""
+    for name, fake in (
+        ("quality_focal_loss", _fake_quality_focal_loss),
+        ("quality_focal_loss_dense", _fake_quality_focal_loss_dense),
+        ("distribution_focal_loss", _fake_distribution_focal_loss),
+        ("distribution_integral", _fake_distribution_integral),
+    ):
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+
+
 if native_loaded():
-
-    @torch.library.register_fake("gfl_ops::quality_focal_loss")
-    def _(pred, label, score, weight, beta, activated, reduction, compute_grad):
-        check_same_device(pred, label, score, weight)
-        return loss_buffer(pred, anchor_shape(pred), reduction), grad_buffer(pred, compute_grad)
-
-    @torch.library.register_fake("gfl_ops::quality_focal_loss_dense")
-    def _(pred, target, weight, beta, activated, reduction, compute_grad):
-        check_same_device(pred, target, weight)
-        return loss_buffer(pred, anchor_shape(pred), reduction), grad_buffer(pred, compute_grad)
-
-    @torch.library.register_fake("gfl_ops::distribution_focal_loss")
-    def _(pred, target, weight, reduction, compute_grad):
-        check_same_device(pred, target, weight)
-        return loss_buffer(pred, (pred.shape[0],), reduction), grad_buffer(pred, compute_grad)
-
-    @torch.library.register_fake("gfl_ops::distribution_integral")
-    def _(pred, compute_grad):
-        return pred.new_empty((pred.shape[0],)), grad_buffer(pred, compute_grad)
-
+    register_fake_kernels("gfl_ops")
     # Autograd of the native operators is registered in C++ (csrc/gfl_ops.cpp), with the
     # formula of setup_context / backward above, which the Triton operators use.

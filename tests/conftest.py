@@ -9,6 +9,22 @@ from hypothesis import HealthCheck, settings
 # The helper module lives next to the tests (tests/ is not a package).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _cuda_emulation  # noqa: E402
+
+# A run whose backend="native" is the CUDA kernels, emulated on CPU tensors
+# (test_cuda_emulation.py starts one over the parity and gradcheck suites).
+EMULATED_CUDA = os.environ.get(_cuda_emulation.ENVIRONMENT_SWITCH) == "1"
+if EMULATED_CUDA:
+    _cuda_emulation.route_native_operators()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if EMULATED_CUDA:
+        terminalreporter.write_line(
+            f"backend='native' ran the emulated CUDA kernels of torch.ops.{_cuda_emulation.NAMESPACE}: "
+            f"{_cuda_emulation.take_wide_access_count()} vector accesses"
+        )
+
 # Modest example counts: the suite runs on 2-core CI machines. deadline=None because the
 # first call of a kernel (and torch's lazy initialisation) can take longer than 200 ms.
 # database=None keeps the working tree free of .hypothesis/ folders.

@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 
+import gfl_ops
 from gfl_ops import bench, reference
 
 TINY_QFL = (64, 5)  # 64 anchors: 2 x 5 x 4 x 8 channel-first
@@ -121,13 +122,18 @@ def test_peak_memory_counts_the_allocations_of_a_step():
     assert 2 * size <= peak < 2 * size + 4096
 
 
+@pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
 @pytest.mark.parametrize("op", ["qfl", "dfl", "integral"])
-def test_a_native_training_step_holds_one_buffer_of_preds_size(op):
+def test_a_native_training_step_holds_one_buffer_of_preds_size(op, gradient_pass, monkeypatch):
     """Forward + backward holds the gradient (which becomes pred.grad without a copy): no
-    second pred-sized buffer, and for a reduced loss no per-anchor vector either (the
-    operator sums as it goes). The integral's output E is one value per row."""
+    second pred-sized buffer, and for a reduced loss no per-anchor loss vector either (the
+    operator sums as it goes). The integral's output E is one value per row. With the
+    gradient in the backward pass (GRADIENT_PASS "backward", CUDA's choice) the losses
+    also hold the per-anchor factor d total / d loss that the backward hands the operator
+    as its weight (float32)."""
     if "native" not in bench.available_providers(op, torch.device("cpu")):
         pytest.skip("the native CPU kernels are not built")
+    monkeypatch.setitem(gfl_ops.functional.GRADIENT_PASS, "cpu", gradient_pass)
     case = bench.Case(op, 4096, 17 if op != "qfl" else 80, "nc" if op == "qfl" else "rows", torch.float32)
     inputs = bench.make_inputs(case, torch.device("cpu"))
     fn = bench.make_provider("native", case, torch.device("cpu"))
@@ -138,6 +144,8 @@ def test_a_native_training_step_holds_one_buffer_of_preds_size(op):
         pytest.skip("this torch's profiler does not report CPU allocations")
     assert inputs.pred.grad is not None
     outputs = case.rows * 4 if op == "integral" else 0  # E, float32
+    if op != "integral" and gradient_pass == "backward":
+        outputs += case.rows * 4  # the per-anchor factor, float32
     scalars = 64  # the 0-dim loss and its quotient by avg_factor
     assert case.pred_bytes + outputs <= peak <= case.pred_bytes + outputs + scalars, peak - case.pred_bytes
 

@@ -232,11 +232,14 @@ def test_qfl_dense_float32_target_of_half_logits(device, dtype, layout, reductio
     check_parity(qfl_dense_call, pred, dict(target=target, reduction=reduction), out_dtype=torch.float32)
 
 
-def test_qfl_dense_float32_target_is_not_copied():
+@pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
+def test_qfl_dense_float32_target_is_not_copied(gradient_pass, monkeypatch):
     """A float32 target of bfloat16 logits costs no N x C conversion: the step allocates the
-    gradient (bfloat16) and nothing of the target's size."""
+    gradient (bfloat16) and nothing of the target's size (in the backward gradient pass, a
+    per-anchor float32 factor besides: see test_bench_harness.py)."""
     from gfl_ops import bench
 
+    monkeypatch.setitem(gfl_ops.functional.GRADIENT_PASS, "cpu", gradient_pass)
     gen = make_generator("dense-amp-copy")
     pred = torch.randn(4096, 80, generator=gen).to(torch.bfloat16).requires_grad_()
     target = torch.rand(4096, 80, generator=gen)
@@ -250,7 +253,8 @@ def test_qfl_dense_float32_target_is_not_copied():
     if peak is None:
         pytest.skip("this torch's profiler does not report CPU allocations")
     gradient = pred.numel() * pred.element_size()
-    assert gradient <= peak <= gradient + 64, peak - gradient
+    factor = pred.shape[0] * 4 if gradient_pass == "backward" else 0
+    assert gradient + factor <= peak <= gradient + factor + 64, peak - gradient - factor
 
 
 @pytest.mark.parametrize("activated", [False, True], ids=["logits", "activated"])

@@ -1,0 +1,99 @@
+// The CUDA kernels of csrc/cuda/gfl_kernels.cuh built by the host compiler and run on CPU
+// tensors under the emulator of the CUDA execution model (cuda_emulator.h), registered as
+// the CPU kernels of the gfl_ops_cuda_emulated operators. tests/test_cuda_emulation.py
+// links this file with csrc/gfl_ops.cpp built for that namespace (the schemas and the C++
+// autograd kernel of gfl_ops) and csrc/gfl_ops_host.cpp, and the bodies below are the
+// operator bodies of gfl_host.h: the test drives the CUDA code path end to end (host checks,
+// layouts, the choice of walk and vector width, the launches, the kernels, the block sums,
+// both gradient passes of the autograd kernel), only the compiler and the device differ.
+#include "cuda_emulator.h"
+
+#include <cstddef>
+#include <cstdint>
+
+namespace gfl {
+namespace cuda {
+using cuda_emulator::launch_kernel;
+}  // namespace cuda
+
+namespace emulation {
+
+// The width of the kernels' widest access (gfl::cuda::kVectorBytes, checked below).
+constexpr std::size_t kWideAccessBytes = 16;
+
+// Accesses of kWideAccessBytes the kernels made since the test last asked: whether a walk
+// read and wrote whole vectors, which results alone cannot tell. The emulator runs every
+// thread on the calling OS thread, so a plain counter is exact.
+int64_t wide_access_count = 0;
+
+// Every load_vector / store_vector: its alignment checked (a misaligned vector access
+// faults on a GPU; here it throws), wide ones counted.
+inline void check_vector_access(const void* pointer, std::size_t bytes) {
+  ::cuda_emulator::check_aligned(pointer, bytes, "a vector access");
+  if (bytes == kWideAccessBytes) {
+    ++wide_access_count;
+  }
+}
+
+int64_t take_wide_access_count() {
+  const int64_t count = wide_access_count;
+  wide_access_count = 0;
+  return count;
+}
+
+}  // namespace emulation
+}  // namespace gfl
+
+#define GFL_ASSERT_ALIGNED(pointer, bytes) ::gfl::emulation::check_vector_access(pointer, bytes)
+
+#include "cuda/gfl_kernels.cuh"
+
+#include <torch/library.h>
+
+static_assert(gfl::emulation::kWideAccessBytes == gfl::cuda::kVectorBytes, "count the kernels' widest accesses");
+
+namespace gfl {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> quality_focal_loss_emulated(const at::Tensor& pred, const at::Tensor& label,
+                                                               const at::Tensor& score,
+                                                               const std::optional<at::Tensor>& weight,
+                                                               double beta, bool activated,
+                                                               c10::string_view reduction, bool compute_grad) {
+  return quality_focal_loss_impl(pred, label, score, weight, beta, activated, reduction, compute_grad,
+                                 cuda::QflLaunch{nullptr, pred.options()});
+}
+
+std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_emulated(const at::Tensor& pred, const at::Tensor& target,
+                                                                     const std::optional<at::Tensor>& weight,
+                                                                     double beta, bool activated,
+                                                                     c10::string_view reduction, bool compute_grad) {
+  return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, reduction, compute_grad,
+                                       cuda::QflLaunch{nullptr, pred.options()});
+}
+
+std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_emulated(const at::Tensor& pred, const at::Tensor& target,
+                                                                    const std::optional<at::Tensor>& weight,
+                                                                    c10::string_view reduction, bool compute_grad) {
+  return distribution_focal_loss_impl(pred, target, weight, reduction, compute_grad,
+                                      cuda::DflLaunch{nullptr, pred.options()});
+}
+
+std::tuple<at::Tensor, at::Tensor> distribution_integral_emulated(const at::Tensor& pred, bool compute_grad) {
+  return distribution_integral_impl(pred, compute_grad, cuda::IntegralLaunch{nullptr});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gfl_ops_cuda_emulated, m) {
+  m.def("take_wide_access_count() -> int", &emulation::take_wide_access_count);
+}
+
+TORCH_LIBRARY_IMPL(gfl_ops_cuda_emulated, CPU, m) {
+  m.impl("quality_focal_loss", &quality_focal_loss_emulated);
+  m.impl("quality_focal_loss_dense", &quality_focal_loss_dense_emulated);
+  m.impl("distribution_focal_loss", &distribution_focal_loss_emulated);
+  m.impl("distribution_integral", &distribution_integral_emulated);
+}
+
+}  // namespace gfl
