@@ -23,21 +23,21 @@ __device__ __forceinline__ int64_t global_thread() {
 
 __device__ __forceinline__ int64_t grid_threads() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
-// *out = the sum of every thread's value (a fixed tree in shared memory); all kThreads threads call it.
+// The block's inclusive prefix sums of each thread's value (Hillis-Steele in shared memory:
+// two barriers a step, so that no thread overwrites a value another still has to read);
+// returns the block's total, the last prefix. All kThreads threads call it.
 template <typename acc_t>
-__device__ __forceinline__ void block_sum_to(acc_t value, acc_t* out) {
-  __shared__ acc_t partial[kThreads];
-  partial[threadIdx.x] = value;
+__device__ __forceinline__ acc_t block_total_by_scan(acc_t value) {
+  __shared__ acc_t prefix[kThreads];
+  prefix[threadIdx.x] = value;
   __syncthreads();
-  for (unsigned stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      partial[threadIdx.x] += partial[threadIdx.x + stride];
-    }
+  for (unsigned offset = 1; offset < kThreads; offset *= 2) {
+    const acc_t left = threadIdx.x >= offset ? prefix[threadIdx.x - offset] : acc_t(0);
+    __syncthreads();
+    prefix[threadIdx.x] += left;
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    *out = partial[0];
-  }
+  return prefix[kThreads - 1];
 }
 
 // Grid-stride loop: doubled[i] = 2 * values[i], visits[i] += 1, and one sum of values per block.
@@ -50,7 +50,10 @@ __global__ void __launch_bounds__(kThreads) scale_and_sum_kernel(const acc_t* __
     visits[i] += 1;
     sum += values[i];
   }
-  block_sum_to(sum, &block_sums[blockIdx.x]);
+  const acc_t block_total = block_total_by_scan(sum);
+  if (threadIdx.x == 0) {
+    block_sums[blockIdx.x] = block_total;
+  }
 }
 
 struct Coordinates {
