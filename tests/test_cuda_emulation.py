@@ -74,6 +74,8 @@ def test_the_emulator_catches_what_a_gpu_would(tmp_path):
 def test_the_suite_on_the_emulated_cuda_kernels(emulated):
     if UNDER_EMULATION:
         pytest.skip("already under emulation")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the suite's CUDA cases run the real kernels (and a GPU session's time is short)")
     env = dict(os.environ, **{_cuda_emulation.ENVIRONMENT_SWITCH: "1", "GFL_OPS_GRADIENT_PASS": "backward"})
     command = [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS),
