@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cuda_emulation  # noqa: E402
 
 # A run whose backend="native" is the CUDA kernels, emulated on CPU tensors
-# (test_cuda_emulation.py starts one over the parity and gradcheck suites).
+# (test_cuda_emulation.py starts one over the whole suite).
 EMULATED_CUDA = os.environ.get(_cuda_emulation.ENVIRONMENT_SWITCH) == "1"
 if EMULATED_CUDA:
     _cuda_emulation.route_native_operators()

@@ -168,14 +168,13 @@ void launch_loss_kernel(int blocks, acc_t* per_anchor, acc_t* total, cudaStream_
 // ---------------------------------------------------------------------------------------
 
 // The targets y of classes c .. c + kSize - 1 of one anchor, in the two target forms;
-// `element` is the dense target's offset of class c.
+// `element` is the dense target's offset of class c. The label form reads per anchor, not
+// per class: its accessor as it is.
 template <int kSize, typename acc_t>
 __device__ __forceinline__ void load_targets(const math::LabelScoreTarget<acc_t>& target, int64_t anchor, int64_t c,
-                                             int64_t /*element*/, acc_t (&y)[kSize]) {
-  const int64_t label = target.labels[anchor];
-  const acc_t score = target.scores[anchor];
+                                             int64_t element, acc_t (&y)[kSize]) {
   for (int j = 0; j < kSize; ++j) {
-    y[j] = math::qfl_label_target(c + j, label, score);
+    y[j] = target.at(anchor, c + j, element + j);
   }
 }
 
