@@ -1,15 +1,16 @@
-// The bodies of the operators, shared by the CPU and CUDA registrations: each checks its
+// The bodies of the native kernels, shared by the CPU and CUDA registrations: each checks its
 // inputs, allocates its outputs, describes the memory layout and hands typed kernel
 // arguments to the device's launcher, the only part that differs between devices.
 //
 //   qfl launcher:      launch(const QflArgs<scalar_t, acc_t, Target>&, activated, compute_grad, QflWalk, acc_t* total)
 //   dfl launcher:      launch(const BinRows<scalar_t>&, const acc_t* target, const acc_t* weight, acc_t* loss,
 //                             acc_t* total)
-//   integral launcher: launch(const BinRows<scalar_t>&, scalar_t* value)
+//   integral launcher: launch(const BinRows<scalar_t>&, const acc_t* grad_scale, scalar_t* value)
 //
 // The loss launchers write one loss per anchor (row) into the loss buffer (reduction "none")
 // or, when `total` is not null (reduction "sum", the loss buffer then null), the sum of
-// those losses into *total (device memory), added up in a fixed order.
+// those losses into *total (device memory), added up in a fixed order. The integral's
+// launcher scales row r's gradient by grad_scale[r] (1 when grad_scale is null).
 #pragma once
 
 #include "gfl_math.h"
@@ -18,6 +19,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <tuple>
 #include <type_traits>
@@ -161,18 +163,76 @@ std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_impl(const at::Tensor
 }
 
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor> distribution_integral_impl(const at::Tensor& pred, bool compute_grad,
-                                                              const Launch& launch) {
+std::tuple<at::Tensor, at::Tensor> distribution_integral_impl(const at::Tensor& pred,
+                                                              const std::optional<at::Tensor>& grad_scale,
+                                                              bool compute_grad, const Launch& launch) {
   check_bin_inputs(pred, "distribution_integral");
+  check_weight(pred, grad_scale, {pred.size(0)}, "distribution_integral");
   at::Tensor value = at::empty({pred.size(0)}, pred.options());
   at::Tensor grad = allocate_grad(pred, compute_grad);
   if (pred.size(0) == 0) {
     return {value, grad};
   }
+  const std::optional<at::Tensor> grad_scales = contiguous_weight(grad_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "distribution_integral", [&] {
-    launch(make_bin_rows<scalar_t>(pred, grad, compute_grad), value.mutable_data_ptr<scalar_t>());
+    using acc_t = math::acc_type_t<scalar_t>;
+    launch(make_bin_rows<scalar_t>(pred, grad, compute_grad), weight_data<acc_t>(grad_scales),
+           value.mutable_data_ptr<scalar_t>());
   });
   return {value, grad};
 }
+
+// The kernels _<operator>_native of one device: the operator bodies above with the device's
+// launchers. Device provides a Guard (constructed from pred.device(): the device guard, or
+// nothing) and the launchers Device::qfl(pred), Device::dfl(pred) and Device::integral(pred).
+template <typename Device>
+struct NativeKernels {
+  static std::tuple<at::Tensor, at::Tensor> quality_focal_loss(const at::Tensor& pred, const at::Tensor& label,
+                                                               const at::Tensor& score,
+                                                               const std::optional<at::Tensor>& weight, double beta,
+                                                               bool activated, c10::string_view reduction,
+                                                               bool compute_grad) {
+    const typename Device::Guard guard(pred.device());
+    return quality_focal_loss_impl(pred, label, score, weight, beta, activated, reduction, compute_grad,
+                                   Device::qfl(pred));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense(const at::Tensor& pred, const at::Tensor& target,
+                                                                     const std::optional<at::Tensor>& weight,
+                                                                     double beta, bool activated,
+                                                                     c10::string_view reduction, bool compute_grad) {
+    const typename Device::Guard guard(pred.device());
+    return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, reduction, compute_grad,
+                                         Device::qfl(pred));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> distribution_focal_loss(const at::Tensor& pred, const at::Tensor& target,
+                                                                    const std::optional<at::Tensor>& weight,
+                                                                    c10::string_view reduction, bool compute_grad) {
+    const typename Device::Guard guard(pred.device());
+    return distribution_focal_loss_impl(pred, target, weight, reduction, compute_grad, Device::dfl(pred));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> distribution_integral(const at::Tensor& pred,
+                                                                  const std::optional<at::Tensor>& grad_scale,
+                                                                  bool compute_grad) {
+    const typename Device::Guard guard(pred.device());
+    return distribution_integral_impl(pred, grad_scale, compute_grad, Device::integral(pred));
+  }
+};
+
+// Registers NativeKernels<Device> as the kernels of one dispatch key (in TORCH_LIBRARY_IMPL).
+template <typename Device>
+void register_native_kernels(torch::Library& m) {
+  m.impl("_quality_focal_loss_native", &NativeKernels<Device>::quality_focal_loss);
+  m.impl("_quality_focal_loss_dense_native", &NativeKernels<Device>::quality_focal_loss_dense);
+  m.impl("_distribution_focal_loss_native", &NativeKernels<Device>::distribution_focal_loss);
+  m.impl("_distribution_integral_native", &NativeKernels<Device>::distribution_integral);
+}
+
+// A Guard for devices that need none (the CPU).
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(const c10::Device& /*device*/) {}
+};
 
 }  // namespace gfl

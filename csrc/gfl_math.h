@@ -424,10 +424,11 @@ GFL_HOST_DEVICE acc_t dfl_row(const scalar_t* z, int64_t bin_stride, int64_t num
   return weight * loss;
 }
 
-// One row of the integral: returns E; writes dE/dz into grad unless grad is null.
+// One row of the integral: returns E; writes grad_scale * dE/dz into grad unless grad is
+// null (scaled before it is rounded to pred's dtype).
 template <typename acc_t, typename scalar_t>
-GFL_HOST_DEVICE acc_t integral_row(const scalar_t* z, int64_t bin_stride, int64_t num_bins, scalar_t* grad,
-                                   int64_t grad_bin_stride) {
+GFL_HOST_DEVICE acc_t integral_row(const scalar_t* z, int64_t bin_stride, int64_t num_bins, acc_t grad_scale,
+                                   scalar_t* grad, int64_t grad_bin_stride) {
   acc_t row_max, sum_exp;
   row_softmax_stats(z, bin_stride, num_bins, row_max, sum_exp);
   const acc_t inv_sum = acc_t(1) / sum_exp;
@@ -441,7 +442,7 @@ GFL_HOST_DEVICE acc_t integral_row(const scalar_t* z, int64_t bin_stride, int64_
     GFL_SIMD()
     for (int64_t k = 0; k < num_bins; ++k) {
       const acc_t softmax_k = exp_(static_cast<acc_t>(z[k * bin_stride]) - row_max) * inv_sum;
-      grad[k * grad_bin_stride] = static_cast<scalar_t>(integral_grad(softmax_k, k, expectation));
+      grad[k * grad_bin_stride] = static_cast<scalar_t>(grad_scale * integral_grad(softmax_k, k, expectation));
     }
   }
   return expectation;

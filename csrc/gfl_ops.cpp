@@ -1,7 +1,23 @@
-// Operator schemas of the gfl_ops namespace and their autograd kernel. Host-side helpers:
-// gfl_ops_host.cpp; kernels: cpu/gfl_kernels_cpu.cpp (and cuda/ when built with CUDA).
-// Fake kernels, and the autograd formula of the Triton operators, are registered from
-// Python (gfl_ops/_ops.py).
+// The gfl_ops operators: every schema, and the one autograd kernel that differentiates every
+// operator on every backend.
+//
+// Two layers of operators:
+//   - the public operators, what users call: quality_focal_loss, quality_focal_loss_dense,
+//     distribution_focal_loss and distribution_integral. Each returns what was asked for (the
+//     loss per anchor or row, or its sum; the integral's value), differentiable with respect
+//     to pred by the autograd kernel below. `str backend` names the kernels that compute it:
+//     "native" (the C++ CPU and CUDA kernels) or "triton" (gfl_ops/triton/).
+//   - their kernels, _<operator>_native and _<operator>_triton: one schema per operator, the
+//     same for every backend, with an implementation per backend (cpu/, cuda/ and the Triton
+//     one, registered from Python). A kernel makes one pass over pred and returns fresh
+//     (value, d value / d pred) tensors; it has no autograd of its own.
+// The _<operator>_plan operators (gfl_plans.cpp) run the native host code (checks, outputs,
+// layout) for the Triton kernels, so that those exist once.
+//
+// Fake kernels are registered from Python (gfl_ops/_ops.py). The namespace is gfl_ops; a
+// second build of this file may name another one (the tests build it as
+// gfl_ops_cuda_emulated, with the CUDA kernels run under an emulator, to drive those
+// kernels through these very schemas and this autograd kernel).
 #include "gfl_ops.h"
 
 #include <Python.h>
@@ -12,21 +28,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <string>
 
-// The loss operators return (loss, grad). loss: with reduction "none", one value per anchor
-// (QFL) or row (DFL), times `weight` when one is given; with "sum", the sum of those values
-// as a 0-dim tensor, added up inside the operator in a fixed order. float32 for half pred,
-// pred's dtype otherwise. grad: when compute_grad is true, d loss / d pred (of every
-// per-anchor value, whatever the reduction) in pred's dtype and layout, an empty tensor
-// otherwise. Gradients flow to pred only (weight and targets are constants); the autograd
-// kernel below scales that gradient buffer in place by the incoming gradient,
-// so pred is read once per training step: the buffer is the operator's scratch, not a
-// result to keep. No double backward. The integral returns (E, dE/dpred) the same way.
-//
-// The namespace is gfl_ops; a second build of this file may name another one (the tests
-// build it as gfl_ops_cuda_emulated, with the CUDA kernels run under an emulator, to drive
-// those kernels through these very schemas and this autograd kernel).
 #ifndef GFL_OPS_NAMESPACE
 #define GFL_OPS_NAMESPACE gfl_ops
 #endif
@@ -34,36 +39,129 @@
 #define GFL_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 #define GFL_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
+namespace {
+
+// Each operator's public signature (after its name) and the signature of its kernels. A
+// kernel takes the public arguments by name, less `backend`, plus compute_grad (and the
+// integral's grad_scale), and returns (value, d value / d pred).
+struct OperatorSignatures {
+  const char* name;
+  const char* public_signature;
+  const char* kernel_signature;
+};
+
+// The loss kernels' (loss, grad): with reduction "none" the loss of each anchor (QFL) or row
+// (DFL), times `weight` when given; with "sum" their sum as a 0-dim tensor, added up inside
+// the kernel in a fixed order. float32 for half pred, pred's dtype otherwise. grad: when
+// compute_grad, d loss / d pred of every per-anchor loss (weight included) in pred's dtype
+// and layout; an empty tensor otherwise. The integral's kernel returns (E, dE/dpred), the
+// gradient of each row scaled by grad_scale[row] when given.
+constexpr OperatorSignatures kOperators[] = {
+    {"quality_focal_loss",
+     "(Tensor pred, Tensor label, Tensor score, Tensor? weight, float beta, bool activated, str reduction, "
+     "str backend=\"native\") -> Tensor",
+     "(Tensor pred, Tensor label, Tensor score, Tensor? weight, float beta, bool activated, str reduction, "
+     "bool compute_grad) -> (Tensor, Tensor)"},
+    {"quality_focal_loss_dense",
+     "(Tensor pred, Tensor target, Tensor? weight, float beta, bool activated, str reduction, "
+     "str backend=\"native\") -> Tensor",
+     "(Tensor pred, Tensor target, Tensor? weight, float beta, bool activated, str reduction, bool compute_grad) "
+     "-> (Tensor, Tensor)"},
+    {"distribution_focal_loss", "(Tensor pred, Tensor target, Tensor? weight, str reduction, str backend=\"native\") -> Tensor",
+     "(Tensor pred, Tensor target, Tensor? weight, str reduction, bool compute_grad) -> (Tensor, Tensor)"},
+    {"distribution_integral", "(Tensor pred, str backend=\"native\") -> Tensor",
+     "(Tensor pred, Tensor? grad_scale, bool compute_grad) -> (Tensor, Tensor)"},
+};
+
+constexpr const char* kBackends[] = {"native", "triton"};
+
+// The kernel signature with the plan's outputs: the kernel's (value, grad), allocated, and
+// the numbers the Triton kernels are launched with.
+std::string plan_signature(const std::string& kernel_signature) {
+  return kernel_signature.substr(0, kernel_signature.find(" -> ")) + " -> (Tensor, Tensor, int[])";
+}
+
+}  // namespace
+
+
+// ---------------------------------------------------------------------------------------
+// Where a training step computes pred's gradient, per device type:
+//   - forward: the kernel writes d loss / d pred in the forward pass and backward scales it
+//     in place (fewer flops, one more pass over memory: for compute-bound CPUs);
+//   - backward: the forward only reads pred, and backward runs the kernel again with
+//     weight * d total / d loss as its per-anchor weight, writing the final gradient in one
+//     pass (3 passes over pred's size per step instead of 4: for memory-bound GPUs).
+// float16 pred always takes the backward pass: a gradient stored in float16 before the
+// backward scales it (by GradScaler's 2^16, by 1 / avg_factor) would lose its small values
+// to float16's range (nothing below 6e-8), where the backward pass rounds the scaled
+// gradient once. GFL_OPS_GRADIENT_PASS=forward|backward sets every device at load time;
+// _set_gradient_pass sets one.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+enum class GradientPass : int { kForward, kBackward };
+
+GradientPass parse_gradient_pass(c10::string_view value) {
+  TORCH_CHECK_VALUE(value == "forward" || value == "backward", "gfl_ops: the gradient pass must be \"forward\" or ",
+                    "\"backward\", got \"", std::string(value), "\"");
+  return value == "forward" ? GradientPass::kForward : GradientPass::kBackward;
+}
+
+GradientPass pass_from_environment(GradientPass device_default) {
+  const char* value = std::getenv("GFL_OPS_GRADIENT_PASS");
+  return value == nullptr ? device_default : parse_gradient_pass(value);
+}
+
+// [0]: CPU, [1]: every other device (CUDA).
+std::atomic<GradientPass> gradient_passes[2] = {pass_from_environment(GradientPass::kForward),
+                                                pass_from_environment(GradientPass::kBackward)};
+
+std::atomic<GradientPass>& gradient_pass_of(c10::string_view device_type) {
+  return gradient_passes[device_type == "cpu" ? 0 : 1];
+}
+
+std::string gradient_pass(c10::string_view device_type) {
+  return gradient_pass_of(device_type).load() == GradientPass::kForward ? "forward" : "backward";
+}
+
+void set_gradient_pass(c10::string_view device_type, c10::string_view pass) {
+  gradient_pass_of(device_type).store(parse_gradient_pass(pass));
+}
+
+bool gradient_in_forward(const at::Tensor& pred) {
+  const int device = pred.device().type() == c10::DeviceType::CPU ? 0 : 1;
+  return pred.scalar_type() != at::kHalf && gradient_passes[device].load() == GradientPass::kForward;
+}
+
+}  // namespace
+
+
 GFL_TORCH_LIBRARY(GFL_OPS_NAMESPACE, m) {
-  m.def("quality_focal_loss(Tensor pred, Tensor label, Tensor score, Tensor? weight, float beta, "
-        "bool activated, str reduction, bool compute_grad) -> (Tensor, Tensor)");
-  m.def("quality_focal_loss_dense(Tensor pred, Tensor target, Tensor? weight, float beta, bool activated, "
-        "str reduction, bool compute_grad) -> (Tensor, Tensor)");
-  m.def("distribution_focal_loss(Tensor pred, Tensor target, Tensor? weight, str reduction, bool compute_grad) "
-        "-> (Tensor, Tensor)");
-  m.def("distribution_integral(Tensor pred, bool compute_grad) -> (Tensor, Tensor)");
+  for (const OperatorSignatures& op : kOperators) {
+    const std::string name = op.name;
+    m.def((name + op.public_signature).c_str());
+    for (const char* backend : kBackends) {
+      m.def(("_" + name + "_" + backend + op.kernel_signature).c_str());
+    }
+    m.def(("_" + name + "_plan" + plan_signature(op.kernel_signature)).c_str());
+  }
+  m.def("_gradient_pass(str device_type) -> str", &gradient_pass);
+  m.def("_set_gradient_pass(str device_type, str gradient_pass) -> ()", &set_gradient_pass);
 }
 
 // ---------------------------------------------------------------------------------------
-// Autograd, in C++ so that a training step pays no Python on the way (PyTorch's Python
-// wrapper of registered autograd formulas costs tens of microseconds per call, as much
-// as a DFL kernel at 16k rows). One boxed kernel serves every operator: they all take pred
-// first and compute_grad last, and return (loss, d loss / d pred). Each anchor's loss
-// depends only on its own row of pred, so
+// Autograd, one kernel for every public operator and backend, in C++ so that a training
+// step pays no Python on the way (PyTorch's Python wrapper of registered autograd formulas
+// costs tens of microseconds per call, as much as a DFL kernel at 16k rows). Each anchor's
+// loss (each row's value) depends only on its own row of pred, so
 //
 //   d total / d pred[n, c, ...] = d total / d loss[n, ...] * d loss[n, ...] / d pred[n, c, ...]
 //
 // with one scalar d total / d loss for a summed loss, broadcast over the class (bin)
-// dimension 1. Two ways to get there, chosen by the caller through compute_grad:
-//   - compute_grad=True: the forward pass wrote d loss / d pred; backward scales it in
-//     place (no second pass over pred; the choice for compute-bound CPUs);
-//   - compute_grad=False: backward runs the operator again with weight * d total / d loss
-//     as its per-anchor weight, which the kernels apply to the gradient they write: one
-//     pass that reads pred and writes the final gradient (3 passes over pred's size per
-//     step instead of 4; the choice for memory-bound GPUs). The integral has no weight:
-//     its gradient is recomputed, then scaled.
-// Gradients flow to pred only: targets and weights are constants. The Triton operators
-// carry the compute_grad=True formula in Python (gfl_ops/_ops.py: setup_context, backward).
+// dimension 1. The gradient pass (above) says whether the forward's kernel call computes
+// d loss / d pred (scaled in place by backward) or backward calls the kernel again with
+// weight * d total / d loss as its per-anchor weight (the integral: its grad_scale).
+// Gradients flow to pred only: targets and weights are constants.
 // ---------------------------------------------------------------------------------------
 namespace {
 
@@ -81,14 +179,48 @@ bool is_traced(const at::Tensor& tensor) {
          at::functionalization::impl::isFunctionalTensor(tensor) || c10::impl::TorchDispatchModeTLS::any_modes_set();
 }
 
-// The operator's (loss, grad) from its boxed arguments, computed below autograd.
-std::pair<at::Tensor, at::Tensor> call_below_autograd(const c10::OperatorHandle& op, torch::jit::Stack stack) {
+// The kernel that computes a public operator on a backend: <namespace>::_<operator>_<backend>.
+c10::OperatorHandle kernel_of(const c10::OperatorHandle& op, const std::string& backend) {
+  const std::string& name = op.schema().name();
+  const size_t separator = name.find("::") + 2;
+  TORCH_CHECK_VALUE(backend == "native" || backend == "triton", name.substr(separator),
+                    ": backend must be \"native\" or \"triton\", got \"", backend, "\"");
+  const std::string kernel = name.substr(0, separator) + "_" + name.substr(separator) + "_" + backend;
+  return c10::Dispatcher::singleton().findSchemaOrThrow(kernel.c_str(), "");
+}
+
+// The position of the argument called `name` in the operator's schema, or -1.
+int64_t argument_index(const c10::OperatorHandle& op, const char* name) {
+  const std::optional<int> index = op.schema().argumentIndexWithName(name);
+  return index.has_value() ? *index : -1;
+}
+
+// The kernel's arguments: the public operator's, by name, and compute_grad; none for the
+// integral's grad_scale (the backward sets it).
+torch::jit::Stack kernel_arguments(const c10::OperatorHandle& kernel, const c10::OperatorHandle& op,
+                                   const torch::jit::Stack& public_arguments, bool compute_grad) {
+  torch::jit::Stack arguments;
+  for (const c10::Argument& argument : kernel.schema().arguments()) {
+    const int64_t index = argument_index(op, argument.name().c_str());
+    if (index >= 0) {
+      arguments.push_back(public_arguments[index]);
+    } else if (argument.name() == "compute_grad") {
+      arguments.emplace_back(compute_grad);
+    } else {
+      arguments.emplace_back();
+    }
+  }
+  return arguments;
+}
+
+// The kernel's (value, grad) from its boxed arguments, computed below autograd.
+std::pair<at::Tensor, at::Tensor> call_below_autograd(const c10::OperatorHandle& kernel, torch::jit::Stack stack) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.callBoxed(stack);
+  kernel.callBoxed(stack);
   return {stack[0].toTensor(), stack[1].toTensor()};
 }
 
-// The operator's arguments as saved for backward: the tensors as saved variables (version
+// The kernel's arguments as saved for backward: the tensors as saved variables (version
 // checked, released after backward), the rest as they are, None where a tensor was.
 void save_arguments(AutogradContext* ctx, const torch::jit::Stack& arguments) {
   variable_list tensors;
@@ -121,18 +253,14 @@ torch::jit::Stack saved_arguments(AutogradContext* ctx) {
   return arguments;
 }
 
-// The position of the argument called `name` in the operator's schema, or -1.
-int64_t argument_index(const c10::OperatorHandle& op, const char* name) {
-  const std::optional<int> index = op.schema().argumentIndexWithName(name);
-  return index.has_value() ? *index : -1;
-}
-
-// d total / d pred recomputed in one pass: the operator with weight * d total / d loss as
-// its per-anchor weight (and reduction "sum", whose loss output, unused, is one number).
-at::Tensor recompute_scaled_gradient(const c10::OperatorHandle& op, torch::jit::Stack arguments,
+// d total / d pred in one pass: the kernel with weight * d total / d loss as its per-anchor
+// weight (the integral: as its grad_scale), and reduction "sum", whose loss output, unused,
+// is one number.
+at::Tensor recompute_scaled_gradient(const c10::OperatorHandle& kernel, torch::jit::Stack arguments,
                                      const at::Tensor& grad_loss) {
   const at::Tensor& pred = arguments[0].toTensor();
-  const int64_t weight_index = argument_index(op, "weight");
+  const int64_t weight_index = argument_index(kernel, "weight");
+  const int64_t scale_index = weight_index >= 0 ? weight_index : argument_index(kernel, "grad_scale");
   // pred's anchor shape in symbolic sizes, so that torch.compile(dynamic=True) traces it
   // without specialising on N.
   c10::SymDimVector anchor_sizes{pred.sym_size(0)};
@@ -140,13 +268,16 @@ at::Tensor recompute_scaled_gradient(const c10::OperatorHandle& op, torch::jit::
     anchor_sizes.push_back(pred.sym_size(d));
   }
   at::Tensor factor = grad_loss.expand_symint(anchor_sizes);
-  if (arguments[weight_index].isTensor()) {
-    factor = factor * arguments[weight_index].toTensor();
+  if (arguments[scale_index].isTensor()) {
+    factor = factor * arguments[scale_index].toTensor();
   }
-  arguments[weight_index] = factor.to(gfl::accumulate_dtype(pred.scalar_type())).contiguous();
-  arguments[argument_index(op, "reduction")] = std::string("sum");
+  arguments[scale_index] = factor.to(gfl::accumulate_dtype(pred.scalar_type())).contiguous();
+  const int64_t reduction_index = argument_index(kernel, "reduction");
+  if (reduction_index >= 0) {
+    arguments[reduction_index] = std::string("sum");
+  }
   arguments.back() = true;
-  return call_below_autograd(op, std::move(arguments)).second;
+  return call_below_autograd(kernel, std::move(arguments)).second;
 }
 
 class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
@@ -154,56 +285,44 @@ class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
   // Compiled autograd may trace the backward (it sees the functional form: is_traced).
   static constexpr bool is_traceable = true;
 
-  // pred: arguments[0], passed on its own so that autograd tracks it (and only it). The
-  // operator's second output, the gradient buffer, goes to *gradient_output rather than
-  // out of the Function: it is not differentiable, and a Function with non-differentiable
-  // outputs is refused by compiled autograd.
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const c10::OperatorHandle& op,
-                               torch::jit::Stack arguments, at::Tensor* gradient_output) {
+  // pred: arguments[0], passed on its own so that autograd tracks it (and only it).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const c10::OperatorHandle& kernel,
+                               torch::jit::Stack arguments) {
     arguments[0] = pred;
-    auto [loss, grad] = call_below_autograd(op, arguments);
+    auto [value, grad] = call_below_autograd(kernel, arguments);
     save_arguments(ctx, arguments);
-    ctx->saved_data["operator"] = op.schema().name();
+    ctx->saved_data["kernel"] = kernel.schema().name();
     // A plain reference, not a saved variable: the eager backward scales it in place.
     ctx->saved_data["gradient"] = grad;
     ctx->saved_data["gradient_consumed"] = false;
-    *gradient_output = std::move(grad);
-    return {loss};
+    return {value};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list input_grads(4);  // pred, op, arguments, gradient_output
+    variable_list input_grads(3);  // pred, kernel, arguments
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) {
       return input_grads;
     }
     torch::jit::Stack arguments = saved_arguments(ctx);
-    const c10::OperatorHandle op =
-        c10::Dispatcher::singleton().findSchemaOrThrow(ctx->saved_data["operator"].toStringRef().c_str(), "");
+    const c10::OperatorHandle kernel =
+        c10::Dispatcher::singleton().findSchemaOrThrow(ctx->saved_data["kernel"].toStringRef().c_str(), "");
     const bool gradient_saved = arguments.back().toBool();
-    TORCH_CHECK(gradient_saved || !at::GradMode::is_enabled() || is_traced(grad_loss),
-                "gfl_ops: double backward (create_graph=True) is not supported by the fused operators; use ",
-                "backend='reference' for higher-order gradients");
-    if (!gradient_saved && argument_index(op, "weight") >= 0) {
-      input_grads[0] = recompute_scaled_gradient(op, std::move(arguments), grad_loss);
-      return input_grads;
-    }
-    const at::Tensor scale = grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1);
     const bool consumed = ctx->saved_data["gradient_consumed"].toBool();
     const bool functional =
         is_traced(grad_loss) || (gradient_saved && !consumed && is_traced(ctx->saved_data["gradient"].toTensor()));
     TORCH_CHECK(functional || !at::GradMode::is_enabled(), "gfl_ops: double backward (create_graph=True) is not ",
                 "supported by the fused operators; use backend='reference' for higher-order gradients");
-    at::Tensor grad;
-    if (!gradient_saved || consumed) {
-      // No gradient from the forward (compute_grad=False: the integral), or a second backward
-      // through the same graph (retain_graph=True, gradcheck, jacobians) after the first one
-      // scaled the saved buffer in place and handed it over: compute the gradient again.
-      arguments.back() = true;
-      grad = call_below_autograd(op, std::move(arguments)).second;
-    } else {
-      grad = ctx->saved_data["gradient"].toTensor();
+    if (!gradient_saved) {
+      input_grads[0] = recompute_scaled_gradient(kernel, std::move(arguments), grad_loss);
+      return input_grads;
     }
+    const at::Tensor scale = grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1);
+    // A second backward through the same graph (retain_graph=True, gradcheck, jacobians)
+    // after the first one scaled the saved buffer in place and handed it over: compute the
+    // gradient again.
+    const at::Tensor grad =
+        consumed ? call_below_autograd(kernel, std::move(arguments)).second : ctx->saved_data["gradient"].toTensor();
     if (functional) {
       input_grads[0] = (grad * scale).to(grad.scalar_type());  // the compiler reuses the buffer
       return input_grads;
@@ -211,33 +330,53 @@ class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
     ctx->saved_data["gradient_consumed"] = true;
     // Scaled in place and handed over, so the saved buffer becomes pred's gradient and a
     // training step holds one buffer of pred's size, not two: with no other reference left,
-    // autograd stores it as pred.grad without a copy.
+    // autograd stores it as pred.grad without a copy. The buffer was never an output.
     ctx->saved_data["gradient"] = c10::IValue();
-    grad.mul_(scale);
-    input_grads[0] = std::move(grad);
+    input_grads[0] = grad.mul_(scale);
     return input_grads;
   }
 };
 
-// The Autograd kernel of every operator: the boxed arguments in, (loss, grad) out.
-void fused_loss_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+// The Autograd kernel of every public operator: its boxed arguments in, its value out.
+void public_operator_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const size_t num_arguments = op.schema().arguments().size();
-  torch::jit::Stack arguments(stack->end() - num_arguments, stack->end());
+  const torch::jit::Stack arguments(stack->end() - num_arguments, stack->end());
   torch::jit::drop(*stack, num_arguments);
   const at::Tensor pred = arguments[0].toTensor();
-  at::Tensor grad;
-  variable_list loss = FusedLossFunction::apply(pred, op, std::move(arguments), &grad);
-  stack->emplace_back(std::move(loss[0]));
-  stack->emplace_back(std::move(grad));
+  const c10::OperatorHandle kernel = kernel_of(op, arguments.back().toStringRef());
+  const bool gradient_now = at::GradMode::is_enabled() && pred.requires_grad() && gradient_in_forward(pred);
+  variable_list value = FusedLossFunction::apply(pred, kernel, kernel_arguments(kernel, op, arguments, gradient_now));
+  stack->emplace_back(std::move(value[0]));
+}
+
+// Without autograd (inference mode): the kernel's value alone.
+void public_operator_value(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t num_arguments = op.schema().arguments().size();
+  const torch::jit::Stack arguments(stack->end() - num_arguments, stack->end());
+  torch::jit::drop(*stack, num_arguments);
+  const c10::OperatorHandle kernel = kernel_of(op, arguments.back().toStringRef());
+  stack->emplace_back(call_below_autograd(kernel, kernel_arguments(kernel, op, arguments, false)).first);
+}
+
+template <void (*kKernel)(const c10::OperatorHandle&, torch::jit::Stack*)>
+void register_public_operators(torch::Library& m) {
+  for (const OperatorSignatures& op : kOperators) {
+    m.impl(op.name, torch::CppFunction::makeFromBoxedFunction<kKernel>());
+  }
 }
 
 }  // namespace
 
 GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, Autograd, m) {
-  for (const char* name : {"quality_focal_loss", "quality_focal_loss_dense", "distribution_focal_loss",
-                           "distribution_integral"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&fused_loss_autograd>());
-  }
+  register_public_operators<&public_operator_autograd>(m);
+}
+
+GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, CPU, m) {
+  register_public_operators<&public_operator_value>(m);
+}
+
+GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, CUDA, m) {
+  register_public_operators<&public_operator_value>(m);
 }
 
 // A Python module with no methods: importing gfl_ops._C loads the library, which registers

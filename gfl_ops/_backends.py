@@ -61,6 +61,8 @@ def resolve_backend(
             reason = ": gfl_ops._C was built without kernels for this device"
         elif backend == "triton" and _triton.IMPORT_ERROR is not None:
             reason = f": Triton did not import ({_triton.IMPORT_ERROR})"
+        elif backend == "triton" and not _ops.native_loaded():
+            reason = f": the compiled extension gfl_ops._C, which the Triton kernels share, did not load ({_ops.NATIVE_IMPORT_ERROR})"
         elif backend == "triton":
             reason = ": Triton kernels run on CUDA tensors (on CPU only under TRITON_INTERPRET=1)"
         raise ValueError(

@@ -8,7 +8,6 @@ weight_reduce_loss. Class (bin) dimension 1, as in F.cross_entropy.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Union
 
 import torch
@@ -19,18 +18,6 @@ from ._reduction import check_reduction, mean_of_sum, weight_reduce_loss
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AvgFactor = Optional[Union[float, Tensor]]
-
-# Which pass of a training step computes pred's gradient in the native loss operators, by
-# device type. "forward": the forward writes it and the backward scales it in place (fewer
-# flops, one more pass over memory: CPUs are compute-bound). "backward": the forward only
-# reads pred and the backward writes the final gradient in one pass (3 passes over pred's
-# size per step instead of 4: GPUs are memory-bound). csrc/gfl_ops.cpp's autograd does
-# either. GFL_OPS_GRADIENT_PASS=forward|backward sets every device (for measurements);
-# float16 pred always takes "backward" (see _loss_compute_grad).
-GRADIENT_PASS = {"cpu": "forward", "cuda": "backward"}
-if os.environ.get("GFL_OPS_GRADIENT_PASS") in ("forward", "backward"):
-    GRADIENT_PASS = dict.fromkeys(GRADIENT_PASS, os.environ["GFL_OPS_GRADIENT_PASS"])
-
 
 # --------------------------------------------------------------------------------------
 # Argument checks
@@ -126,28 +113,6 @@ def _validate_dfl_target_range(target: Tensor, last_bin: int) -> None:
             f"{bad[:4].tolist()}; clamp it (mmdetection uses reg_max - 0.1) or pass validate=False "
             f"to clamp inside the kernel"
         )
-
-
-def _wants_grad(pred: Tensor) -> bool:
-    return torch.is_grad_enabled() and pred.requires_grad
-
-
-def _loss_compute_grad(pred: Tensor, backend: str) -> bool:
-    """compute_grad for a loss operator: the gradient in the forward pass, or (native
-    operators, GRADIENT_PASS "backward") in the backward pass.
-
-    float16 pred always takes the backward pass: a gradient stored in float16 before the
-    backward scales it (by GradScaler's 2^16, by 1 / avg_factor) would lose its small
-    values to float16's range (nothing below 6e-8), where the reference rounds the scaled
-    gradient once. The backward pass writes the final, scaled gradient in one rounding.
-    bfloat16 has float32's range and keeps the device's choice."""
-    if not _wants_grad(pred):
-        return False
-    if backend != "native":
-        return True
-    if pred.dtype == torch.float16:
-        return False
-    return GRADIENT_PASS.get(pred.device.type, "forward") == "forward"
 
 
 def _check_constant_targets(backend: str, op: str, **targets: Tensor) -> None:
@@ -257,8 +222,8 @@ def quality_focal_loss(
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
             pred, label.long(), score.to(_accumulate_dtype(pred)), kernel_weight, float(beta), activated,
-            kernel_reduction, _loss_compute_grad(pred, chosen),
-        )[0],
+            kernel_reduction, chosen,
+        ),
         lambda: reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated),
         pred, weight, chosen, reduction, avg_factor, label.numel(),
     )
@@ -299,8 +264,8 @@ def quality_focal_loss_dense(
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
             pred, _dense_target_for_kernel(pred, target), kernel_weight, float(beta), activated, kernel_reduction,
-            _loss_compute_grad(pred, chosen),
-        )[0],
+            chosen,
+        ),
         lambda: reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated),
         pred, weight, chosen, reduction, avg_factor, pred.numel() // pred.shape[1],
     )
@@ -341,9 +306,8 @@ def distribution_focal_loss(
     _check_constant_targets(chosen, op, target=target)
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            pred, target.to(_accumulate_dtype(pred)), kernel_weight, kernel_reduction,
-            _loss_compute_grad(pred, chosen),
-        )[0],
+            pred, target.to(_accumulate_dtype(pred)), kernel_weight, kernel_reduction, chosen,
+        ),
         lambda: reference.distribution_focal_loss_per_row(pred, target),
         pred, weight, chosen, reduction, avg_factor, pred.shape[0],
     )
@@ -364,5 +328,4 @@ def distribution_integral(pred: Tensor, *, backend: str = "auto") -> Tensor:
     # (M, n + 1) is read through its strides; other shapes become rows of bins (a view
     # when the leading dimensions merge, a copy otherwise).
     rows = pred if pred.dim() == 2 else pred.reshape(-1, pred.shape[-1])
-    value, _ = _ops.operator(op, chosen)(rows, _wants_grad(pred))
-    return value.view(pred.shape[:-1])
+    return _ops.operator(op, chosen)(rows, chosen).view(pred.shape[:-1])

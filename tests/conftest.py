@@ -45,6 +45,18 @@ settings.register_profile(
 settings.load_profile(os.environ.get("GFL_OPS_HYPOTHESIS_PROFILE", "gfl_ops"))
 
 
+@pytest.fixture
+def set_gradient_pass():
+    """gfl_ops._ops.set_gradient_pass(device_type, "forward" | "backward") for one test: every
+    device's setting is restored after it."""
+    import gfl_ops
+
+    saved = {device_type: gfl_ops._ops.gradient_pass(device_type) for device_type in ("cpu", "cuda")}
+    yield gfl_ops._ops.set_gradient_pass
+    for device_type, gradient_pass in saved.items():
+        gfl_ops._ops.set_gradient_pass(device_type, gradient_pass)
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch():
     """Tests draw their inputs from explicit generators; this only pins anything else."""

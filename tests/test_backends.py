@@ -9,8 +9,9 @@ from _helpers import DEVICES, make_class_pred, make_generator, make_labels, make
 OPERATORS = ("quality_focal_loss", "quality_focal_loss_dense", "distribution_focal_loss", "distribution_integral")
 
 
-def _has_kernel(operator, key):
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gfl_ops::{operator}", key)
+def _has_kernel(operator, key, backend="native"):
+    """Whether the kernel operator of `operator` on `backend` has a kernel for dispatch key `key`."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gfl_ops::_{operator}_{backend}", key)
 
 
 def test_operator_list():
@@ -74,7 +75,8 @@ def test_triton_operators_registered_when_triton_imports():
     if gfl_ops.triton.IMPORT_ERROR is not None:
         pytest.skip(f"Triton does not import here: {gfl_ops.triton.IMPORT_ERROR}")
     for operator in OPERATORS:
-        assert hasattr(torch.ops.gfl_ops, f"{operator}_triton"), operator
+        assert _has_kernel(operator, "CUDA", "triton"), operator
+        assert _has_kernel(operator, "CPU", "triton") == gfl_ops.triton.INTERPRETER, operator
     assert gfl_ops.triton.available("cuda")
     assert gfl_ops.triton.available("cpu") == gfl_ops.triton.INTERPRETER
 

@@ -186,10 +186,10 @@ def test_compiled_autograd_traces_the_native_backward():
 
 
 @pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
-def test_compiled_losses_with_dynamic_shapes(monkeypatch, gradient_pass):
+def test_compiled_losses_with_dynamic_shapes(monkeypatch, set_gradient_pass, gradient_pass):
     """torch.compile(dynamic=True, fullgraph=True): symbolic sizes (and floats) through the
     argument checks, the fake kernels and both backward formulas; no recompilation for a new N."""
-    monkeypatch.setitem(gfl_ops.functional.GRADIENT_PASS, "cpu", gradient_pass)
+    set_gradient_pass("cpu", gradient_pass)
     torch._dynamo.reset()
     gen = make_generator("dynamic", gradient_pass)
 

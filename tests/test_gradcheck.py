@@ -156,20 +156,20 @@ def test_gradcheck_integral_module_and_nd(method, device):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_direct_ops(method, device, reduction):
-    """The registered operators' loss output (per anchor, or summed inside the operator),
-    called directly with compute_grad=True."""
+    """The public operators torch.ops.gfl_ops.* called directly: the loss (per anchor, or
+    summed inside the operator), differentiable by the autograd kernel."""
     gen = make_generator("gc-ops")
     ops = torch.ops.gfl_ops
     pred = make_class_pred("channels_last", (1, 2, 3), 4, torch.float64, device, gen)
     label = make_labels(anchor_shape(pred), 4, gen, device)
     score = make_scores(anchor_shape(pred), torch.float64, gen, device)
     target = torch.rand(pred.shape, generator=gen, dtype=torch.float64).to(device)
-    _check(method, lambda p: ops.quality_focal_loss(p, label, score, None, 2.0, False, reduction, True)[0], pred)
-    _check(method, lambda p: ops.quality_focal_loss_dense(p, target, None, 1.5, False, reduction, True)[0], pred)
+    _check(method, lambda p: ops.quality_focal_loss(p, label, score, None, 2.0, False, reduction), pred)
+    _check(method, lambda p: ops.quality_focal_loss_dense(p, target, None, 1.5, False, reduction), pred)
     bins = make_bin_pred("transposed", 4, 6, torch.float64, device, gen)
     dfl_target = make_dfl_target(4, 6, torch.float64, gen, device)
-    _check(method, lambda p: ops.distribution_focal_loss(p, dfl_target, None, reduction, True)[0], bins)
-    _check(method, lambda p: ops.distribution_integral(p, True)[0], bins)
+    _check(method, lambda p: ops.distribution_focal_loss(p, dfl_target, None, reduction), bins)
+    _check(method, lambda p: ops.distribution_integral(p), bins)
 
 
 @pytest.mark.parametrize("op", ["qfl", "dfl", "integral"])
@@ -216,13 +216,11 @@ def test_pred_modified_in_place_after_the_forward_raises():
 
 
 @pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
-def test_batched_incoming_gradients(monkeypatch, gradient_pass):
+def test_batched_incoming_gradients(set_gradient_pass, gradient_pass):
     """gradcheck's check_batched_grad and jacobian(vectorize=True) call backward once with a
     batch of incoming gradients (vmap): the fused backward must not scale its one gradient
     buffer in place by a batched tensor."""
-    from gfl_ops import functional
-
-    monkeypatch.setitem(functional.GRADIENT_PASS, "cpu", gradient_pass)
+    set_gradient_pass("cpu", gradient_pass)
     gen = make_generator("batched", gradient_pass)
     pred = make_class_pred("contiguous", 5, 4, torch.float64, "cpu", gen)
     label, score = make_labels((5,), 4, gen, "cpu"), make_scores((5,), torch.float64, gen, "cpu")

@@ -1,12 +1,12 @@
-"""The native operators' two ways to a gradient (csrc/gfl_ops.cpp, functional.GRADIENT_PASS):
-computed in the forward pass and scaled in backward (compute_grad=True, the CPU default), or
-computed in the backward pass with the incoming gradient folded into the kernel's per-anchor
-weight (compute_grad=False, the CUDA default). Both must give the reference's gradients."""
+"""The two ways to a gradient of the autograd kernel (csrc/gfl_ops.cpp, the gradient pass):
+computed in the forward pass and scaled in backward (the CPU default), or computed in the
+backward pass with the incoming gradient folded into the kernel's per-anchor weight (the CUDA
+default). Both must give the reference's gradients."""
 import pytest
 import torch
 
 import gfl_ops
-from gfl_ops import bench, functional
+from gfl_ops import bench
 from _helpers import (
     accumulate_dtype,
     anchor_shape,
@@ -24,8 +24,8 @@ OPS = torch.ops.gfl_ops
 
 
 @pytest.fixture
-def gradient_in_backward(monkeypatch):
-    monkeypatch.setitem(functional.GRADIENT_PASS, "cpu", "backward")
+def gradient_in_backward(set_gradient_pass):
+    set_gradient_pass("cpu", "backward")
 
 
 def _calls(dtype, gen):
@@ -73,32 +73,41 @@ def test_parity_with_the_gradient_in_backward(gradient_in_backward, dtype, reduc
         check_parity(lambda p, **kw: call(p, **kw), pred, options, out_dtype=accumulate_dtype(dtype))
 
 
-def test_both_passes_give_the_same_gradient(monkeypatch):
+def test_both_passes_give_the_same_gradient(set_gradient_pass):
     gen = make_generator("pass-same")
     for name, pred, call in _calls(torch.float32, gen):
         options = _options(name, pred, gen, "mean", "constant")
         grads = {}
         for gradient_pass in ("forward", "backward"):
-            monkeypatch.setitem(functional.GRADIENT_PASS, "cpu", gradient_pass)
+            set_gradient_pass("cpu", gradient_pass)
             p = pred.detach().requires_grad_()
             (call(p, backend="native", **options) * 3.0).backward()
             grads[gradient_pass] = p.grad
         torch.testing.assert_close(grads["backward"], grads["forward"], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_direct_operator_without_compute_grad_recomputes_in_backward():
-    """compute_grad=False writes no gradient; a backward through the call computes it."""
-    gen = make_generator("pass-direct")
+@pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
+def test_direct_operators_return_only_what_was_asked_for(set_gradient_pass, gradient_pass):
+    """The public operator returns the loss alone: the gradient buffer of the forward pass is
+    autograd's, never an output, so no tensor a caller holds changes under a backward. The
+    kernel returns fresh (loss, grad) tensors that nothing modifies afterwards."""
+    set_gradient_pass("cpu", gradient_pass)
+    gen = make_generator("pass-direct", gradient_pass)
     pred = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     label, score = make_labels((6,), 4, gen, "cpu"), make_scores((6,), torch.float64, gen, "cpu")
-    loss, grad = OPS.quality_focal_loss(pred, label, score, None, 2.0, False, "sum", False)
-    assert grad.numel() == 0
-    (got,) = torch.autograd.grad(loss * 2.0, pred)
+    loss = OPS.quality_focal_loss(pred, label, score, None, 2.0, False, "sum")
+    assert isinstance(loss, torch.Tensor) and loss.shape == ()
+    kernel_loss, kernel_grad = OPS._quality_focal_loss_native(pred.detach(), label, score, None, 2.0, False, "sum", True)
+    held = kernel_grad.clone()
+    (loss * 5.0).backward()
+    assert torch.equal(kernel_grad, held)
     reference = gfl_ops.quality_focal_loss(pred, label, score, reduction="sum", backend="reference")
-    (expected,) = torch.autograd.grad(reference * 2.0, pred)
-    torch.testing.assert_close(got, expected)
+    (expected,) = torch.autograd.grad(reference * 5.0, pred)
+    torch.testing.assert_close(pred.grad, expected)
+    torch.testing.assert_close(pred.grad, 5.0 * held)
+    torch.testing.assert_close(loss.detach(), kernel_loss)
     bins = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    value, _ = OPS.distribution_integral(bins, False)  # no weight: recomputed, then scaled
+    value = OPS.distribution_integral(bins)
     upstream = torch.randn(5, generator=gen, dtype=torch.float64)
     (got,) = torch.autograd.grad(value, bins, upstream)
     (expected,) = torch.autograd.grad(gfl_ops.reference.distribution_integral(bins), bins, upstream)

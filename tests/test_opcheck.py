@@ -2,8 +2,9 @@
 
 Checks the schema (no hidden mutation or aliasing), the autograd registration, the fake
 (meta) kernel against the real one (shapes, dtypes, strides) and AOT dispatch with dynamic
-shapes; with compute_grad=True and pred requiring grad, and with compute_grad=False and
-pred not requiring grad.
+shapes: of the public operators with pred requiring grad and not, and of their native
+kernels (no autograd of their own: pred does not require grad) with compute_grad True and
+False.
 """
 import pytest
 import torch
@@ -65,10 +66,12 @@ def _dfl_samples(device, dtype, grad):
 
 def _integral_samples(device, dtype, grad):
     gen = make_generator("opcheck-integral", dtype, grad)
-    return [
-        (make_bin_pred(layout, rows, bins, dtype, device, gen).requires_grad_(grad), grad)
-        for layout, rows, bins in [("contiguous", 8, 17), ("transposed", 5, 4), ("row_strided", 3, 8)]
-    ]
+    samples = []
+    for layout, rows, bins in [("contiguous", 8, 17), ("transposed", 5, 4), ("row_strided", 3, 8)]:
+        pred = make_bin_pred(layout, rows, bins, dtype, device, gen).requires_grad_(grad)
+        samples.append((pred, None, grad))
+        samples.append((pred, make_scores((rows,), _acc(dtype), gen, device), grad))
+    return samples
 
 
 SAMPLES = {
@@ -79,20 +82,39 @@ SAMPLES = {
 }
 
 
+def _public_arguments(name, kernel_arguments):
+    """The public operator's arguments for a kernel's: less compute_grad (and the integral's
+    grad_scale), with the backend's default."""
+    return kernel_arguments[:1] if name == "distribution_integral" else kernel_arguments[:-1]
+
+
+def _check(op, args):
+    result = torch.library.opcheck(op, args)
+    failed = {test: outcome for test, outcome in result.items() if outcome != "SUCCESS"}
+    assert not failed, f"{op}: {failed}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-@pytest.mark.parametrize("grad", [True, False], ids=["compute_grad", "no_grad"])
+@pytest.mark.parametrize("grad", [True, False], ids=["requires_grad", "no_grad"])
 @pytest.mark.parametrize("name", sorted(SAMPLES))
-def test_opcheck(device, name, grad, dtype):
-    op = getattr(OPS, name).default
+def test_opcheck_public_operator(device, name, grad, dtype):
     for args in SAMPLES[name](device, dtype, grad):
-        result = torch.library.opcheck(op, args)
-        failed = {test: outcome for test, outcome in result.items() if outcome != "SUCCESS"}
-        assert not failed, f"{name}: {failed}"
+        _check(getattr(OPS, name).default, _public_arguments(name, args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("compute_grad", [True, False], ids=["compute_grad", "no_grad"])
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_opcheck_native_kernel(device, name, compute_grad, dtype):
+    for args in SAMPLES[name](device, dtype, compute_grad):
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        _check(getattr(OPS, f"_{name}_native").default, args)
 
 
 def test_every_registered_operator_is_opchecked():
     """A new operator in csrc/gfl_ops.cpp needs sample inputs here."""
     assert set(SAMPLES) == set(gfl_ops._ops.OPERATORS)
     for name in SAMPLES:
-        assert hasattr(OPS, name)
+        assert hasattr(OPS, name) and hasattr(OPS, f"_{name}_native")

@@ -233,13 +233,13 @@ def test_qfl_dense_float32_target_of_half_logits(device, dtype, layout, reductio
 
 
 @pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
-def test_qfl_dense_float32_target_is_not_copied(gradient_pass, monkeypatch):
+def test_qfl_dense_float32_target_is_not_copied(gradient_pass, set_gradient_pass):
     """A float32 target of bfloat16 logits costs no N x C conversion: the step allocates the
     gradient (bfloat16) and nothing of the target's size (in the backward gradient pass, a
     per-anchor float32 factor besides: see test_bench_harness.py)."""
     from gfl_ops import bench
 
-    monkeypatch.setitem(gfl_ops.functional.GRADIENT_PASS, "cpu", gradient_pass)
+    set_gradient_pass("cpu", gradient_pass)
     gen = make_generator("dense-amp-copy")
     pred = torch.randn(4096, 80, generator=gen).to(torch.bfloat16).requires_grad_()
     target = torch.rand(4096, 80, generator=gen)

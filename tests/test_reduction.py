@@ -125,7 +125,7 @@ def test_public_functions_apply_the_reduction_to_the_unreduced_loss(backend, red
 
 
 def _summed_by_operator(name, threads):
-    """The loss summed inside the native operator (reduction "sum"), with `threads` threads."""
+    """The loss summed inside the native kernel (reduction "sum"), with `threads` threads."""
     gen = torch.Generator().manual_seed(23)
     ops = torch.ops.gfl_ops
     previous = torch.get_num_threads()
@@ -142,7 +142,11 @@ def _summed_by_operator(name, threads):
         else:
             pred = torch.randn(20000, 17, generator=gen)
             args = (pred, torch.rand(20000, generator=gen) * 16, torch.rand(20000, generator=gen))
-        op = {"qfl": ops.quality_focal_loss, "qfl_nchw": ops.quality_focal_loss_dense, "dfl": ops.distribution_focal_loss}[name]
+        op = {
+            "qfl": ops._quality_focal_loss_native,
+            "qfl_nchw": ops._quality_focal_loss_dense_native,
+            "dfl": ops._distribution_focal_loss_native,
+        }[name]
         total, _ = op(*args, "sum", False)
         per_anchor, _ = op(*args, "none", False)
     finally:
@@ -154,7 +158,7 @@ def _summed_by_operator(name, threads):
 def test_native_sum_is_deterministic_whatever_the_thread_count(name):
     """The operators add up their losses in fixed chunks and a fixed order: the same bits
     with one thread or two, run after run; and as accurate as a float64 sum rounded once."""
-    if not torch.ops.gfl_ops.distribution_focal_loss.default.has_kernel_for_dispatch_key("CPU"):
+    if not torch.ops.gfl_ops._distribution_focal_loss_native.default.has_kernel_for_dispatch_key("CPU"):
         pytest.skip("the native CPU kernels are not built")
     one_thread, per_anchor = _summed_by_operator(name, 1)
     two_threads, _ = _summed_by_operator(name, 2)
@@ -167,8 +171,8 @@ def test_native_sum_is_deterministic_whatever_the_thread_count(name):
 
 def test_native_sum_of_no_anchors_is_zero():
     ops = torch.ops.gfl_ops
-    total, grad = ops.distribution_focal_loss(torch.empty(0, 17), torch.empty(0), None, "sum", True)
+    total, grad = ops._distribution_focal_loss_native(torch.empty(0, 17), torch.empty(0), None, "sum", True)
     assert total.shape == () and total.item() == 0.0 and grad.shape == (0, 17)
-    total, _ = ops.quality_focal_loss(torch.empty(0, 80), torch.empty(0, dtype=torch.long), torch.empty(0), None, 2.0,
-                                      False, "sum", False)
+    total, _ = ops._quality_focal_loss_native(torch.empty(0, 80), torch.empty(0, dtype=torch.long), torch.empty(0),
+                                              None, 2.0, False, "sum", False)
     assert total.shape == () and total.item() == 0.0

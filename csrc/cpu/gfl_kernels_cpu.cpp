@@ -317,21 +317,21 @@ GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* t
 }
 
 template <bool kUnitBinStride, int64_t kBins, typename scalar_t, typename acc_t>
-GFL_CPU_CLONES void integral_rows(const BinRows<scalar_t>& rows, scalar_t* value, int64_t row_begin,
-                                  int64_t row_end) {
+GFL_CPU_CLONES void integral_rows(const BinRows<scalar_t>& rows, const acc_t* grad_scale, scalar_t* value,
+                                  int64_t row_begin, int64_t row_end) {
   const int64_t num_bins = kBins > 0 ? kBins : rows.num_bins;
   const int64_t pred_bin = kUnitBinStride ? 1 : rows.pred_bin_stride;
   const int64_t grad_bin = kUnitBinStride ? 1 : rows.grad_bin_stride;
   for (int64_t r = row_begin; r < row_end; ++r) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
-    value[r - row_begin] = static_cast<scalar_t>(
-        math::integral_row<acc_t>(rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, grad, grad_bin));
+    value[r - row_begin] = static_cast<scalar_t>(math::integral_row<acc_t>(
+        rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, weight_at(grad_scale, r), grad, grad_bin));
   }
 }
 
 template <int64_t kBins, typename scalar_t, typename acc_t>
-GFL_CPU_CLONES void integral_row_blocks(const BinRows<scalar_t>& rows, scalar_t* value, int64_t row_begin,
-                                        int64_t row_end) {
+GFL_CPU_CLONES void integral_row_blocks(const BinRows<scalar_t>& rows, const acc_t* grad_scale, scalar_t* value,
+                                        int64_t row_begin, int64_t row_end) {
   int64_t first_row = row_begin;
   for (; first_row + kRowBlock <= row_end; first_row += kRowBlock) {
     RowBlock<kBins, acc_t> block;
@@ -356,15 +356,20 @@ GFL_CPU_CLONES void integral_row_blocks(const BinRows<scalar_t>& rows, scalar_t*
     if (rows.grad == nullptr) {
       continue;
     }
+    acc_t row_scale[kRowBlock];
+    for (int64_t j = 0; j < kRowBlock; ++j) {
+      row_scale[j] = weight_at(grad_scale, first_row + j);
+    }
     for (int64_t k = 0; k < kBins; ++k) {
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
-        block.shifted[k][j] = math::integral_grad(block.shifted[k][j] * inv_sum[j], k, expectation[j]);
+        block.shifted[k][j] = row_scale[j] * math::integral_grad(block.shifted[k][j] * inv_sum[j], k, expectation[j]);
       }
     }
     block.store_gradient(rows, first_row);
   }
-  integral_rows<true, kBins, scalar_t, acc_t>(rows, value + (first_row - row_begin), first_row, row_end);  // the last rows
+  integral_rows<true, kBins, scalar_t, acc_t>(rows, grad_scale, value + (first_row - row_begin), first_row,
+                                              row_end);  // the last rows
 }
 
 // A walk's two compile-time choices: contiguous bins, and the bin count (0: at run time).
@@ -422,55 +427,32 @@ struct CpuDflLaunch {
 };
 
 struct CpuIntegralLaunch {
-  template <typename scalar_t>
-  void operator()(const BinRows<scalar_t>& rows, scalar_t* value) const {
-    using acc_t = math::acc_type_t<scalar_t>;
+  template <typename scalar_t, typename acc_t>
+  void operator()(const BinRows<scalar_t>& rows, const acc_t* grad_scale, scalar_t* value) const {
     scalar_t* const no_total = nullptr;  // the integral is not a loss: nothing to add up
     launch_bin_rows(rows, value, no_total, [&](auto walk, int64_t begin, int64_t end, scalar_t* out) {
       using W = decltype(walk);
       if constexpr (W::kBins > 0) {
-        integral_row_blocks<W::kBins, scalar_t, acc_t>(rows, out, begin, end);
+        integral_row_blocks<W::kBins, scalar_t, acc_t>(rows, grad_scale, out, begin, end);
       } else {
-        integral_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, out, begin, end);
+        integral_rows<W::kUnitBinStride, W::kBins, scalar_t, acc_t>(rows, grad_scale, out, begin, end);
       }
     });
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> quality_focal_loss_cpu(const at::Tensor& pred, const at::Tensor& label,
-                                                          const at::Tensor& score,
-                                                          const std::optional<at::Tensor>& weight, double beta,
-                                                          bool activated, c10::string_view reduction,
-                                                          bool compute_grad) {
-  return quality_focal_loss_impl(pred, label, score, weight, beta, activated, reduction, compute_grad,
-                                 CpuQflLaunch{});
-}
-
-std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cpu(const at::Tensor& pred, const at::Tensor& target,
-                                                                const std::optional<at::Tensor>& weight,
-                                                                double beta, bool activated,
-                                                                c10::string_view reduction, bool compute_grad) {
-  return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, reduction, compute_grad,
-                                       CpuQflLaunch{});
-}
-
-std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cpu(const at::Tensor& pred, const at::Tensor& target,
-                                                               const std::optional<at::Tensor>& weight,
-                                                               c10::string_view reduction, bool compute_grad) {
-  return distribution_focal_loss_impl(pred, target, weight, reduction, compute_grad, CpuDflLaunch{});
-}
-
-std::tuple<at::Tensor, at::Tensor> distribution_integral_cpu(const at::Tensor& pred, bool compute_grad) {
-  return distribution_integral_impl(pred, compute_grad, CpuIntegralLaunch{});
-}
+// The CPU's launchers, for NativeKernels (gfl_host.h).
+struct CpuDevice {
+  using Guard = NoDeviceGuard;
+  static CpuQflLaunch qfl(const at::Tensor& /*pred*/) { return {}; }
+  static CpuDflLaunch dfl(const at::Tensor& /*pred*/) { return {}; }
+  static CpuIntegralLaunch integral(const at::Tensor& /*pred*/) { return {}; }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gfl_ops, CPU, m) {
-  m.impl("quality_focal_loss", &quality_focal_loss_cpu);
-  m.impl("quality_focal_loss_dense", &quality_focal_loss_dense_cpu);
-  m.impl("distribution_focal_loss", &distribution_focal_loss_cpu);
-  m.impl("distribution_integral", &distribution_integral_cpu);
+  register_native_kernels<CpuDevice>(m);
 }
 
 }  // namespace gfl

@@ -390,12 +390,13 @@ __global__ void __launch_bounds__(kThreads) dfl_kernel(const BinRows<scalar_t> r
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) integral_kernel(const BinRows<scalar_t> rows, scalar_t* value) {
+__global__ void __launch_bounds__(kThreads) integral_kernel(const BinRows<scalar_t> rows, const acc_t* grad_scale,
+                                                            scalar_t* value) {
   for (int64_t r = global_thread(); r < rows.num_rows; r += grid_threads()) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
     value[r] = static_cast<scalar_t>(math::integral_row<acc_t>(rows.pred + r * rows.pred_row_stride,
-                                                               rows.pred_bin_stride, rows.num_bins, grad,
-                                                               rows.grad_bin_stride));
+                                                               rows.pred_bin_stride, rows.num_bins,
+                                                               weight_at(grad_scale, r), grad, rows.grad_bin_stride));
   }
 }
 
@@ -416,10 +417,10 @@ struct DflLaunch {
 struct IntegralLaunch {
   cudaStream_t stream;
 
-  template <typename scalar_t>
-  void operator()(const BinRows<scalar_t>& rows, scalar_t* value) const {
-    using acc_t = math::acc_type_t<scalar_t>;
-    launch_kernel(&integral_kernel<scalar_t, acc_t>, blocks_for(rows.num_rows), kThreads, stream, rows, value);
+  template <typename scalar_t, typename acc_t>
+  void operator()(const BinRows<scalar_t>& rows, const acc_t* grad_scale, scalar_t* value) const {
+    launch_kernel(&integral_kernel<scalar_t, acc_t>, blocks_for(rows.num_rows), kThreads, stream, rows, grad_scale,
+                  value);
   }
 };
 

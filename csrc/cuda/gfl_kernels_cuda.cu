@@ -1,5 +1,5 @@
-// The CUDA registrations of the gfl_ops operators: the kernels of gfl_kernels.cuh launched
-// on the current stream of pred's device (a device guard around every call).
+// The CUDA kernels of the gfl_ops operators: those of gfl_kernels.cuh launched on the
+// current stream of pred's device, a device guard around every call.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,45 +27,19 @@ void launch_kernel(void (*kernel)(KernelParams...), int blocks, int threads, cud
 namespace gfl {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> quality_focal_loss_cuda(const at::Tensor& pred, const at::Tensor& label,
-                                                           const at::Tensor& score,
-                                                           const std::optional<at::Tensor>& weight, double beta,
-                                                           bool activated, c10::string_view reduction,
-                                                           bool compute_grad) {
-  const c10::cuda::CUDAGuard device_guard(pred.device());
-  return quality_focal_loss_impl(pred, label, score, weight, beta, activated, reduction, compute_grad,
-                                 cuda::QflLaunch{c10::cuda::getCurrentCUDAStream(), pred.options()});
-}
-
-std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_cuda(const at::Tensor& pred, const at::Tensor& target,
-                                                                 const std::optional<at::Tensor>& weight,
-                                                                 double beta, bool activated,
-                                                                 c10::string_view reduction, bool compute_grad) {
-  const c10::cuda::CUDAGuard device_guard(pred.device());
-  return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, reduction, compute_grad,
-                                       cuda::QflLaunch{c10::cuda::getCurrentCUDAStream(), pred.options()});
-}
-
-std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_cuda(const at::Tensor& pred, const at::Tensor& target,
-                                                                const std::optional<at::Tensor>& weight,
-                                                                c10::string_view reduction, bool compute_grad) {
-  const c10::cuda::CUDAGuard device_guard(pred.device());
-  return distribution_focal_loss_impl(pred, target, weight, reduction, compute_grad,
-                                      cuda::DflLaunch{c10::cuda::getCurrentCUDAStream(), pred.options()});
-}
-
-std::tuple<at::Tensor, at::Tensor> distribution_integral_cuda(const at::Tensor& pred, bool compute_grad) {
-  const c10::cuda::CUDAGuard device_guard(pred.device());
-  return distribution_integral_impl(pred, compute_grad, cuda::IntegralLaunch{c10::cuda::getCurrentCUDAStream()});
-}
+// The CUDA launchers, for NativeKernels (gfl_host.h): pred's device is current (the guard)
+// when they are made, so the stream is that device's.
+struct CudaDevice {
+  using Guard = c10::cuda::CUDAGuard;
+  static cuda::QflLaunch qfl(const at::Tensor& pred) { return {c10::cuda::getCurrentCUDAStream(), pred.options()}; }
+  static cuda::DflLaunch dfl(const at::Tensor& pred) { return {c10::cuda::getCurrentCUDAStream(), pred.options()}; }
+  static cuda::IntegralLaunch integral(const at::Tensor& /*pred*/) { return {c10::cuda::getCurrentCUDAStream()}; }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gfl_ops, CUDA, m) {
-  m.impl("quality_focal_loss", &quality_focal_loss_cuda);
-  m.impl("quality_focal_loss_dense", &quality_focal_loss_dense_cuda);
-  m.impl("distribution_focal_loss", &distribution_focal_loss_cuda);
-  m.impl("distribution_integral", &distribution_integral_cuda);
+  register_native_kernels<CudaDevice>(m);
 }
 
 }  // namespace gfl

@@ -1,11 +1,12 @@
 """Triton kernels for Quality Focal Loss, Distribution Focal Loss and the integral.
 
 The same equations as csrc/gfl_math.h, under the same names, so the two read side by side
-(derivations: GFL_MATH.md). Each kernel makes one pass over pred: it computes the loss per
-anchor (row) and, when NEED_GRAD, the gradient of that loss with respect to pred, which the
-autograd formula later scales by the incoming per-anchor gradient. Maths in float32 for
-float16/bfloat16 inputs (float64 for float64); sums over classes/bins run in a fixed order
-inside one program, so results are reproducible bit for bit.
+(derivations: docs/MATH.md). Each kernel makes one pass over pred: it computes the loss per
+anchor (row), or the sum of a program's losses, and, when NEED_GRAD, the gradient of each
+loss with respect to pred times the anchor's weight (which autograd's backward pass sets to
+weight * d total / d loss: csrc/gfl_ops.cpp). Maths in float32 for float16/bfloat16 inputs
+(float64 for float64); sums over classes, bins and a program's anchors run in a fixed
+order, so results are reproducible bit for bit.
 
 A program owns BLOCK_ANCHORS anchors (rows) and walks their classes (bins) BLOCK_CLASSES
 at a time: rows of C = 80 classes or 17 bins are short, so many rows share a program.
@@ -152,28 +153,50 @@ def integral_grad(softmax, bins, expectation):
 
 
 @triton.jit
+def anchor_offsets(outer, inner, inner_stride, outer_sizes, outer_strides, NUM_OUTER_DIMS: tl.constexpr):
+    """Element offsets of anchors (outer, inner) in one tensor: inner * inner_stride plus, for
+    each outer dimension d (outermost first, row-major), its index times outer_strides[d]."""
+    offsets = inner * inner_stride
+    for d in tl.static_range(NUM_OUTER_DIMS - 1, -1, -1):
+        offsets += (outer % outer_sizes[d]) * outer_strides[d]
+        outer = outer // outer_sizes[d]
+    return offsets
+
+
+@triton.jit
+def store_loss(loss_ptr, anchors, anchor_mask, loss, SUM: tl.constexpr):
+    """The loss of a program's anchors: one per anchor, or (SUM) their sum, one per program,
+    added up in a fixed order (the launcher adds up the programs' sums)."""
+    if SUM:
+        tl.store(loss_ptr + tl.program_id(0), tl.sum(tl.where(anchor_mask, loss, 0.0), axis=0))
+    else:
+        tl.store(loss_ptr + anchors, loss, mask=anchor_mask)
+
+
+@triton.jit
 def qfl_kernel(
     pred_ptr, grad_ptr, loss_ptr, label_ptr, score_ptr, target_ptr, weight_ptr,
-    num_anchors, num_classes, inner_size,
-    pred_outer_stride, pred_inner_stride, pred_class_stride,
-    grad_outer_stride, grad_inner_stride, grad_class_stride,
-    target_outer_stride, target_inner_stride, target_class_stride,
+    num_anchors, num_classes, inner_size, outer_sizes,
+    pred_class_stride, pred_inner_stride, pred_outer_strides,
+    grad_class_stride, grad_inner_stride, grad_outer_strides,
+    target_class_stride, target_inner_stride, target_outer_strides,
     beta,
     ACC_DTYPE: tl.constexpr, DENSE_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACTIVATED: tl.constexpr,
-    BETA_IS_TWO: tl.constexpr,
-    NEED_GRAD: tl.constexpr, BLOCK_ANCHORS: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
+    BETA_IS_TWO: tl.constexpr, NEED_GRAD: tl.constexpr, SUM: tl.constexpr, NUM_OUTER_DIMS: tl.constexpr,
+    BLOCK_ANCHORS: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
 ):
-    """Anchors are (outer, inner) pairs: anchor a sits at outer * outer_stride + inner * inner_stride
-    in each tensor, its class c a further c * class_stride, so (N, C) rows and (B, C, H, W)
-    planes are both read in place."""
+    """Anchors are (outer, inner) pairs of the coalesced anchor layout (csrc/gfl_ops.h's
+    AnchorLayout): anchor a = outer * inner_size + inner sits at anchor_offsets(...) in each
+    tensor, its class c a further c * class_stride, so (N, C) rows, (B, C, H, W) planes and
+    sliced maps are all read in place."""
     acc_t: tl.constexpr = ACC_DTYPE
     anchors = tl.program_id(0).to(tl.int64) * BLOCK_ANCHORS + tl.arange(0, BLOCK_ANCHORS)
     anchor_mask = anchors < num_anchors
     outer = anchors // inner_size
     inner = anchors % inner_size
-    pred_rows = outer * pred_outer_stride + inner * pred_inner_stride
-    grad_rows = outer * grad_outer_stride + inner * grad_inner_stride
-    target_rows = outer * target_outer_stride + inner * target_inner_stride
+    pred_rows = anchor_offsets(outer, inner, pred_inner_stride, outer_sizes, pred_outer_strides, NUM_OUTER_DIMS)
+    grad_rows = anchor_offsets(outer, inner, grad_inner_stride, outer_sizes, grad_outer_strides, NUM_OUTER_DIMS)
+    target_rows = anchor_offsets(outer, inner, target_inner_stride, outer_sizes, target_outer_strides, NUM_OUTER_DIMS)
     if not DENSE_TARGET:
         labels = tl.load(label_ptr + anchors, mask=anchor_mask, other=-1)
         scores = tl.load(score_ptr + anchors, mask=anchor_mask, other=0.0).to(acc_t)
@@ -196,7 +219,7 @@ def qfl_kernel(
         if NEED_GRAD:
             grad_offsets = grad_rows[:, None] + classes[None, :] * grad_class_stride
             tl.store(grad_ptr + grad_offsets, (weights[:, None] * grad).to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(loss_ptr + anchors, weights * row_loss, mask=anchor_mask)
+    store_loss(loss_ptr, anchors, anchor_mask, weights * row_loss, SUM)
 
 
 @triton.jit
@@ -218,7 +241,7 @@ def dfl_kernel(
     pred_ptr, grad_ptr, loss_ptr, target_ptr, weight_ptr,
     num_rows, num_bins, pred_row_stride, pred_bin_stride, grad_row_stride, grad_bin_stride,
     ACC_DTYPE: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, SUM: tl.constexpr,
 ):
     acc_t: tl.constexpr = ACC_DTYPE
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -235,7 +258,7 @@ def dfl_kernel(
     else:
         weights = tl.full([BLOCK_ROWS], 1.0, dtype=acc_t)
     loss = dfl_loss(log_sum_exp(row_max, sum_exp), z_left, z_right, weight_left, weight_right)
-    tl.store(loss_ptr + rows, weights * loss, mask=row_mask)
+    store_loss(loss_ptr, rows, row_mask, weights * loss, SUM)
     if NEED_GRAD:
         grad = weights[:, None] * dfl_grad(shifted / sum_exp[:, None], bins, left, weight_left, weight_right)
         offsets = rows[:, None] * grad_row_stride + bins[None, :] * grad_bin_stride
@@ -244,9 +267,10 @@ def dfl_kernel(
 
 @triton.jit
 def integral_kernel(
-    pred_ptr, grad_ptr, value_ptr,
+    pred_ptr, grad_ptr, value_ptr, grad_scale_ptr,
     num_rows, num_bins, pred_row_stride, pred_bin_stride, grad_row_stride, grad_bin_stride,
     ACC_DTYPE: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
 ):
     acc_t: tl.constexpr = ACC_DTYPE
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -259,5 +283,7 @@ def integral_kernel(
     tl.store(value_ptr + rows, expectation.to(value_ptr.dtype.element_ty), mask=row_mask)
     if NEED_GRAD:
         grad = integral_grad(softmax, bins, expectation)
+        if HAS_GRAD_SCALE:  # scaled before it is rounded to pred's dtype
+            grad *= tl.load(grad_scale_ptr + rows, mask=row_mask, other=0.0).to(acc_t)[:, None]
         offsets = rows[:, None] * grad_row_stride + bins[None, :] * grad_bin_stride
         tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)

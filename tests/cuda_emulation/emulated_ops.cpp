@@ -2,8 +2,8 @@
 // tensors under the emulator of the CUDA execution model (cuda_emulator.h), registered as
 // the CPU kernels of the gfl_ops_cuda_emulated operators. tests/test_cuda_emulation.py
 // links this file with csrc/gfl_ops.cpp built for that namespace (the schemas and the C++
-// autograd kernel of gfl_ops) and csrc/gfl_ops_host.cpp, and the bodies below are the
-// operator bodies of gfl_host.h: the test drives the CUDA code path end to end (host checks,
+// autograd kernel of gfl_ops) and csrc/gfl_ops_host.cpp; the kernels registered below are the
+// native kernels of gfl_host.h with the CUDA launchers: the test drives the CUDA code path end to end (host checks,
 // layouts, the choice of walk and vector width, the launches, the kernels, the block sums,
 // both gradient passes of the autograd kernel), only the compiler and the device differ.
 #include "cuda_emulator.h"
@@ -55,33 +55,13 @@ static_assert(gfl::emulation::kWideAccessBytes == gfl::cuda::kVectorBytes, "coun
 namespace gfl {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> quality_focal_loss_emulated(const at::Tensor& pred, const at::Tensor& label,
-                                                               const at::Tensor& score,
-                                                               const std::optional<at::Tensor>& weight,
-                                                               double beta, bool activated,
-                                                               c10::string_view reduction, bool compute_grad) {
-  return quality_focal_loss_impl(pred, label, score, weight, beta, activated, reduction, compute_grad,
-                                 cuda::QflLaunch{nullptr, pred.options()});
-}
-
-std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_emulated(const at::Tensor& pred, const at::Tensor& target,
-                                                                     const std::optional<at::Tensor>& weight,
-                                                                     double beta, bool activated,
-                                                                     c10::string_view reduction, bool compute_grad) {
-  return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, reduction, compute_grad,
-                                       cuda::QflLaunch{nullptr, pred.options()});
-}
-
-std::tuple<at::Tensor, at::Tensor> distribution_focal_loss_emulated(const at::Tensor& pred, const at::Tensor& target,
-                                                                    const std::optional<at::Tensor>& weight,
-                                                                    c10::string_view reduction, bool compute_grad) {
-  return distribution_focal_loss_impl(pred, target, weight, reduction, compute_grad,
-                                      cuda::DflLaunch{nullptr, pred.options()});
-}
-
-std::tuple<at::Tensor, at::Tensor> distribution_integral_emulated(const at::Tensor& pred, bool compute_grad) {
-  return distribution_integral_impl(pred, compute_grad, cuda::IntegralLaunch{nullptr});
-}
+// The CUDA launchers on the emulator's default stream, for NativeKernels (gfl_host.h).
+struct EmulatedCudaDevice {
+  using Guard = NoDeviceGuard;
+  static cuda::QflLaunch qfl(const at::Tensor& pred) { return {nullptr, pred.options()}; }
+  static cuda::DflLaunch dfl(const at::Tensor& pred) { return {nullptr, pred.options()}; }
+  static cuda::IntegralLaunch integral(const at::Tensor& /*pred*/) { return {nullptr}; }
+};
 
 }  // namespace
 
@@ -90,10 +70,7 @@ TORCH_LIBRARY_FRAGMENT(gfl_ops_cuda_emulated, m) {
 }
 
 TORCH_LIBRARY_IMPL(gfl_ops_cuda_emulated, CPU, m) {
-  m.impl("quality_focal_loss", &quality_focal_loss_emulated);
-  m.impl("quality_focal_loss_dense", &quality_focal_loss_dense_emulated);
-  m.impl("distribution_focal_loss", &distribution_focal_loss_emulated);
-  m.impl("distribution_integral", &distribution_integral_emulated);
+  register_native_kernels<EmulatedCudaDevice>(m);
 }
 
 }  // namespace gfl
