@@ -128,9 +128,9 @@ def test_a_native_training_step_holds_one_buffer_of_preds_size(op, gradient_pass
     """Forward + backward holds the gradient (which becomes pred.grad without a copy): no
     second pred-sized buffer, and for a reduced loss no per-anchor loss vector either (the
     operator sums as it goes). The integral's output E is one value per row. With the
-    gradient in the backward pass (GRADIENT_PASS "backward", CUDA's choice) the losses
-    also hold the per-anchor factor d total / d loss that the backward hands the operator
-    as its weight (float32)."""
+    gradient in the backward pass (CUDA's choice) a step also holds the per-anchor (per-row)
+    factor d total / d loss that the backward hands the kernel as its weight (the integral:
+    its grad_scale), in float32."""
     if "native" not in bench.available_providers(op, torch.device("cpu")):
         pytest.skip("the native CPU kernels are not built")
     set_gradient_pass("cpu", gradient_pass)
@@ -144,8 +144,8 @@ def test_a_native_training_step_holds_one_buffer_of_preds_size(op, gradient_pass
         pytest.skip("this torch's profiler does not report CPU allocations")
     assert inputs.pred.grad is not None
     outputs = case.rows * 4 if op == "integral" else 0  # E, float32
-    if op != "integral" and gradient_pass == "backward":
-        outputs += case.rows * 4  # the per-anchor factor, float32
+    if gradient_pass == "backward":
+        outputs += case.rows * 4  # the per-anchor (per-row) factor, float32
     scalars = 64  # the 0-dim loss and its quotient by avg_factor
     assert case.pred_bytes + outputs <= peak <= case.pred_bytes + outputs + scalars, peak - case.pred_bytes
 

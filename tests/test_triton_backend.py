@@ -1,5 +1,5 @@
-"""The Triton backend (gfl_ops.triton, torch.ops.gfl_ops.*_triton) against the float64
-reference, with the parity criterion of the native tests, on small inputs.
+"""The Triton backend (gfl_ops.triton, torch.ops.gfl_ops._<operator>_triton) against the
+float64 reference, with the parity criterion of the native tests, on small inputs.
 
 Triton kernels run on CUDA tensors, and on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1, read when gfl_ops is imported). On a CPU-only machine the suite runs
@@ -95,19 +95,78 @@ def test_triton_qfl_probabilities(device, dtype, beta):
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of triton_ops needs a GPU (no GPU here)")
-def test_triton_compile_fullgraph():
-    """A training step on backend="triton" compiles without a graph break and matches eager."""
-    _require_triton("cuda")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_triton_sum_of_many_programs_in_both_gradient_passes(device, reduction, gradient_pass, set_gradient_pass):
+    """Reduction "sum" adds up per-program sums (1100 anchors: 3 programs of 512 at C = 5;
+    300 DFL rows: 3 programs of 128), with a weight, the gradient computed in the forward
+    pass or in the backward pass (the shared autograd kernel hands the Triton kernel
+    weight * d total / d loss)."""
+    _require_triton(device)
+    set_gradient_pass(device, gradient_pass)
+    gen = make_generator("triton-sum", reduction, gradient_pass)
+    pred = make_class_pred("contiguous", 1100, 5, torch.float32, device, gen)
+    label = make_labels(anchor_shape(pred), 5, gen, device)
+    score = make_scores(anchor_shape(pred), torch.float32, gen, device)
+    weight = make_scores(anchor_shape(pred), torch.float32, gen, device)
+    check_parity(
+        lambda p, backend, **kw: gfl_ops.quality_focal_loss(p, label, score, backend=backend, **kw),
+        pred, dict(reduction=reduction, weight=weight), out_dtype=torch.float32, backend="triton",
+    )
+    bins = make_bin_pred("contiguous", 300, 17, torch.float16, device, gen)
+    target = make_dfl_target(300, 17, torch.float32, gen, device)
+    check_parity(
+        lambda p, backend, **kw: gfl_ops.distribution_focal_loss(p, target, backend=backend, **kw),
+        bins, dict(reduction=reduction, weight=weight[:300]), out_dtype=torch.float32, backend="triton",
+    )
+    check_parity(
+        lambda p, backend: gfl_ops.distribution_integral(p, backend=backend),
+        bins, {}, out_dtype=torch.float16, grad_term_scale=16, backend="triton",
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_reads_maps_whose_anchor_dimensions_do_not_merge(device):
+    """A spatially sliced (B, C, H, W) map, (B, C, D, H, W) with a sliced middle dimension:
+    three or four anchor groups of their own strides, read in place as the native kernels
+    read them (the anchor layout of csrc/gfl_ops_host.cpp)."""
+    _require_triton(device)
+    gen = make_generator("triton-groups")
+    maps = [
+        torch.randn(2, 5, 6, 7, generator=gen).to(device)[:, :, ::2, 1:],
+        torch.randn(2, 4, 3, 4, 5, generator=gen).to(device)[:, :, :, 1:3, ::2],
+    ]
+    for pred in maps:
+        classes = pred.shape[1]
+        label = make_labels(anchor_shape(pred), classes, gen, device)
+        score = make_scores(anchor_shape(pred), torch.float32, gen, device)
+        check_parity(
+            lambda p, backend, **kw: gfl_ops.quality_focal_loss(p, label, score, backend=backend, **kw),
+            pred, dict(reduction="none"), out_dtype=torch.float32, backend="triton",
+        )
+        target = torch.rand(pred.shape, generator=gen).to(device)
+        check_parity(
+            lambda p, backend, **kw: gfl_ops.quality_focal_loss_dense(p, target, backend=backend, **kw),
+            pred, dict(reduction="sum", beta=1.5), out_dtype=torch.float32, backend="triton",
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_compile_fullgraph(device):
+    """A training step on backend="triton" compiles without a graph break and matches eager
+    (the Triton kernels are operators with fake kernels: opaque to the compiler)."""
+    _require_triton(device)
+    torch._dynamo.reset()
     gen = make_generator("triton-compile")
-    pred = make_class_pred("nchw", (2, 4, 4), 80, torch.float32, "cuda", gen)
-    label = make_labels(anchor_shape(pred), 80, gen, "cuda")
-    score = make_scores(anchor_shape(pred), torch.float32, gen, "cuda")
-    bins = make_bin_pred("contiguous", 16, 17, torch.float32, "cuda", gen)
-    target = make_dfl_target(16, 17, torch.float32, gen, "cuda")
+    pred = make_class_pred("nchw", (2, 4, 4), 80, torch.float32, device, gen)
+    label = make_labels(anchor_shape(pred), 80, gen, device)
+    score = make_scores(anchor_shape(pred), torch.float32, gen, device)
+    bins = make_bin_pred("contiguous", 16, 17, torch.float32, device, gen)
+    target = make_dfl_target(16, 17, torch.float32, gen, device)
 
     def step(p, z):
-        qfl = gfl_ops.quality_focal_loss(p, label, score, avg_factor=torch.tensor(3.0, device="cuda"), backend="triton")
+        qfl = gfl_ops.quality_focal_loss(p, label, score, avg_factor=torch.tensor(3.0, device=device), backend="triton")
         dfl = gfl_ops.distribution_focal_loss(z, target, validate=False, backend="triton")
         return qfl + dfl + gfl_ops.distribution_integral(z, backend="triton").sum()
 
@@ -117,6 +176,7 @@ def test_triton_compile_fullgraph():
     torch.compile(step, fullgraph=True)(compiled_p, compiled_z).backward()
     torch.testing.assert_close(compiled_p.grad, eager_p.grad)
     torch.testing.assert_close(compiled_z.grad, eager_z.grad)
+    torch._dynamo.reset()
 
 
 def test_triton_under_the_interpreter():
@@ -128,7 +188,7 @@ def test_triton_under_the_interpreter():
         pytest.skip("already under the interpreter")
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not interpreter and not opcheck and cpu"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not interpreter and cpu"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
@@ -138,17 +198,19 @@ def test_triton_under_the_interpreter():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad", [True, False], ids=["compute_grad", "no_grad"])
 def test_triton_opcheck(device, grad):
-    """torch.library.opcheck on the torch.ops.gfl_ops.*_triton operators (CUDA: under the CPU
-    interpreter, fake-tensor tracing of a triton_op runs the interpreted kernel on meta
-    tensors and fails, as torch.compile of the Triton backend does there)."""
+    """torch.library.opcheck on the Triton kernels torch.ops.gfl_ops._<operator>_triton (the
+    native kernels' schemas and fake kernels), and on the public operators with
+    backend="triton"."""
     _require_triton(device)
-    if device == "cpu":
-        pytest.skip("Triton's CPU interpreter cannot trace triton_ops with fake tensors (opcheck, torch.compile)")
-    from test_opcheck import SAMPLES
+    from test_opcheck import SAMPLES, _public_arguments
 
     for name, samples in SAMPLES.items():
-        op = getattr(torch.ops.gfl_ops, f"{name}_triton").default
+        kernel = getattr(torch.ops.gfl_ops, f"_{name}_triton").default
         for args in samples(device, torch.float32, grad):
-            result = torch.library.opcheck(op, args)
-            failed = {test: outcome for test, outcome in result.items() if outcome != "SUCCESS"}
-            assert not failed, f"{name}_triton: {failed}"
+            public_args = _public_arguments(name, args) + ("triton",)
+            checks = [(kernel, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)),
+                      (getattr(torch.ops.gfl_ops, name).default, public_args)]
+            for op, op_args in checks:
+                result = torch.library.opcheck(op, op_args)
+                failed = {test: outcome for test, outcome in result.items() if outcome != "SUCCESS"}
+                assert not failed, f"{op}: {failed}"
