@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace gfl {
@@ -96,9 +97,10 @@ void check_float_pred(const at::Tensor& pred, const char* op_name) {
               pred.scalar_type());
 }
 
+// The kernels compute in float32 for every pred but float64: beta must fit.
 void check_beta(double beta) {
-  TORCH_CHECK(std::isfinite(beta) && beta >= 0.0,
-              "quality_focal_loss: beta must be finite and >= 0, got ", beta);
+  TORCH_CHECK(std::isfinite(beta) && beta >= 0.0 && beta <= std::numeric_limits<float>::max(),
+              "quality_focal_loss: beta must be finite, >= 0 and at most float32's largest value, got ", beta);
 }
 
 void check_class_pred(const at::Tensor& pred, const char* op_name) {

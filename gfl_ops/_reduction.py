@@ -26,9 +26,11 @@ def check_reduction(reduction: str, avg_factor) -> None:
 def mean_of_sum(total: Tensor, count: int, avg_factor: Optional[Union[float, Tensor]] = None) -> Tensor:
     """The "mean" of losses that add up to `total`: total / count, or total / (avg_factor +
     eps). A mean over no elements is 0 (not NaN), so an image batch without anchors trains on.
-    avg_factor may be a 0-dim tensor: it is never read on the host."""
+    avg_factor may be a one-element tensor: it is never read on the host."""
     if avg_factor is None:
         return total / max(count, 1)
+    if isinstance(avg_factor, Tensor):
+        avg_factor = avg_factor.reshape(())  # a (1,) tensor too gives a 0-dim loss
     return total / (avg_factor + _FLOAT32_EPS)
 
 

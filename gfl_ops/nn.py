@@ -13,13 +13,13 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import functional
+from . import _checks, functional
+from ._checks import AvgFactor
 from ._reduction import REDUCTIONS
-
-AvgFactor = Optional[Union[float, Tensor]]
 
 
 def _reduction(default: str, override: Optional[str]) -> str:
+    """The reduction of one call: reduction_override when given, else the module's."""
     if override is not None and override not in REDUCTIONS:
         raise ValueError(f"reduction_override must be None or one of {REDUCTIONS}, got {override!r}")
     return override if override else default
@@ -42,10 +42,14 @@ class QualityFocalLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        name = "QualityFocalLoss"
         if use_sigmoid is not True:
-            raise ValueError("QualityFocalLoss: only the sigmoid form (use_sigmoid=True) is supported")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"QualityFocalLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+            raise ValueError(f"{name}: only the sigmoid form (use_sigmoid=True) is supported")
+        _checks.check_exponent(beta, "beta", name)
+        _checks.check_module_reduction(reduction, name)
+        _checks.check_loss_weight(loss_weight, name)
+        _checks.check_flag(activated, "activated", name)
+        _checks.check_backend_name(backend, name)
         self.use_sigmoid = use_sigmoid
         self.beta = beta
         self.reduction = reduction
@@ -89,19 +93,24 @@ class DistributionFocalLoss(nn.Module):
     """Distribution Focal Loss (GFL), as mmdet.models.losses.DistributionFocalLoss.
 
     forward(pred, target, weight=None, avg_factor=None, reduction_override=None) with pred
-    (M, n + 1) logits and target (M) in [0, n].
+    (M, n + 1) logits and target (M) in [0, n]. validate: as distribution_focal_loss (None:
+    a target outside [0, n] raises on CPU tensors, and is clamped without a device sync on
+    CUDA; True: raises everywhere).
     """
 
     def __init__(
         self,
         reduction: str = "mean",
         loss_weight: float = 1.0,
-        validate: bool = True,
+        validate: Optional[bool] = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"DistributionFocalLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        name = "DistributionFocalLoss"
+        _checks.check_module_reduction(reduction, name)
+        _checks.check_loss_weight(loss_weight, name)
+        _checks.check_validate(validate, name)
+        _checks.check_backend_name(backend, name)
         self.reduction = reduction
         self.loss_weight = loss_weight
         self.validate = validate
@@ -139,8 +148,11 @@ class Integral(nn.Module):
 
     def __init__(self, reg_max: int = 16, backend: str = "auto") -> None:
         super().__init__()
+        if not (isinstance(reg_max, int) and not isinstance(reg_max, bool)):
+            raise TypeError(f"Integral: reg_max must be an int, got {reg_max!r}")
         if reg_max < 1:
             raise ValueError(f"Integral: reg_max must be >= 1, got {reg_max}")
+        _checks.check_backend_name(backend, "Integral")
         self.reg_max = reg_max
         self.backend = backend
 
