@@ -169,3 +169,33 @@ def test_float16_gradients_keep_the_small_values_a_loss_scaler_lifts():
     assert reference_zeros < exact.numel() // 2, "a bad test input: the reference flushes most values too"
     assert int((grads["native"] == 0).sum()) <= reference_zeros
     assert_parity("scaled float16 gradient", grads["native"], exact, [grads["reference"]])
+
+
+@pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
+def test_float16_integral_gradient_is_rounded_once_after_its_scale(set_gradient_pass, gradient_pass):
+    """The integral's float16 gradient, like the losses', is written scaled by the incoming
+    gradient (the kernel's grad_scale) and rounded once: p = [12, 0, -8] has dE/dz_2 ~ 4e-9,
+    0 in float16 but 4.1e-6 once scaled by 1000. Either gradient pass setting: float16
+    always takes the backward pass."""
+    set_gradient_pass("cpu", gradient_pass)
+    backends = [b for b in gfl_ops.available_backends("cpu", "distribution_integral") if b != "reference"]
+    gen = make_generator("fp16-integral")
+    pred = torch.cat([torch.tensor([[12.0, 0.0, -8.0] + [-8.0] * 14]), torch.randn(4095, 17, generator=gen) * 6])
+    pred = pred.to(torch.float16)
+    pred64 = pred.double().requires_grad_()
+    (exact,) = torch.autograd.grad(gfl_ops.reference.distribution_integral(pred64), pred64, torch.full((4096,), 1000.0))
+    upstream = torch.full((4096,), 1000.0, dtype=torch.float16)
+    reference = pred.detach().requires_grad_()
+    gfl_ops.distribution_integral(reference, backend="reference").backward(upstream)  # rounded once
+    # Values the reference keeps, clear of float16's flush-to-zero edge (2^-24 ~ 6e-8).
+    kept = reference.grad.abs() >= 2.0**-23
+    rounded_before_scale = torch.ops.gfl_ops._distribution_integral_native(pred, None, True)[1] * 1000.0
+    lost_before_scale = int(((rounded_before_scale == 0) & kept).sum())
+    assert lost_before_scale > 1000, "a bad test input: the gradient rounded before its scale loses little"
+    for backend in backends:
+        leaf = pred.detach().requires_grad_()
+        gfl_ops.distribution_integral(leaf, backend=backend).backward(upstream)
+        assert float(leaf.grad[0, 2]) == pytest.approx(float(exact[0, 2]), rel=1e-2), backend
+        lost = int(((leaf.grad == 0) & kept).sum())
+        assert lost == 0, f"{backend}: {lost} gradient entries flushed to 0 ({lost_before_scale} when rounded first)"
+        assert_parity("scaled float16 integral gradient", leaf.grad, exact, [reference.grad])
