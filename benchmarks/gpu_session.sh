@@ -10,7 +10,9 @@
 #     STEPS="build verify bench" bash benchmarks/gpu_session.sh
 #     STEPS="build bench_all" BENCH_ARGS="--ops qfl" bash benchmarks/gpu_session.sh   # the default set, in parts
 #
-# Then copy $OUT/<gpu>.json and .png to benchmarks/results/ and quote them in the README.
+# Then copy $OUT/<gpu>.json and .png to benchmarks/results/, quote them in the README and
+# add the run to benchmarks/README.md's Runs (`python -m gfl_ops bench --from-json
+# benchmarks/results/<gpu>.json` prints its table and targets again, on any machine).
 set -uo pipefail
 
 OUT=${OUT:-/tmp/gfl_ops_gpu}

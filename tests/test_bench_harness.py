@@ -1,4 +1,4 @@
-"""The benchmark harness itself (gfl_ops.bench, benchmarks/mmdet_style.py), on tiny shapes.
+"""The benchmark harness itself (gfl_ops.bench, its baseline gfl_ops.bench.mmdet_style), on tiny shapes.
 
 Not timings: that every provider the benchmark times computes the loss and the gradient
 of gfl_ops.reference from the same inputs (which validates the mmdetection-style baseline
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ import torch
 import gfl_ops
 from gfl_ops import bench, reference
 
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 TINY_QFL = (64, 5)  # 64 anchors: 2 x 5 x 4 x 8 channel-first
 TINY_DFL = (32, 17)
 
@@ -34,7 +36,7 @@ def _reference_output(case: bench.Case, inputs: bench.Inputs):
     """The loss (E for the integral) and d/d pred in float64, from the harness's inputs."""
     pred = inputs.pred.detach().double().requires_grad_()
     args = tuple(arg.double() if arg.is_floating_point() else arg for arg in inputs.args)
-    ref_fn = bench._OP_FUNCTIONS[case.op][1]
+    ref_fn = bench.OP_SPECS[case.op].reference
     output = ref_fn(pred, *args, **inputs.kwargs)
     grad_out = None if inputs.grad_out is None else inputs.grad_out.double()
     output.backward(grad_out)
@@ -174,6 +176,8 @@ def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     assert {(row["op"], row["shape_label"]) for row in rows} == {("qfl", "64x5"), ("qfl", "2x5x4x8"), ("dfl", "32x17")}
     assert {row["mode"] for row in rows} == {"full"} and {row["dtype"] for row in rows} == {"fp32"}
     assert {row["provider"] for row in rows} == providers
+    assert set(document["not_run"]) == set(bench.PROVIDERS) - providers  # each named, with its reason
+    assert all(document["not_run"].values()) and document["package"] == str(Path(gfl_ops.__file__).parent)
     for row in rows:
         assert row["error"] is None, row
         for key in ("median_ms", "native_speedup", "peak_extra_bytes", "peak_extra_over_pred", "bandwidth_fraction"):
@@ -257,3 +261,63 @@ def test_headlines_judge_each_target_of_the_device():
     assert "80% of copy bandwidth (target >= 75%: met)" in line
     assert "peak 4.0x below reference (target >= 5x: MISSED)" in line
     assert bench.format_headlines(cuda_rows, "cpu") == ""
+
+
+def test_half_precision_plan():
+    """--half: native alone, in fp32, fp16 and bf16, at the half-precision target's shapes."""
+    cases, settings, _ = bench.plan(bench.parse_args(["--device", "cpu", "--half"]))
+    assert settings.modes == ["full"] and settings.providers == ["native"]
+    assert [(case.op, case.rows, case.classes, case.layout, bench.dtype_name(case.dtype)) for case in cases] == [
+        (op, rows, classes, layout, dtype)
+        for op, rows, classes, layout in (("qfl", 134400, 80, "nc"), ("dfl", 65536, 17, "rows"))
+        for dtype in ("fp32", "fp16", "bf16")
+    ]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--half", "--quick"])
+
+
+def test_fp32_ratio_is_reported_and_judged():
+    rows = [
+        _row("native", "qfl", (134400, 80), median_ms=10.0),
+        _row("native", "qfl", (134400, 80), dtype="fp16", median_ms=12.0),
+        _row("native", "qfl", (134400, 80), dtype="bf16", median_ms=16.0),
+        _row("native", "dfl", (65536, 17), layout="rows", dtype="bf16", median_ms=1.0),  # no fp32 row
+    ]
+    bench.add_fp32_ratios(rows)
+    assert [row["fp32_ratio"] for row in rows] == [1.0, 1.2, 1.6, None]
+    text = bench.format_headlines(rows, "cpu")
+    assert "qfl full 134400x80 nc fp16: native 1.20x its fp32 step (target <= 1.5x: met)" in text
+    assert "qfl full 134400x80 nc bf16: native 1.60x its fp32 step (target <= 1.5x: MISSED)" in text
+    assert "dfl full 65536x17" not in text  # its fp32 step was not measured: no verdict
+    for row in rows:
+        row.update(shape_label="x".join(map(str, row["shape"])), min_ms=row["median_ms"], achieved_gbps=1.0)
+    header = bench.format_table(rows).splitlines()[0]
+    assert header.split()[-2:] == ["x", "fp32"]
+
+
+def test_a_provider_that_cannot_run_is_named_with_its_reason(monkeypatch):
+    real = bench.providers.provider_status
+
+    def without_mmdet(op, device):
+        return dict(real(op, device), mmdet="the baseline is broken here")
+
+    monkeypatch.setattr(bench.providers, "provider_status", without_mmdet)
+    cpu = torch.device("cpu")
+    names, skipped = bench.select_providers("qfl", cpu)
+    assert "mmdet" not in names and skipped["mmdet"] == "the baseline is broken here"
+    _, _, notes = bench.plan(bench.parse_args(["--device", "cpu", "--quick"]))
+    assert "not run: mmdet: the baseline is broken here" in notes
+    _, _, asked = bench.plan(bench.parse_args(["--device", "cpu", "--quick", "--providers", "native", "mmdet"]))
+    assert "not run: mmdet: the baseline is broken here" in asked
+    assert not any(note.startswith("not run: triton") for note in asked)  # not asked for
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda path: path.name)
+def test_saved_results_are_read_back(path, tmp_path, capsys):
+    document = bench.load_results(path)
+    assert document["rows"] and all("fp32_ratio" in row for row in document["rows"] if not row.get("error"))
+    plot = tmp_path / "saved.png"
+    assert bench.main(["--from-json", str(path), "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "Headline targets" in printed
+    assert "plot written" in printed or "matplotlib is not installed" in printed

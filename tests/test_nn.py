@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import gfl_ops
-from gfl_ops.bench import load_mmdet_style
+from gfl_ops.bench import mmdet_style as mm
 from gfl_ops.nn import DistributionFocalLoss, Integral, QualityFocalLoss
 from _helpers import make_generator
 
@@ -21,9 +21,6 @@ BACKENDS = ["native", "reference"]
 # mmdetection-style eager implementation: benchmarks/mmdet_style.py (the benchmark's baseline),
 # wrapped in mmdetection's module interface
 # --------------------------------------------------------------------------------------
-
-mm = load_mmdet_style()
-
 
 class MMQualityFocalLoss(torch.nn.Module):
     def __init__(self, beta=2.0, reduction="mean", loss_weight=1.0, activated=False):
