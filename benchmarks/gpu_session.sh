@@ -82,7 +82,7 @@ if wants bench; then
   run_step bench "$PYTHON" -m gfl_ops bench --device cuda --ops qfl dfl --modes full \
     --qfl-shapes 134400x80,537600x80 --dfl-shapes 65536x17,262144x17 --json "$OUT/$name.json" --plot "$OUT/$name.png"
   sed -n '/^Headline targets/,$p' "$OUT/bench.log" | tee -a "$SUMMARY"
-  # The other place for the gradient (functional.GRADIENT_PASS; CUDA's default is
+  # The other place for the gradient (the gradient pass, csrc/gfl_ops.cpp; CUDA's default is
   # "backward"): the same headline cases with the gradient written in the forward pass.
   GFL_OPS_GRADIENT_PASS=forward run_step bench_gradient_in_forward "$PYTHON" -m gfl_ops bench --device cuda \
     --ops qfl dfl --modes full --providers native --layouts nc --qfl-shapes 134400x80,537600x80 \
