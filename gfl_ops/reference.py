@@ -1,8 +1,13 @@
 """Generalized Focal Loss in plain PyTorch: the oracle every kernel is tested against.
 
 Branch-free (no nonzero, no .item(), no host sync), differentiable by autograd, written
-straight from the equations of GFL_MATH.md with torch's own BCE functions. Half inputs are
-computed in float32; losses come back in float32 (float64 for float64 inputs).
+straight from the equations of docs/MATH.md. Half inputs are computed in float32; losses
+come back in float32 (float64 for float64 inputs).
+
+Where the kernels fix a convention, the reference states it in the same terms (docs/MATH.md):
+the modulating factor's derivative is 0 at d = 0, labels of any integer dtype mean what
+label.long() means, and the BCE of probabilities is torch's binary_cross_entropy (its -100
+log clamp, its backward formula) without its check that inputs and targets lie in [0, 1].
 
 The `*_per_anchor` / `*_per_row` functions return unreduced losses; the public-style
 functions below them add weight and reduction exactly as the fast backends do.
@@ -26,13 +31,79 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 def dense_target_from_labels(pred: Tensor, label: Tensor, score: Tensor) -> Tensor:
     """The (N, C) / (B, C, d...) QFL target: score on the labelled class, 0 elsewhere.
 
-    A label outside [0, C) (background: C, -1, ...) matches no class.
+    A label outside [0, C) (background: C, -1, ...) matches no class. Labels of any integer
+    dtype are read as label.long(), as the functional API hands them to the kernels (torch
+    compares neither uint16, uint32 nor uint64 with int64).
     """
     num_classes = pred.shape[1]
     class_shape = (1, num_classes) + (1,) * (pred.dim() - 2)
     classes = torch.arange(num_classes, device=pred.device).view(class_shape)
-    is_positive = label.unsqueeze(1) == classes
+    is_positive = label.long().unsqueeze(1) == classes
     return torch.where(is_positive, score.unsqueeze(1).to(accumulate_dtype(pred.dtype)), 0.0)
+
+
+class ProbabilityBCE(torch.autograd.Function):
+    """BCE_p(p, y) = -(y * max(log p, -100) + (1 - y) * max(log1p(-p), -100)), elementwise.
+
+    torch's F.binary_cross_entropy without its range check, so that every backend computes
+    one formula: a probability outside [0, 1] gives NaN (the log of a negative number), a
+    target outside [0, 1] the same formula extended. An autograd.Function because torch's
+    gradients, which the kernels take too (csrc/gfl_math.h, qfl_probability_element), are
+    not autograd of the clamped expression (NaN at p = 0 or 1, and a log held by its clamp
+    would contribute nothing):
+
+        dBCE_p/dp = (p - y) / max(p (1 - p), 1e-12)   in [0, 1], NaN outside
+        dBCE_p/dy = log1p(-p) - log(p)
+
+    (the 1e-12 in p's dtype, as the kernels: torch's own constant is float32's 1e-12). The
+    backward is made of differentiable operations, so higher-order gradients work, and
+    vmap (jacobian(vectorize=True)) and torch.compile(fullgraph=True) trace it. No custom
+    jvp: torch.compile cannot trace one, so forward-mode AD is not available here.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(p: Tensor, y: Tensor) -> Tensor:
+        return -(y * torch.log(p).clamp_min(-100) + (1 - y) * torch.log1p(-p).clamp_min(-100))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p, y = ctx.saved_tensors
+        grad_p = grad * _probability_bce_dp(p, y) if ctx.needs_input_grad[0] else None
+        grad_y = grad * _probability_bce_dy(p) if ctx.needs_input_grad[1] else None
+        return grad_p, grad_y
+
+
+def _probability_bce_dp(p: Tensor, y: Tensor) -> Tensor:
+    in_range = (p >= 0) & (p <= 1)
+    return torch.where(in_range, (p - y) / (p * (1 - p)).clamp_min(1e-12), torch.nan)
+
+
+def _probability_bce_dy(p: Tensor) -> Tensor:
+    return torch.log1p(-p) - torch.log(p)
+
+
+def modulating_factor(d: Tensor, beta: float) -> Tensor:
+    """|d|^beta, with the kernels' conventions at d = 0: the value torch.pow(0, beta) (1 for
+    beta = 0, 0 otherwise) and the derivative 0 for every beta.
+
+    Autograd of d.abs().pow(beta) is beta * 0^(beta - 1) * sign(0) = inf * 0 = NaN at d = 0
+    when beta < 1. Here pow runs on 1 where d = 0 (a finite derivative) and that term is
+    multiplied by 0, so the gradient at d = 0 is 0 times the incoming one, as the kernels'
+    BCE * dfactor (NaN only where the incoming gradient is NaN). The value at d = 0 is
+    torch.pow of a zero tensor, not Python's 0.0 ** beta: with a symbolic beta
+    (torch.compile(dynamic=True)), inductor's FX graph cache then served the graph of the
+    first beta to every other beta.
+    """
+    magnitude = d.abs()
+    is_zero = (magnitude == 0).to(d.dtype)
+    factor_at_zero = magnitude.new_zeros(()).pow(beta)
+    return (magnitude + is_zero).pow(beta) * (1 - is_zero) + factor_at_zero * is_zero
 
 
 def quality_focal_loss_dense_per_anchor(
@@ -44,12 +115,11 @@ def quality_focal_loss_dense_per_anchor(
     y = target.to(dtype)
     if activated:
         probability = x
-        bce = F.binary_cross_entropy(x, y, reduction="none")
+        bce = ProbabilityBCE.apply(x, y)
     else:
         probability = torch.sigmoid(x)
         bce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
-    modulating_factor = (probability - y).abs().pow(beta)
-    return (modulating_factor * bce).sum(dim=1)
+    return (modulating_factor(probability - y, beta) * bce).sum(dim=1)
 
 
 def quality_focal_loss_per_anchor(
