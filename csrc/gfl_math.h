@@ -2,7 +2,7 @@
 //
 // Every C++ and CUDA kernel of gfl_ops includes this header and calls these functions;
 // no kernel writes a formula of its own. The Triton kernels (gfl_ops/triton/) follow the
-// same equations under the same names. Derivations: ../shared/GFL_MATH.md.
+// same equations under the same names. Derivations: docs/MATH.md.
 //
 // The header is deliberately light (no torch includes) so that CUDA translation units
 // stay quick to compile. `acc_t` is the type the maths runs in: float for float32,

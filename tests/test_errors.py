@@ -326,7 +326,7 @@ def test_out_of_range_labels_are_background(label_dtype):
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     sigma = torch.sigmoid(pred.detach())
     bce = F.binary_cross_entropy_with_logits(pred.detach(), target, reduction="none")
-    expected_grad = (sigma - target) ** 3 + 2 * bce * (sigma - target) * sigma * (1 - sigma)  # GFL_MATH.md, beta = 2
+    expected_grad = (sigma - target) ** 3 + 2 * bce * (sigma - target) * sigma * (1 - sigma)  # docs/MATH.md, beta = 2
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
 
 

@@ -1,7 +1,7 @@
 """gfl_ops.nn modules against mmdetection 3.x semantics.
 
 The mmdetection-style implementation is benchmarks/mmdet_style.py, written from the formulas
-of GFL_MATH.md and mmdetection's code structure (nonzero + index_put for the positives, two
+of docs/MATH.md and mmdetection's code structure (nonzero + index_put for the positives, two
 F.cross_entropy calls for DFL, softmax + linear for the integral), independent of
 gfl_ops.reference: it checks the modules, the native kernels and the reference at once.
 """

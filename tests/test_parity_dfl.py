@@ -90,7 +90,7 @@ def test_dfl_target_edges(dtype, bins):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 def test_dfl_formula(dtype):
-    """DFL = lse(z) - w_l z_i - w_r z_{i+1} and its gradient softmax - w, from GFL_MATH.md."""
+    """DFL = lse(z) - w_l z_i - w_r z_{i+1} and its gradient softmax - w, from docs/MATH.md."""
     gen = make_generator("dfl-formula", dtype)
     rows, bins = 9, 8
     n = bins - 1
@@ -172,7 +172,7 @@ def test_integral_any_leading_shape(dtype, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 def test_integral_formula(dtype):
-    """E = sum_k softmax_k k, dE/dz_k = softmax_k (k - E), from GFL_MATH.md."""
+    """E = sum_k softmax_k k, dE/dz_k = softmax_k (k - E), from docs/MATH.md."""
     gen = make_generator("integral-formula", dtype)
     z = make_bin_pred("contiguous", 6, 17, dtype, "cpu", gen).requires_grad_()
     value = gfl_ops.distribution_integral(z, backend="native")

@@ -1,6 +1,6 @@
 """The Generalized Focal Loss that users run today: eager PyTorch written the way
 mmdetection 3.x writes it (mmdet/models/losses/gfocal_loss.py, utils.py and GFLHead's
-Integral), re-derived here from the formulas of GFL_MATH.md. The benchmark's baseline.
+Integral), re-derived here from the formulas of docs/MATH.md. The benchmark's baseline.
 
 What makes it slow is kept on purpose, since it is what users pay for:
   - QFL computes the negative-class loss for every element against a zero target, finds

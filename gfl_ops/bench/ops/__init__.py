@@ -27,7 +27,7 @@ def bytes_moved(case: Case, mode: str) -> int:
 
     forward: read pred and the targets (and write the integral's output);
     full:    the forward, then read pred again and write its gradient (the 3-pass floor of
-             GFL_MATH.md; the integral also reads its output's gradient).
+             docs/MATH.md; the integral also reads its output's gradient).
     Scalar losses and per-row temporaries that need not reach memory are not counted.
     """
     spec = OP_SPECS[case.op]

@@ -1,7 +1,7 @@
 """QFL's cases: on logits (qfl) and on probabilities (qfl_prob) with label / score targets,
 and against a dense soft target (qfl_dense), as (N, C) and as a channel-first head output.
 
-Shapes from GFL_MATH.md: anchors N (2 images of GFL at 800x1344, YOLOv8 batches) x 80 COCO
+Shapes from docs/MATH.md: anchors N (2 images of GFL at 800x1344, YOLOv8 batches) x 80 COCO
 classes, and LVIS's 1203 classes at N = 8400.
 """
 from __future__ import annotations
