@@ -72,6 +72,7 @@ def load():
         is_python_module=False,
     )
     gfl_ops._ops.register_fake_kernels(NAMESPACE)  # for torch.compile and opcheck
+    gfl_ops._ops.NAMESPACES.append(NAMESPACE)  # set_gradient_pass sets its gradient pass too
     return getattr(torch.ops, NAMESPACE)
 
 
@@ -81,7 +82,8 @@ def take_wide_access_count() -> int:
 
 
 def emulated_operator_lookup(backend_operator):
-    """gfl_ops._ops.operator with backend="native" sent to the emulated CUDA operators."""
+    """gfl_ops._ops.operator with backend="native" sent to the emulated CUDA operators (the
+    public operators of that namespace, whose "native" kernels are the emulated ones)."""
     library = load()
 
     def operator(name: str, backend: str):

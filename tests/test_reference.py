@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import gfl_ops
-from gfl_ops import functional, reference
+from gfl_ops import reference
 from _helpers import dtype_id, make_generator
 
 BETAS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -24,9 +24,9 @@ INTEGER_DTYPES = (
 
 
 @pytest.fixture(params=["forward", "backward"])
-def gradient_pass(request, monkeypatch):
+def gradient_pass(request, set_gradient_pass):
     """backend="native" with its gradient computed in the forward or in the backward pass."""
-    monkeypatch.setitem(functional.GRADIENT_PASS, "cpu", request.param)
+    set_gradient_pass("cpu", request.param)
     return request.param
 
 
