@@ -157,10 +157,13 @@ GFL_HOST_DEVICE float log_one_minus(float p) {
 #endif
 }
 
-// x^beta for x > 0. Not exp(beta * log x) in float: the exponent's rounding error,
-// |beta log x| * eps, would reach the result (1e-6 relative at x = 1e-6, beta = 3). The
-// exponent is carried as hi + lo instead (the product beta * exponent * ln2 made exact
-// with an fma), and exp(hi + lo) = exp(hi) * (1 + lo).
+// x^beta for x > 0, beta >= 0. Not exp(beta * log x) in float: the exponent's rounding
+// error, |beta log x| * eps, would reach the result (1e-6 relative at x = 1e-6, beta = 3).
+// The exponent is carried as hi + lo instead (the product beta * exponent * ln2 made exact
+// with an fma), and exp(hi + lo) = exp(hi) * (1 + lo). Where |beta log x| >= 100, beyond
+// exp's range, the result is 0 or inf whatever the rounding (as powf's), but the exact
+// product can overflow there (beta near FLT_MAX) and the two-sum turn inf - inf into NaN:
+// there exp of the plain beta * log x is taken.
 GFL_HOST_DEVICE float pow_(float x, float beta) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return powf(x, beta);
@@ -175,7 +178,9 @@ GFL_HOST_DEVICE float pow_(float x, float beta) {
   const float hi = product + low;
   const float low_part = hi - product;
   const float lo = (product - (hi - low_part)) + (low - low_part);
-  const float result = exp_(hi) * (1.0f + lo);
+  const float estimate = beta * (large + small);
+  const bool in_range = std::fabs(estimate) < 100.0f;
+  const float result = exp_(select(in_range, hi, estimate)) * (1.0f + select(in_range, lo, 0.0f));
   return select(x != x, x, result);
 #endif
 }
