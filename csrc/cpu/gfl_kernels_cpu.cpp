@@ -293,8 +293,8 @@ GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* t
 #pragma omp simd
     for (int64_t j = 0; j < kRowBlock; ++j) {
       const math::DflBins<acc_t> bins{left[j], weight_left[j], weight_right[j]};
-      loss[first_row - row_begin + j] = row_weight[j] * math::dfl_loss(math::log_sum_exp(block.row_max[j], block.sum_exp[j]),
-                                                           z_left[j], z_right[j], bins);
+      loss[first_row - row_begin + j] =
+          row_weight[j] * math::dfl_loss(block.row_max[j], block.sum_exp[j], z_left[j], z_right[j], bins);
     }
     if (rows.grad == nullptr) {
       continue;
