@@ -29,6 +29,13 @@
 #define GFL_SIMD(...) GFL_PRAGMA(omp simd __VA_ARGS__)
 #endif
 
+// The 16-bit float types of the kernels' inputs, declared only (no torch includes): the
+// host converts them through their bit patterns (see "Element conversions" below).
+namespace c10 {
+struct Half;
+struct BFloat16;
+}  // namespace c10
+
 namespace gfl {
 namespace math {
 
@@ -193,6 +200,97 @@ GFL_HOST_DEVICE double log_one_minus(double p) { return ::log1p(-p); }
 GFL_HOST_DEVICE double pow_(double x, double beta) { return ::pow(x, beta); }
 
 // ---------------------------------------------------------------------------------------
+// Element conversions: an input element to acc_t (to_acc), a result back (from_acc).
+//
+// On the host, c10::Half's and c10::BFloat16's own conversions from float are written with
+// branches (on NaN, on the exponent) that the compiler leaves scalar, and with them the
+// kernel loops that store gradients: 8x the time per element of float32. The kernels
+// convert here instead, with c10's own algorithms written branch-free on the 16-bit
+// pattern (selects, integer and float arithmetic): vector code, and c10's bits for every
+// input (tests/test_cpu_half_precision.py). On the device, the types' own conversions,
+// hardware instructions.
+// ---------------------------------------------------------------------------------------
+
+GFL_HOST_DEVICE uint32_t word_of(float value) { return static_cast<uint32_t>(float_to_bits(value)); }
+GFL_HOST_DEVICE float float_of(uint32_t word) { return bits_to_float(static_cast<int32_t>(word)); }
+
+// binary16 -> float, exact. In 2w (w: the half's bits in a word's upper half) the exponent
+// E sits in bits 27..31 and the mantissa m below:
+//   E > 0: (2w >> 4) puts both in float position with the exponent E + 224 (so that E = 31,
+//          inf and NaN, becomes 255), then * 2^-112 sets the bias: 2^(E - 15) (1 + m 2^-10);
+//   E = 0: m 2^-24 = (0.5 + m 2^-24) - 0.5, the first a float of exponent -1 holding m.
+GFL_HOST_DEVICE float half_bits_to_float(uint16_t bits) {
+  const uint32_t w = static_cast<uint32_t>(bits) << 16;
+  const uint32_t two_w = w + w;
+  const float normal = float_of((two_w >> 4) + (224u << 23)) * 0x1.0p-112f;
+  const float subnormal = float_of((two_w >> 17) | (126u << 23)) - 0.5f;
+  return float_of((w & 0x80000000u) | word_of(select(two_w < (1u << 27), subnormal, normal)));
+}
+
+// float -> binary16, rounded to nearest even, by the float adder: with e = max(exponent of
+// f, -14), the half's spacing at f is 2^(e - 10), and 2^(e + 15) + 4|f| rounds 4|f| to a
+// multiple of 4 * 2^(e - 10), to even. That sum's low 12 bits are then |f| / 2^(e - 10), the
+// half's mantissa with its leading bit, which added to (e + 14) << 10 (the sum's exponent,
+// shifted) gives the half, a carry rounding up into its exponent. 4|f| = |f| 2^112 2^-110,
+// which is inf for |f| >= 2^16 (inf too in half). NaN: 0x7E00, with the sign.
+GFL_HOST_DEVICE uint16_t float_to_half_bits(float value) {
+  const uint32_t w = word_of(value);
+  const uint32_t two_w = w + w;  // without the sign
+  const uint32_t exponent_bits = two_w & 0xFF000000u;
+  const uint32_t clamped = exponent_bits < 0x71000000u ? 0x71000000u : exponent_bits;  // e >= -14
+  const float scaled = (float_of(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;  // 4|f|
+  const uint32_t sum = word_of(float_of((clamped >> 1) + 0x07800000u) + scaled);
+  const uint32_t magnitude = ((sum >> 13) & 0x00007C00u) + (sum & 0x00000FFFu);
+  const uint32_t nan_or_magnitude = two_w > 0xFF000000u ? 0x7E00u : magnitude;
+  return static_cast<uint16_t>(((w >> 16) & 0x8000u) | nan_or_magnitude);
+}
+
+// bfloat16 is float's upper half.
+GFL_HOST_DEVICE float bfloat16_bits_to_float(uint16_t bits) { return float_of(static_cast<uint32_t>(bits) << 16); }
+
+// float -> bfloat16, rounded to nearest even: adding 0x7FFF and the lowest kept bit carries
+// into the kept half when the dropped half is above 0x8000, or at it with the kept half
+// odd. NaN: 0x7FC0 (the addition could carry a NaN into inf, or -0).
+GFL_HOST_DEVICE uint16_t float_to_bfloat16_bits(float value) {
+  const uint32_t w = word_of(value);
+  const uint32_t rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(value != value ? 0x7FC0u : rounded);
+}
+
+// Whether scalar_t converts through its bit pattern here: the 16-bit types, on the host.
+template <typename scalar_t>
+constexpr bool kConvertsBits =
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+    false;
+#else
+    std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+#endif
+
+template <typename acc_t, typename scalar_t>
+GFL_HOST_DEVICE acc_t to_acc(const scalar_t& value) {
+  if constexpr (kConvertsBits<scalar_t>) {
+    uint16_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    return std::is_same_v<scalar_t, c10::Half> ? half_bits_to_float(bits) : bfloat16_bits_to_float(bits);
+  } else {
+    return static_cast<acc_t>(value);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+GFL_HOST_DEVICE scalar_t from_acc(acc_t value) {
+  if constexpr (kConvertsBits<scalar_t>) {
+    const uint16_t bits =
+        std::is_same_v<scalar_t, c10::Half> ? float_to_half_bits(value) : float_to_bfloat16_bits(value);
+    scalar_t result;
+    std::memcpy(&result, &bits, sizeof(bits));
+    return result;
+  } else {
+    return static_cast<scalar_t>(value);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Quality Focal Loss, one element.
 //
 //   d         = sigma - y                      (p - y for probability input)
@@ -295,7 +393,7 @@ template <typename scalar_t, typename acc_t>
 struct DenseTarget {
   const scalar_t* values;  // laid out like pred, addressed through its own strides
   GFL_HOST_DEVICE acc_t at(int64_t /*anchor*/, int64_t /*class*/, int64_t element) const {
-    return static_cast<acc_t>(values[element]);
+    return to_acc<acc_t>(values[element]);
   }
 };
 
@@ -329,10 +427,10 @@ GFL_HOST_DEVICE acc_t qfl_anchor(const scalar_t* pred, int64_t pred_class_stride
       const acc_t y = target.at(anchor, c, target_offset + c * target_class_stride);
       const LossAndGrad<acc_t> element =
           qfl_element<Variant::kActivated, Variant::kBetaIsTwo, Variant::kNeedGrad>(
-              static_cast<acc_t>(pred[c * pred_class_stride]), y, beta);
+              to_acc<acc_t>(pred[c * pred_class_stride]), y, beta);
       chunk_loss += element.loss;
       if (Variant::kNeedGrad) {
-        grad[c * grad_class_stride] = static_cast<scalar_t>(weight * element.grad);
+        grad[c * grad_class_stride] = from_acc<scalar_t>(weight * element.grad);
       }
     }
     loss += chunk_loss;
@@ -397,16 +495,16 @@ GFL_HOST_DEVICE acc_t integral_grad(acc_t softmax_k, int64_t k, acc_t expectatio
 template <typename acc_t, typename scalar_t>
 GFL_HOST_DEVICE void row_softmax_stats(const scalar_t* z, int64_t bin_stride, int64_t num_bins,
                                        acc_t& row_max, acc_t& sum_exp) {
-  row_max = static_cast<acc_t>(z[0]);
+  row_max = to_acc<acc_t>(z[0]);
   GFL_SIMD(reduction(max : row_max))
   for (int64_t k = 1; k < num_bins; ++k) {
-    const acc_t value = static_cast<acc_t>(z[k * bin_stride]);
+    const acc_t value = to_acc<acc_t>(z[k * bin_stride]);
     row_max = value > row_max ? value : row_max;
   }
   sum_exp = 0;
   GFL_SIMD(reduction(+ : sum_exp))
   for (int64_t k = 0; k < num_bins; ++k) {
-    sum_exp += exp_(static_cast<acc_t>(z[k * bin_stride]) - row_max);
+    sum_exp += exp_(to_acc<acc_t>(z[k * bin_stride]) - row_max);
   }
 }
 
@@ -417,14 +515,14 @@ GFL_HOST_DEVICE acc_t dfl_row(const scalar_t* z, int64_t bin_stride, int64_t num
   acc_t row_max, sum_exp;
   row_softmax_stats(z, bin_stride, num_bins, row_max, sum_exp);
   const DflBins<acc_t> bins = dfl_bins(target, num_bins);
-  const acc_t loss = dfl_loss(row_max, sum_exp, static_cast<acc_t>(z[bins.left * bin_stride]),
-                              static_cast<acc_t>(z[(bins.left + 1) * bin_stride]), bins);
+  const acc_t loss = dfl_loss(row_max, sum_exp, to_acc<acc_t>(z[bins.left * bin_stride]),
+                              to_acc<acc_t>(z[(bins.left + 1) * bin_stride]), bins);
   if (grad != nullptr) {
     const acc_t inv_sum = acc_t(1) / sum_exp;
     GFL_SIMD()
     for (int64_t k = 0; k < num_bins; ++k) {
-      const acc_t softmax_k = exp_(static_cast<acc_t>(z[k * bin_stride]) - row_max) * inv_sum;
-      grad[k * grad_bin_stride] = static_cast<scalar_t>(weight * dfl_grad(softmax_k, k, bins));
+      const acc_t softmax_k = exp_(to_acc<acc_t>(z[k * bin_stride]) - row_max) * inv_sum;
+      grad[k * grad_bin_stride] = from_acc<scalar_t>(weight * dfl_grad(softmax_k, k, bins));
     }
   }
   return weight * loss;
@@ -440,14 +538,14 @@ GFL_HOST_DEVICE acc_t integral_row(const scalar_t* z, int64_t bin_stride, int64_
   acc_t weighted_sum = 0;  // sum_k exp(z_k - max) * k
   GFL_SIMD(reduction(+ : weighted_sum))
   for (int64_t k = 0; k < num_bins; ++k) {
-    weighted_sum += exp_(static_cast<acc_t>(z[k * bin_stride]) - row_max) * static_cast<acc_t>(k);
+    weighted_sum += exp_(to_acc<acc_t>(z[k * bin_stride]) - row_max) * static_cast<acc_t>(k);
   }
   const acc_t expectation = weighted_sum * inv_sum;
   if (grad != nullptr) {
     GFL_SIMD()
     for (int64_t k = 0; k < num_bins; ++k) {
-      const acc_t softmax_k = exp_(static_cast<acc_t>(z[k * bin_stride]) - row_max) * inv_sum;
-      grad[k * grad_bin_stride] = static_cast<scalar_t>(integral_grad(softmax_k, k, expectation));
+      const acc_t softmax_k = exp_(to_acc<acc_t>(z[k * bin_stride]) - row_max) * inv_sum;
+      grad[k * grad_bin_stride] = from_acc<scalar_t>(integral_grad(softmax_k, k, expectation));
     }
   }
   return expectation;
