@@ -490,21 +490,42 @@ GFL_HOST_DEVICE acc_t integral_grad(acc_t softmax_k, int64_t k, acc_t expectatio
   return softmax_k * (static_cast<acc_t>(k) - expectation);
 }
 
-// The row's maximum m and S = sum_k exp(z_k - m). A NaN logit need not win the maximum:
-// exp(NaN - m) makes S, and so the row, NaN.
+// The steps of a row's statistics, one bin at a time. The one-row functions below take them
+// along a row; the CPU's block walk takes each across 16 rows at once (a row of 17 bins is
+// too short to vectorise on its own), bin after bin.
+
+// m: the running maximum. A NaN logit need not win it: exp(NaN - m) makes S, and so the
+// row, NaN.
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t max_step(acc_t row_max, acc_t z_k) {
+  return z_k > row_max ? z_k : row_max;
+}
+
+// exp(z_k - m): a term of S, and softmax_k = exp(z_k - m) / S.
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t shifted_exp(acc_t z_k, acc_t row_max) {
+  return exp_(z_k - row_max);
+}
+
+// exp(z_k - m) * k: a term of sum_k exp(z_k - m) * k = E * S.
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t weighted_term(acc_t shifted_k, int64_t k) {
+  return shifted_k * static_cast<acc_t>(k);
+}
+
+// m and S of a row.
 template <typename acc_t, typename scalar_t>
 GFL_HOST_DEVICE void row_softmax_stats(const scalar_t* z, int64_t bin_stride, int64_t num_bins,
                                        acc_t& row_max, acc_t& sum_exp) {
   row_max = to_acc<acc_t>(z[0]);
   GFL_SIMD(reduction(max : row_max))
   for (int64_t k = 1; k < num_bins; ++k) {
-    const acc_t value = to_acc<acc_t>(z[k * bin_stride]);
-    row_max = value > row_max ? value : row_max;
+    row_max = max_step(row_max, to_acc<acc_t>(z[k * bin_stride]));
   }
   sum_exp = 0;
   GFL_SIMD(reduction(+ : sum_exp))
   for (int64_t k = 0; k < num_bins; ++k) {
-    sum_exp += exp_(to_acc<acc_t>(z[k * bin_stride]) - row_max);
+    sum_exp += shifted_exp(to_acc<acc_t>(z[k * bin_stride]), row_max);
   }
 }
 
@@ -521,7 +542,7 @@ GFL_HOST_DEVICE acc_t dfl_row(const scalar_t* z, int64_t bin_stride, int64_t num
     const acc_t inv_sum = acc_t(1) / sum_exp;
     GFL_SIMD()
     for (int64_t k = 0; k < num_bins; ++k) {
-      const acc_t softmax_k = exp_(to_acc<acc_t>(z[k * bin_stride]) - row_max) * inv_sum;
+      const acc_t softmax_k = shifted_exp(to_acc<acc_t>(z[k * bin_stride]), row_max) * inv_sum;
       grad[k * grad_bin_stride] = from_acc<scalar_t>(weight * dfl_grad(softmax_k, k, bins));
     }
   }
@@ -535,16 +556,16 @@ GFL_HOST_DEVICE acc_t integral_row(const scalar_t* z, int64_t bin_stride, int64_
   acc_t row_max, sum_exp;
   row_softmax_stats(z, bin_stride, num_bins, row_max, sum_exp);
   const acc_t inv_sum = acc_t(1) / sum_exp;
-  acc_t weighted_sum = 0;  // sum_k exp(z_k - max) * k
+  acc_t weighted_sum = 0;  // E * S
   GFL_SIMD(reduction(+ : weighted_sum))
   for (int64_t k = 0; k < num_bins; ++k) {
-    weighted_sum += exp_(to_acc<acc_t>(z[k * bin_stride]) - row_max) * static_cast<acc_t>(k);
+    weighted_sum += weighted_term(shifted_exp(to_acc<acc_t>(z[k * bin_stride]), row_max), k);
   }
   const acc_t expectation = weighted_sum * inv_sum;
   if (grad != nullptr) {
     GFL_SIMD()
     for (int64_t k = 0; k < num_bins; ++k) {
-      const acc_t softmax_k = exp_(to_acc<acc_t>(z[k * bin_stride]) - row_max) * inv_sum;
+      const acc_t softmax_k = shifted_exp(to_acc<acc_t>(z[k * bin_stride]), row_max) * inv_sum;
       grad[k * grad_bin_stride] = from_acc<scalar_t>(integral_grad(softmax_k, k, expectation));
     }
   }

@@ -217,17 +217,18 @@ GFL_CPU_CLONES void dfl_rows(const BinRows<scalar_t>& rows, const acc_t* target,
 
 // Block walks for rows of kBins contiguous bins: kRowBlock rows at a time, transposed into
 // local arrays so that every step runs vectorised across rows (a row of 17 bins is too
-// short to vectorise well on its own). The same steps as math::dfl_row and
-// math::integral_row, with the header's maths.
+// short to vectorise well on its own): math::dfl_row's and math::integral_row's steps, each
+// taken across the block's rows, bin after bin.
 constexpr int64_t kRowBlock = 16;
 
 template <int64_t kBins, typename acc_t>
 struct RowBlock {
   acc_t z[kBins][kRowBlock];        // logits, bin-major
-  acc_t shifted[kBins][kRowBlock];  // exp(z - max); the walks overwrite it with the gradient
-  acc_t row_max[kRowBlock];
-  acc_t sum_exp[kRowBlock];         // sum_k exp(z_k - max)
+  acc_t shifted[kBins][kRowBlock];  // exp(z - m); the walks overwrite it with the gradient
+  acc_t row_max[kRowBlock];         // m
+  acc_t sum_exp[kRowBlock];         // S = sum_k exp(z_k - m)
 
+  // The rows' logits, transposed, and their m and S (math::row_softmax_stats).
   template <typename scalar_t>
   GFL_HOST_DEVICE void load(const BinRows<scalar_t>& rows, int64_t first_row) {
     const scalar_t* pred = rows.pred + first_row * rows.pred_row_stride;
@@ -262,13 +263,13 @@ struct RowBlock {
     for (int64_t k = 1; k < kBins; ++k) {
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
-        row_max[j] = z[k][j] > row_max[j] ? z[k][j] : row_max[j];
+        row_max[j] = math::max_step(row_max[j], z[k][j]);
       }
     }
     for (int64_t k = 0; k < kBins; ++k) {
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
-        shifted[k][j] = math::exp_(z[k][j] - row_max[j]);
+        shifted[k][j] = math::shifted_exp(z[k][j], row_max[j]);
         sum_exp[j] += shifted[k][j];
       }
     }
@@ -367,7 +368,7 @@ GFL_CPU_CLONES void integral_row_blocks(const BinRows<scalar_t>& rows, scalar_t*
     for (int64_t k = 0; k < kBins; ++k) {
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
-        expectation[j] += block.shifted[k][j] * static_cast<acc_t>(k);  // E = sum_k softmax_k k
+        expectation[j] += math::weighted_term(block.shifted[k][j], k);  // E S
       }
     }
 #pragma omp simd
