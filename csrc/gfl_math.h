@@ -29,6 +29,13 @@
 #define GFL_SIMD(...) GFL_PRAGMA(omp simd __VA_ARGS__)
 #endif
 
+// The 16-bit float types of the kernels' inputs, declared only (no torch includes): the
+// host converts them through their bit patterns (see "Element conversions" below).
+namespace c10 {
+struct Half;
+struct BFloat16;
+}  // namespace c10
+
 namespace gfl {
 namespace math {
 
@@ -157,10 +164,13 @@ GFL_HOST_DEVICE float log_one_minus(float p) {
 #endif
 }
 
-// x^beta for x > 0. Not exp(beta * log x) in float: the exponent's rounding error,
-// |beta log x| * eps, would reach the result (1e-6 relative at x = 1e-6, beta = 3). The
-// exponent is carried as hi + lo instead (the product beta * exponent * ln2 made exact
-// with an fma), and exp(hi + lo) = exp(hi) * (1 + lo).
+// x^beta for x > 0, beta >= 0. Not exp(beta * log x) in float: the exponent's rounding
+// error, |beta log x| * eps, would reach the result (1e-6 relative at x = 1e-6, beta = 3).
+// The exponent is carried as hi + lo instead (the product beta * exponent * ln2 made exact
+// with an fma), and exp(hi + lo) = exp(hi) * (1 + lo). Where |beta log x| >= 100, beyond
+// exp's range, the result is 0 or inf whatever the rounding (as powf's), but the exact
+// product can overflow there (beta near FLT_MAX) and the two-sum turn inf - inf into NaN:
+// there exp of the plain beta * log x is taken.
 GFL_HOST_DEVICE float pow_(float x, float beta) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return powf(x, beta);
@@ -175,7 +185,9 @@ GFL_HOST_DEVICE float pow_(float x, float beta) {
   const float hi = product + low;
   const float low_part = hi - product;
   const float lo = (product - (hi - low_part)) + (low - low_part);
-  const float result = exp_(hi) * (1.0f + lo);
+  const float estimate = beta * (large + small);
+  const bool in_range = std::fabs(estimate) < 100.0f;
+  const float result = exp_(select(in_range, hi, estimate)) * (1.0f + select(in_range, lo, 0.0f));
   return select(x != x, x, result);
 #endif
 }
@@ -186,6 +198,97 @@ GFL_HOST_DEVICE double log1p_unit(double t) { return ::log1p(t); }
 GFL_HOST_DEVICE double log_(double x) { return ::log(x); }
 GFL_HOST_DEVICE double log_one_minus(double p) { return ::log1p(-p); }
 GFL_HOST_DEVICE double pow_(double x, double beta) { return ::pow(x, beta); }
+
+// ---------------------------------------------------------------------------------------
+// Element conversions: an input element to acc_t (to_acc), a result back (from_acc).
+//
+// On the host, c10::Half's and c10::BFloat16's own conversions from float are written with
+// branches (on NaN, on the exponent) that the compiler leaves scalar, and with them the
+// kernel loops that store gradients: 8x the time per element of float32. The kernels
+// convert here instead, with c10's own algorithms written branch-free on the 16-bit
+// pattern (selects, integer and float arithmetic): vector code, and c10's bits for every
+// input (tests/test_cpu_half_precision.py). On the device, the types' own conversions,
+// hardware instructions.
+// ---------------------------------------------------------------------------------------
+
+GFL_HOST_DEVICE uint32_t word_of(float value) { return static_cast<uint32_t>(float_to_bits(value)); }
+GFL_HOST_DEVICE float float_of(uint32_t word) { return bits_to_float(static_cast<int32_t>(word)); }
+
+// binary16 -> float, exact. In 2w (w: the half's bits in a word's upper half) the exponent
+// E sits in bits 27..31 and the mantissa m below:
+//   E > 0: (2w >> 4) puts both in float position with the exponent E + 224 (so that E = 31,
+//          inf and NaN, becomes 255), then * 2^-112 sets the bias: 2^(E - 15) (1 + m 2^-10);
+//   E = 0: m 2^-24 = (0.5 + m 2^-24) - 0.5, the first a float of exponent -1 holding m.
+GFL_HOST_DEVICE float half_bits_to_float(uint16_t bits) {
+  const uint32_t w = static_cast<uint32_t>(bits) << 16;
+  const uint32_t two_w = w + w;
+  const float normal = float_of((two_w >> 4) + (224u << 23)) * 0x1.0p-112f;
+  const float subnormal = float_of((two_w >> 17) | (126u << 23)) - 0.5f;
+  return float_of((w & 0x80000000u) | word_of(select(two_w < (1u << 27), subnormal, normal)));
+}
+
+// float -> binary16, rounded to nearest even, by the float adder: with e = max(exponent of
+// f, -14), the half's spacing at f is 2^(e - 10), and 2^(e + 15) + 4|f| rounds 4|f| to a
+// multiple of 4 * 2^(e - 10), to even. That sum's low 12 bits are then |f| / 2^(e - 10), the
+// half's mantissa with its leading bit, which added to (e + 14) << 10 (the sum's exponent,
+// shifted) gives the half, a carry rounding up into its exponent. 4|f| = |f| 2^112 2^-110,
+// which is inf for |f| >= 2^16 (inf too in half). NaN: 0x7E00, with the sign.
+GFL_HOST_DEVICE uint16_t float_to_half_bits(float value) {
+  const uint32_t w = word_of(value);
+  const uint32_t two_w = w + w;  // without the sign
+  const uint32_t exponent_bits = two_w & 0xFF000000u;
+  const uint32_t clamped = exponent_bits < 0x71000000u ? 0x71000000u : exponent_bits;  // e >= -14
+  const float scaled = (float_of(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;  // 4|f|
+  const uint32_t sum = word_of(float_of((clamped >> 1) + 0x07800000u) + scaled);
+  const uint32_t magnitude = ((sum >> 13) & 0x00007C00u) + (sum & 0x00000FFFu);
+  const uint32_t nan_or_magnitude = two_w > 0xFF000000u ? 0x7E00u : magnitude;
+  return static_cast<uint16_t>(((w >> 16) & 0x8000u) | nan_or_magnitude);
+}
+
+// bfloat16 is float's upper half.
+GFL_HOST_DEVICE float bfloat16_bits_to_float(uint16_t bits) { return float_of(static_cast<uint32_t>(bits) << 16); }
+
+// float -> bfloat16, rounded to nearest even: adding 0x7FFF and the lowest kept bit carries
+// into the kept half when the dropped half is above 0x8000, or at it with the kept half
+// odd. NaN: 0x7FC0 (the addition could carry a NaN into inf, or -0).
+GFL_HOST_DEVICE uint16_t float_to_bfloat16_bits(float value) {
+  const uint32_t w = word_of(value);
+  const uint32_t rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(value != value ? 0x7FC0u : rounded);
+}
+
+// Whether scalar_t converts through its bit pattern here: the 16-bit types, on the host.
+template <typename scalar_t>
+constexpr bool kConvertsBits =
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+    false;
+#else
+    std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+#endif
+
+template <typename acc_t, typename scalar_t>
+GFL_HOST_DEVICE acc_t to_acc(const scalar_t& value) {
+  if constexpr (kConvertsBits<scalar_t>) {
+    uint16_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    return std::is_same_v<scalar_t, c10::Half> ? half_bits_to_float(bits) : bfloat16_bits_to_float(bits);
+  } else {
+    return static_cast<acc_t>(value);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+GFL_HOST_DEVICE scalar_t from_acc(acc_t value) {
+  if constexpr (kConvertsBits<scalar_t>) {
+    const uint16_t bits =
+        std::is_same_v<scalar_t, c10::Half> ? float_to_half_bits(value) : float_to_bfloat16_bits(value);
+    scalar_t result;
+    std::memcpy(&result, &bits, sizeof(bits));
+    return result;
+  } else {
+    return static_cast<scalar_t>(value);
+  }
+}
 
 // ---------------------------------------------------------------------------------------
 // Quality Focal Loss, one element.
@@ -290,7 +393,7 @@ template <typename scalar_t, typename acc_t>
 struct DenseTarget {
   const scalar_t* values;  // laid out like pred, addressed through its own strides
   GFL_HOST_DEVICE acc_t at(int64_t /*anchor*/, int64_t /*class*/, int64_t element) const {
-    return static_cast<acc_t>(values[element]);
+    return to_acc<acc_t>(values[element]);
   }
 };
 
@@ -324,10 +427,10 @@ GFL_HOST_DEVICE acc_t qfl_anchor(const scalar_t* pred, int64_t pred_class_stride
       const acc_t y = target.at(anchor, c, target_offset + c * target_class_stride);
       const LossAndGrad<acc_t> element =
           qfl_element<Variant::kActivated, Variant::kBetaIsTwo, Variant::kNeedGrad>(
-              static_cast<acc_t>(pred[c * pred_class_stride]), y, beta);
+              to_acc<acc_t>(pred[c * pred_class_stride]), y, beta);
       chunk_loss += element.loss;
       if (Variant::kNeedGrad) {
-        grad[c * grad_class_stride] = static_cast<scalar_t>(weight * element.grad);
+        grad[c * grad_class_stride] = from_acc<scalar_t>(weight * element.grad);
       }
     }
     loss += chunk_loss;
@@ -339,10 +442,15 @@ GFL_HOST_DEVICE acc_t qfl_anchor(const scalar_t* pred, int64_t pred_class_stride
 // Distribution Focal Loss and the integral, over the n + 1 bins 0..n of one row.
 //
 //   i = min(floor(y), n - 1), w_l = (i + 1) - y, w_r = y - i   (so y = n is valid)
-//   lse = max_k z_k + log(sum_k exp(z_k - max_k z_k))
-//   DFL = lse - w_l * z_i - w_r * z_{i+1}
+//   m = max_k z_k,  S = sum_k exp(z_k - m),  softmax_k = exp(z_k - m) / S
+//   DFL = log S - w_l * (z_i - m) - w_r * (z_{i+1} - m)
 //   dDFL/dz_k = softmax_k - w_l * [k == i] - w_r * [k == i + 1]
 //   E = sum_k softmax_k * k,  dE/dz_k = softmax_k * (k - E)
+//
+// DFL is log-sum-exp minus the logits on the target's bins, taken relative to m: in absolute
+// terms, m + log S - w_l z_i - w_r z_{i+1}, the loss (a few units) would be the difference of
+// terms as large as the logits, and lose their rounding error (2.7734 for log 16 at logits of
+// 1e5, negative losses at 1e38).
 // ---------------------------------------------------------------------------------------
 
 template <typename acc_t>
@@ -366,13 +474,9 @@ GFL_HOST_DEVICE DflBins<acc_t> dfl_bins(acc_t target, int64_t num_bins) {
 }
 
 template <typename acc_t>
-GFL_HOST_DEVICE acc_t log_sum_exp(acc_t row_max, acc_t sum_exp_shifted) {
-  return row_max + log_(sum_exp_shifted);
-}
-
-template <typename acc_t>
-GFL_HOST_DEVICE acc_t dfl_loss(acc_t lse, acc_t z_left, acc_t z_right, const DflBins<acc_t>& bins) {
-  return lse - bins.weight_left * z_left - bins.weight_right * z_right;
+GFL_HOST_DEVICE acc_t dfl_loss(acc_t row_max, acc_t sum_exp, acc_t z_left, acc_t z_right,
+                               const DflBins<acc_t>& bins) {
+  return log_(sum_exp) - bins.weight_left * (z_left - row_max) - bins.weight_right * (z_right - row_max);
 }
 
 template <typename acc_t>
@@ -386,21 +490,42 @@ GFL_HOST_DEVICE acc_t integral_grad(acc_t softmax_k, int64_t k, acc_t expectatio
   return softmax_k * (static_cast<acc_t>(k) - expectation);
 }
 
-// The row's maximum and sum_k exp(z_k - max): the two halves of its log-sum-exp. A NaN
-// logit need not win the maximum: exp(NaN - max) makes the sum, and so the row, NaN.
+// The steps of a row's statistics, one bin at a time. The one-row functions below take them
+// along a row; the CPU's block walk takes each across 16 rows at once (a row of 17 bins is
+// too short to vectorise on its own), bin after bin.
+
+// m: the running maximum. A NaN logit need not win it: exp(NaN - m) makes S, and so the
+// row, NaN.
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t max_step(acc_t row_max, acc_t z_k) {
+  return z_k > row_max ? z_k : row_max;
+}
+
+// exp(z_k - m): a term of S, and softmax_k = exp(z_k - m) / S.
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t shifted_exp(acc_t z_k, acc_t row_max) {
+  return exp_(z_k - row_max);
+}
+
+// exp(z_k - m) * k: a term of sum_k exp(z_k - m) * k = E * S.
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t weighted_term(acc_t shifted_k, int64_t k) {
+  return shifted_k * static_cast<acc_t>(k);
+}
+
+// m and S of a row.
 template <typename acc_t, typename scalar_t>
 GFL_HOST_DEVICE void row_softmax_stats(const scalar_t* z, int64_t bin_stride, int64_t num_bins,
                                        acc_t& row_max, acc_t& sum_exp) {
-  row_max = static_cast<acc_t>(z[0]);
+  row_max = to_acc<acc_t>(z[0]);
   GFL_SIMD(reduction(max : row_max))
   for (int64_t k = 1; k < num_bins; ++k) {
-    const acc_t value = static_cast<acc_t>(z[k * bin_stride]);
-    row_max = value > row_max ? value : row_max;
+    row_max = max_step(row_max, to_acc<acc_t>(z[k * bin_stride]));
   }
   sum_exp = 0;
   GFL_SIMD(reduction(+ : sum_exp))
   for (int64_t k = 0; k < num_bins; ++k) {
-    sum_exp += exp_(static_cast<acc_t>(z[k * bin_stride]) - row_max);
+    sum_exp += shifted_exp(to_acc<acc_t>(z[k * bin_stride]), row_max);
   }
 }
 
@@ -411,14 +536,14 @@ GFL_HOST_DEVICE acc_t dfl_row(const scalar_t* z, int64_t bin_stride, int64_t num
   acc_t row_max, sum_exp;
   row_softmax_stats(z, bin_stride, num_bins, row_max, sum_exp);
   const DflBins<acc_t> bins = dfl_bins(target, num_bins);
-  const acc_t loss = dfl_loss(log_sum_exp(row_max, sum_exp), static_cast<acc_t>(z[bins.left * bin_stride]),
-                              static_cast<acc_t>(z[(bins.left + 1) * bin_stride]), bins);
+  const acc_t loss = dfl_loss(row_max, sum_exp, to_acc<acc_t>(z[bins.left * bin_stride]),
+                              to_acc<acc_t>(z[(bins.left + 1) * bin_stride]), bins);
   if (grad != nullptr) {
     const acc_t inv_sum = acc_t(1) / sum_exp;
     GFL_SIMD()
     for (int64_t k = 0; k < num_bins; ++k) {
-      const acc_t softmax_k = exp_(static_cast<acc_t>(z[k * bin_stride]) - row_max) * inv_sum;
-      grad[k * grad_bin_stride] = static_cast<scalar_t>(weight * dfl_grad(softmax_k, k, bins));
+      const acc_t softmax_k = shifted_exp(to_acc<acc_t>(z[k * bin_stride]), row_max) * inv_sum;
+      grad[k * grad_bin_stride] = from_acc<scalar_t>(weight * dfl_grad(softmax_k, k, bins));
     }
   }
   return weight * loss;
@@ -432,17 +557,17 @@ GFL_HOST_DEVICE acc_t integral_row(const scalar_t* z, int64_t bin_stride, int64_
   acc_t row_max, sum_exp;
   row_softmax_stats(z, bin_stride, num_bins, row_max, sum_exp);
   const acc_t inv_sum = acc_t(1) / sum_exp;
-  acc_t weighted_sum = 0;  // sum_k exp(z_k - max) * k
+  acc_t weighted_sum = 0;  // E * S
   GFL_SIMD(reduction(+ : weighted_sum))
   for (int64_t k = 0; k < num_bins; ++k) {
-    weighted_sum += exp_(static_cast<acc_t>(z[k * bin_stride]) - row_max) * static_cast<acc_t>(k);
+    weighted_sum += weighted_term(shifted_exp(to_acc<acc_t>(z[k * bin_stride]), row_max), k);
   }
   const acc_t expectation = weighted_sum * inv_sum;
   if (grad != nullptr) {
     GFL_SIMD()
     for (int64_t k = 0; k < num_bins; ++k) {
-      const acc_t softmax_k = exp_(static_cast<acc_t>(z[k * bin_stride]) - row_max) * inv_sum;
-      grad[k * grad_bin_stride] = static_cast<scalar_t>(grad_scale * integral_grad(softmax_k, k, expectation));
+      const acc_t softmax_k = shifted_exp(to_acc<acc_t>(z[k * bin_stride]), row_max) * inv_sum;
+      grad[k * grad_bin_stride] = from_acc<scalar_t>(grad_scale * integral_grad(softmax_k, k, expectation));
     }
   }
   return expectation;

@@ -2,11 +2,12 @@
 // gradient of that loss. The maths is in ../gfl_math.h; this file only walks memory.
 //
 // Speed comes from three things: (1) each walk is compiled for AVX-512, AVX2 and baseline
-// x86-64 (GCC target_clones picks one at load time), (2) the transcendental functions of
-// gfl_math.h are branch-free, so whole class loops vectorise, (3) rows are spread over
-// torch's intra-op thread pool. Reductions inside a row run in a fixed order for a given
-// machine, and the sum of reduction "sum" in fixed chunks (parallel_walk), so results are
-// the same bits run after run, whatever the number of threads.
+// x86-64 (GCC target_clones picks one at load time), (2) the transcendental functions and
+// the float16/bfloat16 conversions of gfl_math.h are branch-free, so whole class loops
+// vectorise, (3) rows are spread over torch's intra-op thread pool. Reductions inside a row
+// run in a fixed order for a given machine, and the sum of reduction "sum" in fixed chunks
+// (parallel_walk), so results are the same bits run after run, whatever the number of
+// threads.
 #include "../gfl_host.h"
 #include "../gfl_math.h"
 #include "../gfl_ops.h"
@@ -17,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -142,10 +144,10 @@ GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int
           const acc_t y = target.at(first_anchor + j, c, target_plane + j);
           const LossAndGrad<acc_t> element =
               math::qfl_element<Variant::kActivated, Variant::kBetaIsTwo, Variant::kNeedGrad>(
-                  static_cast<acc_t>(pred_plane[j]), y, beta);
+                  math::to_acc<acc_t>(pred_plane[j]), y, beta);
           chunk_loss[j] += element.loss;
           if (Variant::kNeedGrad) {
-            grad_plane[j] = static_cast<scalar_t>(block_weight[j] * element.grad);
+            grad_plane[j] = math::from_acc<scalar_t>(block_weight[j] * element.grad);
           }
         }
       }
@@ -215,24 +217,43 @@ GFL_CPU_CLONES void dfl_rows(const BinRows<scalar_t>& rows, const acc_t* target,
 
 // Block walks for rows of kBins contiguous bins: kRowBlock rows at a time, transposed into
 // local arrays so that every step runs vectorised across rows (a row of 17 bins is too
-// short to vectorise well on its own). The same steps as math::dfl_row and
-// math::integral_row, with the header's maths.
+// short to vectorise well on its own): math::dfl_row's and math::integral_row's steps, each
+// taken across the block's rows, bin after bin.
 constexpr int64_t kRowBlock = 16;
 
 template <int64_t kBins, typename acc_t>
 struct RowBlock {
   acc_t z[kBins][kRowBlock];        // logits, bin-major
-  acc_t shifted[kBins][kRowBlock];  // exp(z - max); the walks overwrite it with the gradient
-  acc_t row_max[kRowBlock];
-  acc_t sum_exp[kRowBlock];         // sum_k exp(z_k - max)
+  acc_t shifted[kBins][kRowBlock];  // exp(z - m); the walks overwrite it with the gradient
+  acc_t row_max[kRowBlock];         // m
+  acc_t sum_exp[kRowBlock];         // S = sum_k exp(z_k - m)
 
+  // The rows' logits, transposed, and their m and S (math::row_softmax_stats).
   template <typename scalar_t>
   GFL_HOST_DEVICE void load(const BinRows<scalar_t>& rows, int64_t first_row) {
     const scalar_t* pred = rows.pred + first_row * rows.pred_row_stride;
-    for (int64_t k = 0; k < kBins; ++k) {
+    if constexpr (sizeof(scalar_t) < sizeof(acc_t)) {
+      // x86 gathers 32- and 64-bit lanes only: 16-bit elements are gathered as they are
+      // (plain copies), then widened across the block in vector code, 10% faster than
+      // widening each as it is gathered.
+      scalar_t narrow[kBins][kRowBlock];
+      for (int64_t k = 0; k < kBins; ++k) {
+        for (int64_t j = 0; j < kRowBlock; ++j) {
+          std::memcpy(&narrow[k][j], &pred[j * rows.pred_row_stride + k], sizeof(scalar_t));
+        }
+      }
+      for (int64_t k = 0; k < kBins; ++k) {
 #pragma omp simd
-      for (int64_t j = 0; j < kRowBlock; ++j) {
-        z[k][j] = static_cast<acc_t>(pred[j * rows.pred_row_stride + k]);  // a gather
+        for (int64_t j = 0; j < kRowBlock; ++j) {
+          z[k][j] = math::to_acc<acc_t>(narrow[k][j]);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < kBins; ++k) {
+#pragma omp simd
+        for (int64_t j = 0; j < kRowBlock; ++j) {
+          z[k][j] = math::to_acc<acc_t>(pred[j * rows.pred_row_stride + k]);  // a gather
+        }
       }
     }
     for (int64_t j = 0; j < kRowBlock; ++j) {
@@ -242,13 +263,13 @@ struct RowBlock {
     for (int64_t k = 1; k < kBins; ++k) {
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
-        row_max[j] = z[k][j] > row_max[j] ? z[k][j] : row_max[j];
+        row_max[j] = math::max_step(row_max[j], z[k][j]);
       }
     }
     for (int64_t k = 0; k < kBins; ++k) {
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
-        shifted[k][j] = math::exp_(z[k][j] - row_max[j]);
+        shifted[k][j] = math::shifted_exp(z[k][j], row_max[j]);
         sum_exp[j] += shifted[k][j];
       }
     }
@@ -260,7 +281,7 @@ struct RowBlock {
     for (int64_t k = 0; k < kBins; ++k) {
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
-        grad[j * rows.grad_row_stride + k] = static_cast<scalar_t>(shifted[k][j]);  // a scatter
+        grad[j * rows.grad_row_stride + k] = math::from_acc<scalar_t>(shifted[k][j]);  // a scatter
       }
     }
   }
@@ -274,7 +295,8 @@ GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* t
     RowBlock<kBins, acc_t> block;
     block.load(rows, first_row);
     int64_t left[kRowBlock];
-    acc_t weight_left[kRowBlock], weight_right[kRowBlock], z_left[kRowBlock], z_right[kRowBlock];
+    acc_t weight_left[kRowBlock], weight_right[kRowBlock];
+    scalar_t z_left[kRowBlock], z_right[kRowBlock];  // widened in the loss's vector loop
     for (int64_t j = 0; j < kRowBlock; ++j) {
       const math::DflBins<acc_t> bins = math::dfl_bins(target[first_row + j], kBins);
       left[j] = bins.left;
@@ -283,8 +305,8 @@ GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* t
       // z_i and z_{i+1}: two scalar loads from pred (cheaper than picking them out of
       // the block lane by lane, and than reading back the block's fresh vector stores).
       const scalar_t* row = rows.pred + (first_row + j) * rows.pred_row_stride;
-      z_left[j] = static_cast<acc_t>(row[bins.left]);
-      z_right[j] = static_cast<acc_t>(row[bins.left + 1]);
+      z_left[j] = row[bins.left];
+      z_right[j] = row[bins.left + 1];
     }
     acc_t row_weight[kRowBlock];
     for (int64_t j = 0; j < kRowBlock; ++j) {
@@ -293,8 +315,9 @@ GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* t
 #pragma omp simd
     for (int64_t j = 0; j < kRowBlock; ++j) {
       const math::DflBins<acc_t> bins{left[j], weight_left[j], weight_right[j]};
-      loss[first_row - row_begin + j] = row_weight[j] * math::dfl_loss(math::log_sum_exp(block.row_max[j], block.sum_exp[j]),
-                                                           z_left[j], z_right[j], bins);
+      loss[first_row - row_begin + j] =
+          row_weight[j] * math::dfl_loss(block.row_max[j], block.sum_exp[j], math::to_acc<acc_t>(z_left[j]),
+                                         math::to_acc<acc_t>(z_right[j]), bins);
     }
     if (rows.grad == nullptr) {
       continue;
@@ -324,7 +347,7 @@ GFL_CPU_CLONES void integral_rows(const BinRows<scalar_t>& rows, const acc_t* gr
   const int64_t grad_bin = kUnitBinStride ? 1 : rows.grad_bin_stride;
   for (int64_t r = row_begin; r < row_end; ++r) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
-    value[r - row_begin] = static_cast<scalar_t>(math::integral_row<acc_t>(
+    value[r - row_begin] = math::from_acc<scalar_t>(math::integral_row<acc_t>(
         rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, weight_at(grad_scale, r), grad, grad_bin));
   }
 }
@@ -345,13 +368,13 @@ GFL_CPU_CLONES void integral_row_blocks(const BinRows<scalar_t>& rows, const acc
     for (int64_t k = 0; k < kBins; ++k) {
 #pragma omp simd
       for (int64_t j = 0; j < kRowBlock; ++j) {
-        expectation[j] += block.shifted[k][j] * static_cast<acc_t>(k);  // E = sum_k softmax_k k
+        expectation[j] += math::weighted_term(block.shifted[k][j], k);  // E S
       }
     }
 #pragma omp simd
     for (int64_t j = 0; j < kRowBlock; ++j) {
       expectation[j] *= inv_sum[j];
-      value[first_row - row_begin + j] = static_cast<scalar_t>(expectation[j]);
+      value[first_row - row_begin + j] = math::from_acc<scalar_t>(expectation[j]);
     }
     if (rows.grad == nullptr) {
       continue;

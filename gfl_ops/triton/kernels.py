@@ -122,13 +122,10 @@ def dfl_bins(target, num_bins):
 
 
 @triton.jit
-def log_sum_exp(row_max, sum_exp_shifted):
-    return row_max + tl.log(sum_exp_shifted)
-
-
-@triton.jit
-def dfl_loss(lse, z_left, z_right, weight_left, weight_right):
-    return lse - weight_left * z_left - weight_right * z_right
+def dfl_loss(row_max, sum_exp, z_left, z_right, weight_left, weight_right):
+    """log S - w_l (z_l - m) - w_r (z_r - m), m = max_k z_k, S = sum_k exp(z_k - m): relative
+    to m, so that large logits lose nothing to the rounding of m + log S."""
+    return tl.log(sum_exp) - weight_left * (z_left - row_max) - weight_right * (z_right - row_max)
 
 
 @triton.jit
@@ -257,7 +254,7 @@ def dfl_kernel(
         weights = tl.load(weight_ptr + rows, mask=row_mask, other=0.0).to(acc_t)
     else:
         weights = tl.full([BLOCK_ROWS], 1.0, dtype=acc_t)
-    loss = dfl_loss(log_sum_exp(row_max, sum_exp), z_left, z_right, weight_left, weight_right)
+    loss = dfl_loss(row_max, sum_exp, z_left, z_right, weight_left, weight_right)
     store_loss(loss_ptr, rows, row_mask, weights * loss, SUM)
     if NEED_GRAD:
         grad = weights[:, None] * dfl_grad(shifted / sum_exp[:, None], bins, left, weight_left, weight_right)

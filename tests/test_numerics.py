@@ -1,0 +1,149 @@
+"""Numerics at the edges of the input range, against references computed here.
+
+- DFL with large logits: the loss is taken relative to the row's maximum,
+  log(sum_k exp(z_k - max)) - w_l (z_l - max) - w_r (z_r - max), so that logits of 1e5, 1e7
+  or 1e38 lose nothing to the rounding of max + log(sum) (the float64 reference is
+  torch.log_softmax on the same, rounded, logits). Native kernels, and the Triton kernels
+  (under Triton's interpreter on CPU-only machines).
+- QFL with beta near FLT_MAX: |d|^beta is 0 for |d| < 1 (1 at |d| = 1), never NaN, as
+  torch's pow in float32.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gfl_ops
+from _helpers import DEVICES, FLOAT_DTYPES, accumulate_dtype, dtype_id, make_generator
+
+NUM_BINS = 17
+
+
+def _largest_logit(dtype: torch.dtype, wanted: float) -> float:
+    """`wanted`, or the largest finite value of dtype below it (float16 stops at 65504)."""
+    return min(wanted, torch.finfo(dtype).max)
+
+
+def _dfl_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-(w_l log softmax_l + w_r log softmax_r), in float64, from pred's own values."""
+    log_softmax = torch.log_softmax(pred.double(), dim=1)
+    y = target.double().clamp(0, pred.shape[1] - 1)
+    left = y.floor().long().clamp(max=pred.shape[1] - 2)
+    weight_left = (left + 1).double() - y
+    rows = torch.arange(pred.shape[0])
+    return -(weight_left * log_softmax[rows, left] + (1 - weight_left) * log_softmax[rows, left + 1])
+
+
+def _large_logit_rows(dtype: torch.dtype, scale: float, gen: torch.Generator):
+    """Rows of 17 bins at `scale`: z = scale everywhere but z_0 = 0 (target 7.5: the true
+    loss is log 16), then rows of logits spread below `scale`, with targets across the bins.
+    More than a block of 16 rows, and a tail, so both CPU walks take part."""
+    scale = _largest_logit(dtype, scale)
+    flat = torch.full((1, NUM_BINS), scale)
+    flat[0, 0] = 0.0
+    # Below the maximum, so that float16 stays finite at its largest value.
+    noisy = scale - 3.0 * torch.randn(36, NUM_BINS, generator=gen).abs() * max(1.0, scale * 1e-3)
+    pred = torch.cat([flat, noisy]).to(dtype)
+    target = torch.cat([torch.tensor([7.5]), torch.rand(36, generator=gen) * (NUM_BINS - 1)])
+    target[1:4] = torch.tensor([0.0, 0.25, NUM_BINS - 1.0])
+    return pred, target.to(accumulate_dtype(dtype))
+
+
+def _assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
+    # The loss is computed in float32 (float64 for float64 pred) from exact inputs: a few
+    # units of that type relative to the loss, or to 1 where the loss is below 1.
+    tolerance = 64 * torch.finfo(accumulate_dtype(dtype)).eps
+    error = (actual.double() - expected).abs() / expected.abs().clamp(min=1.0)
+    assert torch.isfinite(actual).all(), actual
+    assert error.max() <= tolerance, f"relative error {error.max().item():.3g} > {tolerance:.3g}: {actual[:4]} vs {expected[:4]}"
+
+
+def _check_dfl_large_logits(backend: str, device: str, dtype: torch.dtype, scale: float):
+    gen = make_generator("dfl-large-logits", dtype, scale)
+    pred, target = _large_logit_rows(dtype, scale, gen)
+    expected = _dfl_reference(pred, target)
+    assert abs(expected[0].item() - torch.tensor(16.0, dtype=torch.float64).log().item()) < 1e-12
+    loss = gfl_ops.distribution_focal_loss(pred.to(device), target.to(device), reduction="none", backend=backend)
+    _assert_close_relative(loss.cpu(), expected, dtype)
+    # The gradient, softmax_k - w_l [k = i] - w_r [k = i + 1], is relative to the maximum already.
+    leaf = pred.to(device, copy=True).requires_grad_()
+    gfl_ops.distribution_focal_loss(leaf, target.to(device), reduction="sum", backend=backend).backward()
+    reference_leaf = pred.to(torch.float64, copy=True).requires_grad_()
+    _dfl_reference(reference_leaf, target).sum().backward()
+    torch.testing.assert_close(leaf.grad.cpu().double(), reference_leaf.grad, rtol=0, atol=4 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e7, 1e38], ids=lambda s: f"{s:g}")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_dfl_large_logits_native(device, dtype, scale):
+    _check_dfl_large_logits("native", device, dtype, scale)
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e7, 1e38], ids=lambda s: f"{s:g}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_dfl_large_logits_triton(device, dtype, scale):
+    if gfl_ops.triton.IMPORT_ERROR is not None:
+        pytest.skip(f"Triton does not import: {gfl_ops.triton.IMPORT_ERROR}")
+    if not gfl_ops.triton.available(device):
+        pytest.skip(f"the Triton backend does not run on {device} here (CPU: test_triton_under_the_interpreter)")
+    _check_dfl_large_logits("triton", device, dtype, scale)
+
+
+def test_triton_under_the_interpreter():
+    """The Triton cases of this file again, in a subprocess with TRITON_INTERPRET=1 (read
+    when gfl_ops is imported), so that CPU-only machines check the Triton kernels too."""
+    if gfl_ops.triton.IMPORT_ERROR is not None:
+        pytest.skip(f"Triton does not import: {gfl_ops.triton.IMPORT_ERROR}")
+    if gfl_ops.triton.INTERPRETER:
+        pytest.skip("already under the interpreter")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton and cpu and not interpreter"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+
+
+# --------------------------------------------------------------------------------------
+# QFL with beta near FLT_MAX
+# --------------------------------------------------------------------------------------
+
+
+def _qfl_reference_float32(pred: torch.Tensor, label: torch.Tensor, score: torch.Tensor, beta: float) -> torch.Tensor:
+    """torch's own float32 maths: |sigmoid(x) - y|^beta * BCE(x, y), summed over classes."""
+    classes = torch.arange(pred.shape[1])
+    y = torch.where(label[:, None] == classes[None, :], score[:, None], torch.zeros(()))
+    factor = (pred.sigmoid() - y).abs().pow(beta)
+    return (factor * F.binary_cross_entropy_with_logits(pred, y, reduction="none")).sum(dim=1)
+
+
+@pytest.mark.parametrize("beta", [1e38, 3e38], ids=lambda b: f"{b:g}")
+def test_qfl_huge_beta(beta):
+    """|d|^beta for beta near FLT_MAX: 0 where |d| < 1, 1 where |d| = 1 (a logit far enough
+    out that sigmoid is 0 or 1 in float32 with the opposite target), no NaN."""
+    gen = make_generator("qfl-huge-beta", beta)
+    num_anchors, num_classes = 64, 20
+    pred = 3.0 * torch.randn(num_anchors, num_classes, generator=gen)  # no sigmoid rounds to 0 or 1
+    pred[:4] = torch.tensor([-200.0, -120.0, 150.0, 300.0])[:, None]  # saturated sigmoid
+    label = torch.randint(0, num_classes + 1, (num_anchors,), generator=gen)
+    label[:4] = torch.tensor([3, 4, num_classes, num_classes])  # y = 1 on a class of the first two
+    score = torch.rand(num_anchors, generator=gen)
+    score[:2] = 1.0
+    expected = _qfl_reference_float32(pred, label, score, beta)
+    assert torch.isfinite(expected).all() and (expected[:2] > 100).all() and (expected[4:] == 0).all()
+    loss = gfl_ops.quality_focal_loss(pred, label, score, beta=beta, reduction="none", backend="native")
+    assert not loss.isnan().any(), loss
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # Gradient where no sigmoid saturates (where one does, torch's pow backward is inf * 0).
+    leaf = pred[4:].clone().requires_grad_()
+    gfl_ops.quality_focal_loss(leaf, label[4:], score[4:], beta=beta, reduction="sum", backend="native").backward()
+    reference_leaf = pred[4:].clone().requires_grad_()
+    _qfl_reference_float32(reference_leaf, label[4:], score[4:], beta).sum().backward()
+    assert torch.isfinite(reference_leaf.grad).all()
+    torch.testing.assert_close(leaf.grad, reference_leaf.grad, rtol=1e-5, atol=1e-6)
