@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -134,6 +133,8 @@ NAMES = {torch.float16: "half", torch.bfloat16: "bfloat16"}
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 def test_every_16_bit_pattern_to_float(conversions, dtype):
+    """Bit for bit as torch's .to(float32), NaN payloads included (c10's conversion quiets a
+    signalling NaN, as F16C does)."""
     patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16)
     expected = patterns.view(dtype).to(torch.float32).view(torch.int32).numpy()
     actual = conversions(f"{NAMES[dtype]}_to_float", patterns.numpy().view(np.uint16), np.uint32).view(np.int32)
@@ -142,22 +143,19 @@ def test_every_16_bit_pattern_to_float(conversions, dtype):
 
 
 def _boundary_floats(dtype: torch.dtype) -> torch.Tensor:
-    """Float bit patterns around every rounding boundary of dtype: for every 16-bit pattern,
-    the floats exactly halfway to its neighbour (ties, to even or away), a unit either side
-    of the tie, and the pattern itself, both signs; all float subnormals' range, float's
-    largest values and inf (overflow), and quiet and signalling NaNs with payloads."""
+    """Float bit patterns around every rounding boundary of dtype, both signs: every value of
+    dtype, the float halfway to the next one (a tie, to even or away) and a unit either side
+    of both; float subnormals, the largest floats and inf (overflow); quiet and signalling
+    NaNs with payloads; and a million random patterns."""
     dropped = 13 if dtype == torch.float16 else 16  # float mantissa bits the format drops
     widened = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).float()
     finite = widened[torch.isfinite(widened)].abs().unique()
     base = finite.view(torch.int32).long()
+    ties = base + (1 << (dropped - 1))
     if dtype == torch.float16:
-        # A half's neighbours are a float's 2^13 units apart only for normal halves:
-        # subnormal halves (below 2^-14) sit 2^-24 apart, whatever the float's exponent.
-        step = torch.where(finite < 2.0**-14, torch.full_like(finite, 2.0**-24), finite * 2.0**-10)
-        ties = ((finite + step / 2).view(torch.int32)).long()
-        ties = torch.where(finite < 2.0**-14, ties, base + (1 << (dropped - 1)))
-    else:
-        ties = base + (1 << (dropped - 1))
+        # Subnormal halves (below 2^-14) sit 2^-24 apart, not 2^13 float units.
+        subnormal = finite < 2.0**-14
+        ties = torch.where(subnormal, (finite + 2.0**-25).view(torch.int32).long(), ties)
     around = torch.cat([base, ties - 1, ties, ties + 1, base - 1, base + 1])
     special = torch.tensor(
         [0x00000001, 0x00000FFF, 0x007FFFFF, 0x00800000, 0x33000000, 0x33000001, 0x387FE000, 0x387FF000,
@@ -251,8 +249,12 @@ def test_half_kernels_round_the_float32_results(dtype):
 # ---------------------------------------------------------------------------------------
 
 # The step of a 16-bit pred may take at most this many times the float32 step on the same
-# values (the target is 1.5; the room above it is for the noise of a shared machine).
+# values (the target is 1.5; the room above it is for the noise of a shared machine). Each
+# step's time is the fastest of its rounds, the least disturbed by other work, and a
+# measurement over the bound is taken again, up to ATTEMPTS times: a slow kernel fails
+# every attempt, a burst of other work on the machine rarely twice.
 STEP_TIME_RATIO = 2.0
+ATTEMPTS = 3
 
 
 def _step_calls(gen):
@@ -269,8 +271,8 @@ def _step_calls(gen):
     }
 
 
-def _median_step_times(preds, fn, rounds):
-    """Median seconds of `fn(pred).backward()` per pred, the preds taking turns each round."""
+def _fastest_step_times(preds, fn, rounds):
+    """The fastest `fn(pred).backward()` of each pred, in seconds, the preds taking turns."""
     times = [[] for _ in preds]
     for round_index in range(rounds + 2):
         for i, pred in enumerate(preds):
@@ -279,7 +281,7 @@ def _median_step_times(preds, fn, rounds):
             fn(leaf).backward()
             if round_index >= 2:  # two warm-up rounds
                 times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return [min(t) for t in times]
 
 
 @pytest.mark.parametrize("op", ["qfl", "dfl", "integral"])
@@ -290,9 +292,13 @@ def test_half_step_time_near_float32(op, dtype):
     pred, fn = _step_calls(make_generator("step-time"))[op]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    measured = []
     try:
-        time32, time16 = _median_step_times([pred, pred.to(dtype)], fn, rounds=9)
+        for _ in range(ATTEMPTS):
+            time32, time16 = _fastest_step_times([pred, pred.to(dtype)], fn, rounds=9)
+            measured.append(f"{time16 * 1e3:.2f} ms against {time32 * 1e3:.2f} ms ({time16 / time32:.2f}x)")
+            if time16 <= STEP_TIME_RATIO * time32:
+                return
     finally:
         torch.set_num_threads(threads)
-    ratio = time16 / time32
-    assert ratio <= STEP_TIME_RATIO, f"{op} {dtype}: {time16 * 1e3:.2f} ms per step, float32 {time32 * 1e3:.2f} ms ({ratio:.2f}x)"
+    pytest.fail(f"{op} {dtype} step: " + "; ".join(measured))
