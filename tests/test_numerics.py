@@ -8,16 +8,20 @@
 - QFL with beta near FLT_MAX: |d|^beta is 0 for |d| < 1 (1 at |d| = 1), never NaN, as
   torch's pow in float32.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gfl_ops
-from _helpers import DEVICES, FLOAT_DTYPES, accumulate_dtype, dtype_id, make_generator
+from _helpers import (
+    DEVICES,
+    FLOAT_DTYPES,
+    accumulate_dtype,
+    dtype_id,
+    make_generator,
+    run_under_the_triton_interpreter,
+)
 
 NUM_BINS = 17
 
@@ -97,17 +101,7 @@ def test_dfl_large_logits_triton(device, dtype, scale):
 def test_triton_under_the_interpreter():
     """The Triton cases of this file again, in a subprocess with TRITON_INTERPRET=1 (read
     when gfl_ops is imported), so that CPU-only machines check the Triton kernels too."""
-    if gfl_ops.triton.IMPORT_ERROR is not None:
-        pytest.skip(f"Triton does not import: {gfl_ops.triton.IMPORT_ERROR}")
-    if gfl_ops.triton.INTERPRETER:
-        pytest.skip("already under the interpreter")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton and cpu and not interpreter"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+    run_under_the_triton_interpreter(__file__, "triton and cpu and not interpreter")
 
 
 # --------------------------------------------------------------------------------------

@@ -5,9 +5,6 @@ Triton kernels run on CUDA tensors, and on CPU tensors under Triton's interprete
 (TRITON_INTERPRET=1, read when gfl_ops is imported). On a CPU-only machine the suite runs
 this file once more in a subprocess with the interpreter (test_triton_under_the_interpreter).
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +21,7 @@ from _helpers import (
     make_generator,
     make_labels,
     make_scores,
+    run_under_the_triton_interpreter,
 )
 
 
@@ -182,17 +180,7 @@ def test_triton_compile_fullgraph(device):
 def test_triton_under_the_interpreter():
     """This file again, in a subprocess with TRITON_INTERPRET=1, so the Triton kernels are
     checked on CPU-only machines too."""
-    if gfl_ops.triton.IMPORT_ERROR is not None:
-        pytest.skip(f"Triton does not import: {gfl_ops.triton.IMPORT_ERROR}")
-    if gfl_ops.triton.INTERPRETER:
-        pytest.skip("already under the interpreter")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not interpreter and cpu"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+    run_under_the_triton_interpreter(__file__, "not interpreter and cpu")
 
 
 @pytest.mark.parametrize("device", DEVICES)
