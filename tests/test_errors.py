@@ -439,3 +439,11 @@ def test_double_backward_raises_a_clear_error(op):
         loss = gfl_ops.distribution_integral(pred, backend="native").sum()
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, pred, create_graph=True)
+
+
+def test_public_operator_names_a_bad_backend():
+    """The public operators take "native" or "triton" only, and say so."""
+    with pytest.raises(ValueError, match='quality_focal_loss: backend must be "native" or "triton", got "cuda"'):
+        OPS.quality_focal_loss(P, L, S, None, 2.0, False, "none", "cuda")
+    with pytest.raises(ValueError, match='distribution_integral: backend must be "native" or "triton"'):
+        OPS.distribution_integral(P, "auto")
