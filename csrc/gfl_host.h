@@ -2,13 +2,16 @@
 // inputs, allocates its outputs, describes the memory layout and hands typed kernel
 // arguments to the device's launcher, the only part that differs between devices.
 //
-//   qfl launcher:      launch(const QflArgs<scalar_t, acc_t, Target>&, activated, compute_grad, QflWalk, acc_t* total)
+//   classification launcher (QFL, focal, varifocal):
+//                      launch(modulation tag, const ClassArgs<scalar_t, acc_t, Target>&, activated, compute_grad,
+//                             ClassWalk, acc_t* total)
 //   dfl launcher:      launch(const BinRows<scalar_t>&, const acc_t* target, const acc_t* weight, acc_t* loss,
 //                             acc_t* total)
 //   integral launcher: launch(const BinRows<scalar_t>&, const acc_t* grad_scale, scalar_t* value)
 //
-// The loss launchers write one loss per anchor (row) into the loss buffer (reduction "none")
-// or, when `total` is not null (reduction "sum", the loss buffer then null), the sum of
+// The loss launchers write one loss per anchor (row) into the loss buffer (reduction "none"),
+// the loss of each element into ClassArgs::element_loss (reduction "none" of focal and
+// varifocal), or, when `total` is not null (reduction "sum", the loss buffer then null), the sum of
 // those losses into *total (device memory), added up in a fixed order. The integral's
 // launcher scales row r's gradient by grad_scale[r] (1 when grad_scale is null).
 #pragma once
@@ -19,6 +22,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -28,18 +32,29 @@
 
 namespace gfl {
 
-// The operator's loss output: the per-anchor losses (reduction "none"), or their 0-dim sum
-// (reduction "sum"), for which no per-anchor vector is allocated: the launchers add up as
-// they go (their loss pointer is then null).
+// The operator's loss output: the per-anchor (per-row) losses or, for the elementwise losses
+// (focal, varifocal), the loss of each element, laid out like pred (reduction "none"); or
+// their 0-dim sum (reduction "sum"), for which nothing per anchor is allocated: the
+// launchers add up as they go (their loss pointers are then null).
 struct LossOutputs {
-  at::Tensor per_anchor;  // undefined for reduction "sum"
-  at::Tensor total;       // undefined for reduction "none"
+  at::Tensor per_anchor;   // reduction "none" of a per-anchor loss
+  at::Tensor per_element;  // reduction "none" of an elementwise loss
+  at::Tensor total;        // reduction "sum"
 
   LossOutputs(at::IntArrayRef anchor_shape, const at::TensorOptions& options, LossReduction reduction) {
     if (reduction == LossReduction::kSum) {
       total = at::empty({}, options);  // the launcher writes it (no fill kernel on CUDA)
     } else {
       per_anchor = at::empty(anchor_shape, options);
+    }
+  }
+
+  // An elementwise loss of pred: its "none" has pred's shape and layout, in `options`' dtype.
+  LossOutputs(const at::Tensor& pred, const at::TensorOptions& options, LossReduction reduction) {
+    if (reduction == LossReduction::kSum) {
+      total = at::empty({}, options);
+    } else {
+      per_element = at::empty_like(pred, options);  // keeps pred's strides when pred is dense
     }
   }
 
@@ -57,87 +72,198 @@ struct LossOutputs {
   }
 
   template <typename acc_t>
+  acc_t* per_element_data() const {
+    return per_element.defined() ? per_element.mutable_data_ptr<acc_t>() : nullptr;
+  }
+
+  template <typename acc_t>
   acc_t* total_data() const {
     return total.defined() ? total.mutable_data_ptr<acc_t>() : nullptr;
   }
 
-  const at::Tensor& result() const { return total.defined() ? total : per_anchor; }
+  const at::Tensor& result() const { return total.defined() ? total : (per_element.defined() ? per_element : per_anchor); }
 };
 
-template <typename Launch>
-std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pred, const at::Tensor& label,
-                                                           const at::Tensor& score,
-                                                           const std::optional<at::Tensor>& weight, double beta,
-                                                           bool activated, c10::string_view reduction,
-                                                           bool compute_grad, const Launch& launch) {
-  check_qfl_inputs(pred, label, score, beta);
-  check_weight(pred, weight, anchor_shape(pred), "quality_focal_loss");
-  const LossOutputs outputs(anchor_shape(pred), qfl_loss_options(pred), parse_reduction(reduction, "quality_focal_loss"));
-  at::Tensor grad = allocate_grad(pred, compute_grad);
+// A classification loss's target: (label, score) of the anchor shape, labels alone (focal:
+// score undefined, a score of 1), or a dense tensor of pred's shape (then label and score
+// are undefined).
+struct ClassTarget {
+  at::Tensor label, score, dense;
+};
+
+// The parts of a classification loss call that every form and loss shares.
+struct ClassCall {
+  const char* op_name;
+  const std::optional<at::Tensor>& weight;        // the anchor shape, or pred's (elementwise losses)
+  const std::optional<at::Tensor>& class_weight;  // (C,)
+  double exponent;                                // beta or gamma
+  const char* exponent_name;
+  bool activated;
+  c10::string_view reduction;
+  bool elementwise;  // reduction "none" is a loss per element (focal, varifocal), not per anchor
+  bool compute_grad;
+};
+
+// The weight of pred's shape, a weight of each element, when `weight` is one.
+inline bool is_element_weight(const at::Tensor& pred, const std::optional<at::Tensor>& weight) {
+  return weight.has_value() && weight->dim() == pred.dim();
+}
+
+// Checks, outputs, layout, then the launch of the classification kernel of kModulation:
+// launch(tag, const ClassArgs<scalar_t, acc_t, Target>&, activated, compute_grad, ClassWalk,
+// acc_t* total), with tag a std::integral_constant of the modulation.
+template <math::Modulation kModulation, typename Launch>
+std::tuple<at::Tensor, at::Tensor> class_loss_impl(const at::Tensor& pred, const ClassTarget& target,
+                                                   const ClassCall& call, const math::ModulationParams<double>& params,
+                                                   const Launch& launch) {
+  check_class_inputs(pred, call.exponent, call.exponent_name, call.op_name);
+  const bool dense = target.dense.defined();
+  if (dense) {
+    check_dense_target(pred, target.dense, call.op_name);
+  } else {
+    check_label_target(pred, target.label, target.score.defined() ? target.score : std::optional<at::Tensor>(),
+                       call.op_name);
+  }
+  const bool element_weight = call.elementwise && is_element_weight(pred, call.weight);
+  check_weight(pred, call.weight, element_weight ? pred.sizes() : at::IntArrayRef(anchor_shape(pred)), call.op_name);
+  check_class_weight(pred, call.class_weight, call.op_name);
+  const LossReduction reduction = parse_reduction(call.reduction, call.op_name);
+  const LossOutputs outputs = call.elementwise ? LossOutputs(pred, loss_options(pred), reduction)
+                                               : LossOutputs(anchor_shape(pred), loss_options(pred), reduction);
+  at::Tensor grad = allocate_grad(pred, call.compute_grad);
   if (pred.numel() == 0) {
     return {outputs.result_of_no_anchors(), grad};
   }
-  const at::Tensor labels = label.contiguous();
-  const at::Tensor scores = score.contiguous();
-  const std::optional<at::Tensor> weights = contiguous_weight(weight);
+  const at::Tensor labels = dense ? at::Tensor() : target.label.contiguous();
+  const at::Tensor scores = target.score.defined() ? target.score.contiguous() : at::Tensor();
+  const std::optional<at::Tensor> anchor_weights = element_weight ? std::nullopt : contiguous_weight(call.weight);
+  const std::optional<at::Tensor> class_weights = contiguous_weight(call.class_weight);
+  const ClassTensors tensors{pred, call.compute_grad ? grad : at::Tensor(), target.dense,
+                             element_weight ? *call.weight : at::Tensor(), outputs.per_element};
   std::vector<AnchorStrides> strides;
-  const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, nullptr, strides);
-  const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/false);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss", [&] {
+  const AnchorLayout layout = class_layout(tensors, strides);
+  const ClassWalk walk = choose_class_walk(tensors, strides);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "classification_loss", [&] {
     using acc_t = math::acc_type_t<scalar_t>;
-    const QflArgs<scalar_t, acc_t, math::LabelScoreTarget<acc_t>> args{
-        pred.const_data_ptr<scalar_t>(),
-        compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-        outputs.per_anchor_data<acc_t>(),
-        weight_data<acc_t>(weights),
-        {labels.const_data_ptr<int64_t>(), scores.const_data_ptr<acc_t>()},
-        layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
-    launch(args, activated, compute_grad, walk, outputs.total_data<acc_t>());
+    const auto run = [&](auto target_reader) {
+      const ClassArgs<scalar_t, acc_t, decltype(target_reader)> args{
+          pred.const_data_ptr<scalar_t>(),
+          call.compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
+          outputs.per_anchor_data<acc_t>(),
+          weight_data<acc_t>(anchor_weights),
+          weight_data<acc_t>(class_weights),
+          element_weight ? call.weight->const_data_ptr<acc_t>() : nullptr,
+          outputs.per_element_data<acc_t>(),
+          target_reader,
+          layout, strides[0], strides[1], strides[2], strides[3], strides[4],
+          {static_cast<acc_t>(params.exponent), static_cast<acc_t>(params.alpha_positive),
+           static_cast<acc_t>(params.alpha_negative), params.focal_base, params.weights_positives,
+           params.iou_weighted, params.detach_weight}};
+      launch(std::integral_constant<math::Modulation, kModulation>{}, args, call.activated, call.compute_grad, walk,
+             outputs.total_data<acc_t>());
+    };
+    if (!dense && scores.defined()) {
+      run(math::LabelTarget<acc_t>{labels.const_data_ptr<int64_t>(), scores.const_data_ptr<acc_t>()});
+    } else if (!dense) {
+      if constexpr (kModulation == math::Modulation::kFocalFamily) {  // labels alone: focal's
+        run(math::LabelTarget<acc_t, false>{labels.const_data_ptr<int64_t>(), nullptr});
+      } else {
+        TORCH_INTERNAL_ASSERT(false, call.op_name, ": labels without scores");
+      }
+    } else if (std::is_same_v<scalar_t, acc_t> || target.dense.scalar_type() == pred.scalar_type()) {
+      // The target is read in its own dtype, pred's or the accumulation type (a float32
+      // target of half pred, as AMP produces it): no N x C copy to convert it.
+      run(math::DenseTarget<scalar_t, acc_t>{target.dense.const_data_ptr<scalar_t>()});
+    } else {
+      run(math::DenseTarget<acc_t, acc_t>{target.dense.const_data_ptr<acc_t>()});
+    }
   });
   return {outputs.result(), grad};
 }
 
+// The modulation numbers of each loss (math::ModulationParams). QFL's: beta alone.
+inline math::ModulationParams<double> quality_params(double beta) { return {beta, 1.0, 1.0, false, false, false, false}; }
+
+// Focal's: m = 1 - p_t, alpha_t = alpha t + (1 - alpha)(1 - t), or 1 when alpha < 0
+// (torchvision's rule).
+inline math::ModulationParams<double> focal_params(double alpha, double gamma) {
+  const bool weighted = alpha >= 0;
+  return {gamma, weighted ? alpha : 1.0, weighted ? 1.0 - alpha : 1.0, true, false, false, false};
+}
+
+// Varifocal's: m = p - t and alpha on the negatives; the positives weighted by t (or 1).
+inline math::ModulationParams<double> varifocal_params(double alpha, double gamma, bool iou_weighted,
+                                                       bool detach_weight) {
+  return {gamma, alpha, alpha, false, true, iou_weighted, detach_weight};
+}
+
+// The target of the focal and varifocal operators: integer labels of the anchor shape (with
+// a score, or alone: focal's) or a dense float target of pred's shape.
+inline ClassTarget class_target(const at::Tensor& target, const std::optional<at::Tensor>& score,
+                                const char* op_name) {
+  if (at::isFloatingType(target.scalar_type())) {
+    TORCH_CHECK(!score.has_value(), op_name, ": score goes with integer labels, not with a dense float target");
+    return {at::Tensor(), at::Tensor(), target};
+  }
+  TORCH_CHECK(target.scalar_type() == at::kLong, op_name, ": an integer target (labels) must be int64, got ",
+              target.scalar_type());
+  return {target, score.has_value() ? *score : at::Tensor(), at::Tensor()};
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pred, const at::Tensor& label,
+                                                           const at::Tensor& score,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& class_weight, double beta,
+                                                           bool activated, c10::string_view reduction,
+                                                           bool compute_grad, const Launch& launch) {
+  const ClassCall call{"quality_focal_loss", weight, class_weight, beta, "beta", activated, reduction, false, compute_grad};
+  return class_loss_impl<math::Modulation::kQuality>(pred, {label, score, at::Tensor()}, call, quality_params(beta),
+                                                     launch);
+}
+
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tensor& pred, const at::Tensor& target,
-                                                                 const std::optional<at::Tensor>& weight, double beta,
-                                                                 bool activated, c10::string_view reduction,
-                                                                 bool compute_grad, const Launch& launch) {
-  check_qfl_dense_inputs(pred, target, beta);
-  check_weight(pred, weight, anchor_shape(pred), "quality_focal_loss_dense");
-  const LossOutputs outputs(anchor_shape(pred), qfl_loss_options(pred),
-                            parse_reduction(reduction, "quality_focal_loss_dense"));
-  at::Tensor grad = allocate_grad(pred, compute_grad);
-  if (pred.numel() == 0) {
-    return {outputs.result_of_no_anchors(), grad};
-  }
-  const std::optional<at::Tensor> weights = contiguous_weight(weight);
-  std::vector<AnchorStrides> strides;
-  const AnchorLayout layout = qfl_layout(pred, grad, compute_grad, &target, strides);
-  const QflWalk walk = choose_qfl_walk(strides, compute_grad, /*dense_target=*/true);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "quality_focal_loss_dense", [&] {
-    using acc_t = math::acc_type_t<scalar_t>;
-    // The target is read in its own dtype, pred's or the accumulation type (a float32 target
-    // of half pred, as AMP produces it): no N x C copy to convert it.
-    const auto run = [&](auto target_type) {
-      using target_t = decltype(target_type);
-      const QflArgs<scalar_t, acc_t, math::DenseTarget<target_t, acc_t>> args{
-          pred.const_data_ptr<scalar_t>(),
-          compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-          outputs.per_anchor_data<acc_t>(),
-          weight_data<acc_t>(weights),
-          {target.const_data_ptr<target_t>()},
-          layout, strides[0], strides[1], strides[2], static_cast<acc_t>(beta)};
-      launch(args, activated, compute_grad, walk, outputs.total_data<acc_t>());
-    };
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      run(scalar_t{});
-    } else if (target.scalar_type() == pred.scalar_type()) {
-      run(scalar_t{});
-    } else {
-      run(acc_t{});
-    }
-  });
-  return {outputs.result(), grad};
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 const std::optional<at::Tensor>& class_weight,
+                                                                 double beta, bool activated,
+                                                                 c10::string_view reduction, bool compute_grad,
+                                                                 const Launch& launch) {
+  const ClassCall call{"quality_focal_loss_dense", weight, class_weight, beta, "beta", activated, reduction, false,
+                       compute_grad};
+  return class_loss_impl<math::Modulation::kQuality>(pred, {at::Tensor(), at::Tensor(), target}, call,
+                                                     quality_params(beta), launch);
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_impl(const at::Tensor& pred, const at::Tensor& target,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& class_weight, double alpha,
+                                                           double gamma, bool activated, c10::string_view reduction,
+                                                           bool compute_grad, const Launch& launch) {
+  const char* op_name = "sigmoid_focal_loss";
+  TORCH_CHECK(std::isfinite(alpha), op_name, ": alpha must be finite, got ", alpha);
+  const ClassCall call{op_name, weight, class_weight, gamma, "gamma", activated, reduction, true, compute_grad};
+  return class_loss_impl<math::Modulation::kFocalFamily>(pred, class_target(target, std::nullopt, op_name), call,
+                                                         focal_params(alpha, gamma), launch);
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> varifocal_loss_impl(const at::Tensor& pred, const at::Tensor& target,
+                                                       const std::optional<at::Tensor>& score,
+                                                       const std::optional<at::Tensor>& weight,
+                                                       const std::optional<at::Tensor>& class_weight, double alpha,
+                                                       double gamma, bool iou_weighted, bool detach_weight,
+                                                       bool activated, c10::string_view reduction, bool compute_grad,
+                                                       const Launch& launch) {
+  const char* op_name = "varifocal_loss";
+  TORCH_CHECK(std::isfinite(alpha), op_name, ": alpha must be finite, got ", alpha);
+  TORCH_CHECK(score.has_value() || at::isFloatingType(target.scalar_type()), op_name,
+              ": integer labels need a score (the IoU target of the labelled class)");
+  const ClassCall call{op_name, weight, class_weight, gamma, "gamma", activated, reduction, true, compute_grad};
+  return class_loss_impl<math::Modulation::kFocalFamily>(pred, class_target(target, score, op_name), call,
+                                                         varifocal_params(alpha, gamma, iou_weighted, detach_weight),
+                                                         launch);
 }
 
 template <typename Launch>
@@ -184,26 +310,51 @@ std::tuple<at::Tensor, at::Tensor> distribution_integral_impl(const at::Tensor& 
 
 // The kernels _<operator>_native of one device: the operator bodies above with the device's
 // launchers. Device provides a Guard (constructed from pred.device(): the device guard, or
-// nothing) and the launchers Device::qfl(pred), Device::dfl(pred) and Device::integral(pred).
+// nothing) and the launchers Device::classification(pred), Device::dfl(pred) and
+// Device::integral(pred).
 template <typename Device>
 struct NativeKernels {
   static std::tuple<at::Tensor, at::Tensor> quality_focal_loss(const at::Tensor& pred, const at::Tensor& label,
                                                                const at::Tensor& score,
-                                                               const std::optional<at::Tensor>& weight, double beta,
-                                                               bool activated, c10::string_view reduction,
-                                                               bool compute_grad) {
+                                                               const std::optional<at::Tensor>& weight,
+                                                               const std::optional<at::Tensor>& class_weight,
+                                                               double beta, bool activated,
+                                                               c10::string_view reduction, bool compute_grad) {
     const typename Device::Guard guard(pred.device());
-    return quality_focal_loss_impl(pred, label, score, weight, beta, activated, reduction, compute_grad,
-                                   Device::qfl(pred));
+    return quality_focal_loss_impl(pred, label, score, weight, class_weight, beta, activated, reduction, compute_grad,
+                                   Device::classification(pred));
   }
 
   static std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense(const at::Tensor& pred, const at::Tensor& target,
                                                                      const std::optional<at::Tensor>& weight,
+                                                                     const std::optional<at::Tensor>& class_weight,
                                                                      double beta, bool activated,
                                                                      c10::string_view reduction, bool compute_grad) {
     const typename Device::Guard guard(pred.device());
-    return quality_focal_loss_dense_impl(pred, target, weight, beta, activated, reduction, compute_grad,
-                                         Device::qfl(pred));
+    return quality_focal_loss_dense_impl(pred, target, weight, class_weight, beta, activated, reduction, compute_grad,
+                                         Device::classification(pred));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss(const at::Tensor& pred, const at::Tensor& target,
+                                                               const std::optional<at::Tensor>& weight,
+                                                               const std::optional<at::Tensor>& class_weight,
+                                                               double alpha, double gamma, bool activated,
+                                                               c10::string_view reduction, bool compute_grad) {
+    const typename Device::Guard guard(pred.device());
+    return sigmoid_focal_loss_impl(pred, target, weight, class_weight, alpha, gamma, activated, reduction,
+                                   compute_grad, Device::classification(pred));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> varifocal_loss(const at::Tensor& pred, const at::Tensor& target,
+                                                           const std::optional<at::Tensor>& score,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& class_weight, double alpha,
+                                                           double gamma, bool iou_weighted, bool detach_weight,
+                                                           bool activated, c10::string_view reduction,
+                                                           bool compute_grad) {
+    const typename Device::Guard guard(pred.device());
+    return varifocal_loss_impl(pred, target, score, weight, class_weight, alpha, gamma, iou_weighted, detach_weight,
+                               activated, reduction, compute_grad, Device::classification(pred));
   }
 
   static std::tuple<at::Tensor, at::Tensor> distribution_focal_loss(const at::Tensor& pred, const at::Tensor& target,
@@ -226,6 +377,8 @@ template <typename Device>
 void register_native_kernels(torch::Library& m) {
   m.impl("_quality_focal_loss_native", &NativeKernels<Device>::quality_focal_loss);
   m.impl("_quality_focal_loss_dense_native", &NativeKernels<Device>::quality_focal_loss_dense);
+  m.impl("_sigmoid_focal_loss_native", &NativeKernels<Device>::sigmoid_focal_loss);
+  m.impl("_varifocal_loss_native", &NativeKernels<Device>::varifocal_loss);
   m.impl("_distribution_focal_loss_native", &NativeKernels<Device>::distribution_focal_loss);
   m.impl("_distribution_integral_native", &NativeKernels<Device>::distribution_integral);
 }

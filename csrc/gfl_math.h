@@ -9,6 +9,7 @@
 // float16 and bfloat16 inputs, double for float64 inputs.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -291,13 +292,20 @@ GFL_HOST_DEVICE scalar_t from_acc(acc_t value) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Quality Focal Loss, one element.
+// The classification family, one element: a binary cross-entropy times a modulating weight.
 //
-//   d         = sigma - y                      (p - y for probability input)
-//   factor    = |d|^beta                       the modulating factor, not detached
-//   QFL       = factor * BCE
-//   dQFL/dx   = factor * dBCE/dx + BCE * dfactor/dd * dsigma/dx
-//   dfactor/dd = beta * |d|^(beta-1) * sign(d) = beta * factor / d, and 0 at d = 0
+//   p = sigma(x) for a logit x (p itself for probability input), t the element's target
+//   loss      = w(p, t) * BCE(x, t)
+//   d loss/dx = w * dBCE/dx + BCE * dw/dp * dp/dx            (dw/dp = 0 when w is detached)
+//
+// What changes from loss to loss is w (docs/MATH.md, "The family"):
+//   Quality Focal Loss  w = |p - t|^beta
+//   sigmoid focal loss  w = alpha_t * |m|^gamma,  m = 1 - p_t = p (1 - 2t) + t,
+//                       alpha_t = alpha t + (1 - alpha)(1 - t)
+//   varifocal loss      w = (iou_weighted ? t : 1) on positive elements,
+//                       alpha * |p - t|^gamma on the others
+// Focal and varifocal are one formula with different coefficients (FamilyWeight below);
+// QFL, the hottest, is also written on its own, without them.
 // ---------------------------------------------------------------------------------------
 
 template <typename acc_t>
@@ -306,88 +314,190 @@ struct LossAndGrad {
   acc_t grad;  // d loss / d input (0 when the caller did not ask for it)
 };
 
-// |d|^beta and its derivative. kBetaIsTwo picks the common case, d*d and 2d, with no pow.
-template <bool kBetaIsTwo, typename acc_t>
-GFL_HOST_DEVICE LossAndGrad<acc_t> modulating_factor(acc_t d, acc_t beta) {
-  if (kBetaIsTwo) {
-    return {d * d, acc_t(2) * d};
-  }
-  const acc_t magnitude = d < acc_t(0) ? -d : d;
-  // 0^beta is 1 for beta = 0 (as torch.pow) and 0 otherwise.
-  const acc_t power = pow_(magnitude, beta);
-  const acc_t factor = magnitude == acc_t(0) ? (beta == acc_t(0) ? acc_t(1) : acc_t(0)) : power;
-  const acc_t derivative = magnitude == acc_t(0) ? acc_t(0) : beta * factor / d;
-  return {factor, derivative};
+// The exponents with a closed form (no pow): 0 (soft-target BCE), 1, 1.5 (DEIM), 2 (GFL,
+// RetinaNet, VFNet); any other takes pow.
+enum class Exponent { kZero, kOne, kOneAndHalf, kTwo, kGeneral };
+
+// The closed form that serves an exponent, if any.
+inline Exponent exponent_kind(double exponent) {
+  return exponent == 0.0   ? Exponent::kZero
+         : exponent == 1.0 ? Exponent::kOne
+         : exponent == 1.5 ? Exponent::kOneAndHalf
+         : exponent == 2.0 ? Exponent::kTwo
+                           : Exponent::kGeneral;
 }
 
-// Logit input x, target y:
-//   BCE(x, y) = (1 - y) * x + softplus(-x),  softplus(-x) = max(-x, 0) + log1p(exp(-|x|))
+GFL_HOST_DEVICE float sqrt_(float x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return sqrtf(x);
+#else
+  return std::sqrt(x);  // one instruction, vectorised (the build sets -fno-math-errno)
+#endif
+}
+GFL_HOST_DEVICE double sqrt_(double x) { return ::sqrt(x); }
+
+// |d|^e and its derivative e * |d|^(e - 1) * sign(d) = e * |d|^e / d, which is taken as 0 at
+// d = 0 for every e (where it is not defined for e < 1). 0^e is 1 for e = 0 (as torch.pow)
+// and 0 otherwise.
+template <Exponent kExponent, typename acc_t>
+GFL_HOST_DEVICE LossAndGrad<acc_t> power_of_magnitude(acc_t d, acc_t exponent) {
+  const acc_t magnitude = d < acc_t(0) ? -d : d;
+  const acc_t sign = d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : acc_t(0));
+  if constexpr (kExponent == Exponent::kZero) {
+    return {acc_t(1), acc_t(0)};
+  } else if constexpr (kExponent == Exponent::kOne) {
+    return {magnitude, sign};
+  } else if constexpr (kExponent == Exponent::kOneAndHalf) {
+    const acc_t root = sqrt_(magnitude);
+    return {magnitude * root, acc_t(1.5) * root * sign};
+  } else if constexpr (kExponent == Exponent::kTwo) {
+    return {d * d, acc_t(2) * d};
+  } else {
+    const acc_t power = pow_(magnitude, exponent);
+    const acc_t value = magnitude == acc_t(0) ? (exponent == acc_t(0) ? acc_t(1) : acc_t(0)) : power;
+    return {value, magnitude == acc_t(0) ? acc_t(0) : exponent * value / d};
+  }
+}
+
+// The BCE of one element and the derivatives the modulating weights need.
+template <typename acc_t>
+struct BceParts {
+  acc_t bce;
+  acc_t probability;     // p
+  acc_t complement;      // 1 - p, without the rounding of the subtraction for logits
+  acc_t dbce_dinput;     // dBCE/dx (dBCE/dp for probability input)
+  acc_t dprob_dinput;    // dp/dx (1 for probability input)
+};
+
+// Logit input x, target t:
+//   BCE(x, t) = (1 - t) * x + softplus(-x),  softplus(-x) = max(-x, 0) + log1p(exp(-|x|))
 // (the form of torch's binary_cross_entropy_with_logits, so inf and NaN behave the same);
-//   sigma = 1 / (1 + e) for x >= 0, e / (1 + e) otherwise, e = exp(-|x|)
-//   dBCE/dx = sigma - y,  dsigma/dx = sigma * (1 - sigma) = e / (1 + e)^2
+//   sigma = 1 / (1 + e) for x >= 0, e / (1 + e) otherwise, e = exp(-|x|), and 1 - sigma the other
+//   dBCE/dx = sigma - t,  dsigma/dx = sigma * (1 - sigma) = e / (1 + e)^2
 // One exp and one log1p per element.
-template <bool kBetaIsTwo, bool kNeedGrad, typename acc_t>
-GFL_HOST_DEVICE LossAndGrad<acc_t> qfl_sigmoid_element(acc_t x, acc_t y, acc_t beta) {
+template <typename acc_t>
+GFL_HOST_DEVICE BceParts<acc_t> bce_of_logit(acc_t x, acc_t t) {
   const acc_t abs_x = x < acc_t(0) ? -x : x;
   const acc_t e = exp_(-abs_x);
   const acc_t softplus_neg_x = (x < acc_t(0) ? -x : acc_t(0)) + log1p_unit(e);
-  const acc_t bce = (acc_t(1) - y) * x + softplus_neg_x;
   const acc_t inv_one_plus_e = acc_t(1) / (acc_t(1) + e);
   const acc_t sigma = x >= acc_t(0) ? inv_one_plus_e : e * inv_one_plus_e;
-  const acc_t d = sigma - y;
-  const LossAndGrad<acc_t> factor = modulating_factor<kBetaIsTwo>(d, beta);
-  if (!kNeedGrad) {
-    return {factor.loss * bce, acc_t(0)};
-  }
-  const acc_t dsigma_dx = e * inv_one_plus_e * inv_one_plus_e;
-  return {factor.loss * bce, factor.loss * d + bce * factor.grad * dsigma_dx};
+  const acc_t complement = x >= acc_t(0) ? e * inv_one_plus_e : inv_one_plus_e;
+  return {(acc_t(1) - t) * x + softplus_neg_x, sigma, complement, sigma - t, e * inv_one_plus_e * inv_one_plus_e};
 }
 
-// Probability input p (activated=True), target y, as torch's binary_cross_entropy:
-//   BCE_p(p, y) = -(y * max(log p, -100) + (1 - y) * max(log1p(-p), -100))
-//   dBCE_p/dp  = (p - y) / max(p * (1 - p), 1e-12)      (torch's backward formula)
-template <bool kBetaIsTwo, bool kNeedGrad, typename acc_t>
-GFL_HOST_DEVICE LossAndGrad<acc_t> qfl_probability_element(acc_t p, acc_t y, acc_t beta) {
+// Probability input p, target t, as torch's binary_cross_entropy:
+//   BCE_p(p, t) = -(t * max(log p, -100) + (1 - t) * max(log1p(-p), -100))
+//   dBCE_p/dp  = (p - t) / max(p * (1 - p), 1e-12)      (torch's backward formula)
+template <typename acc_t>
+GFL_HOST_DEVICE BceParts<acc_t> bce_of_probability(acc_t p, acc_t t) {
   const acc_t log_p = log_(p);
   const acc_t log_one_minus_p = log_one_minus(p);
   // `v < -100 ? -100 : v` keeps NaN (a comparison with NaN is false).
   const acc_t clamped_log_p = log_p < acc_t(-100) ? acc_t(-100) : log_p;
-  const acc_t clamped_log_one_minus_p =
-      log_one_minus_p < acc_t(-100) ? acc_t(-100) : log_one_minus_p;
-  const acc_t bce = -(y * clamped_log_p + (acc_t(1) - y) * clamped_log_one_minus_p);
-  const acc_t d = p - y;
-  const LossAndGrad<acc_t> factor = modulating_factor<kBetaIsTwo>(d, beta);
-  if (!kNeedGrad) {
-    return {factor.loss * bce, acc_t(0)};
-  }
+  const acc_t clamped_log_one_minus_p = log_one_minus_p < acc_t(-100) ? acc_t(-100) : log_one_minus_p;
   const acc_t variance = p * (acc_t(1) - p);
-  const acc_t dbce_dp = d / (variance < acc_t(1e-12) ? acc_t(1e-12) : variance);
-  return {factor.loss * bce, factor.loss * dbce_dp + bce * factor.grad};
+  return {-(t * clamped_log_p + (acc_t(1) - t) * clamped_log_one_minus_p), p, acc_t(1) - p,
+          (p - t) / (variance < acc_t(1e-12) ? acc_t(1e-12) : variance), acc_t(1)};
 }
 
-template <bool kActivated, bool kBetaIsTwo, bool kNeedGrad, typename acc_t>
-GFL_HOST_DEVICE LossAndGrad<acc_t> qfl_element(acc_t pred, acc_t y, acc_t beta) {
-  return kActivated ? qfl_probability_element<kBetaIsTwo, kNeedGrad>(pred, y, beta)
-                    : qfl_sigmoid_element<kBetaIsTwo, kNeedGrad>(pred, y, beta);
+// Which modulating weight: QFL's |p - t|^beta, or the focal family's general form.
+enum class Modulation { kQuality, kFocalFamily };
+
+// The numbers of the focal family's weight, one formula for focal and varifocal:
+//   m       = 1 - p_t = p (1 - t) + (1 - p) t    (dm/dp = 1 - 2t) when focal_base,
+//             p - t                              (dm/dp = 1)      otherwise
+//   alpha_t = alpha_positive * t + alpha_negative * (1 - t)
+//   w       = positive_weight                    on a positive, when weights_positives
+//           = alpha_t * |m|^exponent             on every other element
+//   dw/dp   = alpha_t * d|m|^exponent/dm * dm/dp, 0 for positives and when detached
+// focal:     focal_base, alphas (alpha, 1 - alpha) (or (1, 1) with the alpha weighting off),
+//            no positives; varifocal: alphas (alpha, alpha), positives weighted by t (or 1),
+//            detached for RT-DETR/D-FINE/DEIM. QFL's beta is `exponent` too. 1 - p_t is
+//            summed from p and 1 - p, both >= 0 for t in [0, 1]: no cancellation (p + t - 2pt
+//            would lose 1 - p's digits where p is near 1).
+template <typename acc_t>
+struct ModulationParams {
+  acc_t exponent;        // beta (QFL) or gamma
+  acc_t alpha_positive;
+  acc_t alpha_negative;
+  bool focal_base;       // m = 1 - p_t, else p - t
+  bool weights_positives;
+  bool iou_weighted;     // a positive's weight is t, else 1
+  bool detach_weight;
+};
+
+// w and dw/dp of one element of probability p (and 1 - p, `complement`). `positive` is the
+// target's own rule (used with weights_positives only).
+template <Modulation kModulation, Exponent kExponent, typename acc_t>
+GFL_HOST_DEVICE LossAndGrad<acc_t> modulating_weight(acc_t p, acc_t complement, acc_t t, bool positive,
+                                                     const ModulationParams<acc_t>& params) {
+  if constexpr (kModulation == Modulation::kQuality) {
+    return power_of_magnitude<kExponent>(p - t, params.exponent);
+  } else {
+    const acc_t m = params.focal_base ? p * (acc_t(1) - t) + complement * t : p - t;
+    const acc_t slope = params.focal_base ? acc_t(1) - acc_t(2) * t : acc_t(1);  // dm/dp
+    const LossAndGrad<acc_t> power = power_of_magnitude<kExponent>(m, params.exponent);
+    const acc_t alpha_t = params.alpha_positive * t + params.alpha_negative * (acc_t(1) - t);
+    const bool weighted_positive = params.weights_positives && positive;
+    const acc_t positive_weight = params.iou_weighted ? t : acc_t(1);
+    const bool constant = weighted_positive || params.detach_weight;
+    return {weighted_positive ? positive_weight : alpha_t * power.loss,
+            constant ? acc_t(0) : alpha_t * power.grad * slope};
+  }
 }
 
-// The QFL target of class c for an anchor with (label, score): the score on the labelled
-// class, 0 elsewhere. A label outside [0, C) (background: C, -1, ...) matches no class.
+// Flags of one instantiation, as template parameters so inner loops are branch-free.
+// kElementIO: the kernel reads a weight of pred's shape or writes the loss of each element
+// (rare layouts of the work, taken by the general walks only).
+template <Modulation kModulation_, Exponent kExponent_, bool kActivated_, bool kNeedGrad_, bool kElementIO_ = false>
+struct ClassVariant {
+  static constexpr Modulation kModulation = kModulation_;
+  static constexpr Exponent kExponent = kExponent_;
+  static constexpr bool kActivated = kActivated_;
+  static constexpr bool kNeedGrad = kNeedGrad_;
+  static constexpr bool kElementIO = kElementIO_;
+};
+
+// One element's loss w * BCE and its derivative with respect to the input.
+template <typename Variant, typename acc_t>
+GFL_HOST_DEVICE LossAndGrad<acc_t> class_element(acc_t input, acc_t t, bool positive,
+                                                 const ModulationParams<acc_t>& params) {
+  const BceParts<acc_t> bce = Variant::kActivated ? bce_of_probability(input, t) : bce_of_logit(input, t);
+  const LossAndGrad<acc_t> weight =
+      modulating_weight<Variant::kModulation, Variant::kExponent>(bce.probability, bce.complement, t, positive, params);
+  if (!Variant::kNeedGrad) {
+    return {weight.loss * bce.bce, acc_t(0)};
+  }
+  return {weight.loss * bce.bce, weight.loss * bce.dbce_dinput + bce.bce * weight.grad * bce.dprob_dinput};
+}
+
+// The target of class c for an anchor with (label, score): the score on the labelled class,
+// 0 elsewhere. A label outside [0, C) (background: C, -1, ...) matches no class.
 template <typename acc_t, typename label_t>
-GFL_HOST_DEVICE acc_t qfl_label_target(int64_t class_index, label_t label, acc_t score) {
+GFL_HOST_DEVICE acc_t label_target(int64_t class_index, label_t label, acc_t score) {
   return static_cast<int64_t>(label) == class_index ? score : acc_t(0);
 }
 
-// The two ways a QFL target arrives, read through one interface: at(anchor, class, element)
-// with `element` the target's own offset (used by the dense form only).
-template <typename acc_t>
-struct LabelScoreTarget {
+// The ways a target arrives, read through one interface: at(anchor, class, element) with
+// `element` the target's own offset (used by the dense form only), and positive(...),
+// whether the element is a positive (varifocal's weight): in the label forms the labelled
+// class whatever its score (RT-DETR, ultralytics), in the dense form t > 0 (mmdetection).
+// Labels come with a score per anchor (QFL, varifocal) or alone (focal: a score of 1).
+template <typename acc_t, bool kHasScores = true>
+struct LabelTarget {
   const int64_t* labels;  // one per anchor, contiguous
-  const acc_t* scores;    // one per anchor, contiguous
+  const acc_t* scores;    // one per anchor, contiguous; unused without kHasScores
   GFL_HOST_DEVICE acc_t at(int64_t anchor, int64_t class_index, int64_t /*element*/) const {
-    return qfl_label_target(class_index, labels[anchor], scores[anchor]);
+    return label_target(class_index, labels[anchor], kHasScores ? scores[anchor] : acc_t(1));
+  }
+  GFL_HOST_DEVICE bool positive(int64_t anchor, int64_t class_index, acc_t /*t*/) const {
+    return labels[anchor] == class_index;
   }
 };
+
+template <typename acc_t>
+using LabelScoreTarget = LabelTarget<acc_t, true>;
 
 template <typename scalar_t, typename acc_t>
 struct DenseTarget {
@@ -395,14 +505,7 @@ struct DenseTarget {
   GFL_HOST_DEVICE acc_t at(int64_t /*anchor*/, int64_t /*class*/, int64_t element) const {
     return to_acc<acc_t>(values[element]);
   }
-};
-
-// Flags of one QFL instantiation, as template parameters so inner loops are branch-free.
-template <bool kActivated_, bool kBetaIsTwo_, bool kNeedGrad_>
-struct QflVariant {
-  static constexpr bool kActivated = kActivated_;
-  static constexpr bool kBetaIsTwo = kBetaIsTwo_;
-  static constexpr bool kNeedGrad = kNeedGrad_;
+  GFL_HOST_DEVICE bool positive(int64_t /*anchor*/, int64_t /*class*/, acc_t t) const { return t > acc_t(0); }
 };
 
 // Sums over classes are taken in chunks of this many classes, then the chunk sums are
@@ -410,27 +513,78 @@ struct QflVariant {
 // rather than with C (C = 1203 for LVIS), whether or not a loop vectorises.
 constexpr int64_t kClassChunk = 128;
 
-// One anchor: loss = weight * sum_c QFL(pred[c], y_c), and d loss / d pred[c] into grad
-// when asked. Strides are in elements; callers pass a literal 1 where classes are
-// contiguous so the class loop vectorises on the host.
+// The weight of class c: class_weight[c], or 1 without class weights.
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t class_weight_at(const acc_t* class_weight, int64_t c) {
+  return class_weight == nullptr ? acc_t(1) : class_weight[c];
+}
+
+#if !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
+// kClassChunk ones: the class weights of a chunk of classes where the caller gave none, so
+// that a vectorised class loop reads its weights unconditionally with unit stride (a select
+// on a null pointer would make each load conditional, and the loop scalar).
+template <typename acc_t>
+struct UnitClassWeights {
+  static constexpr auto kValues = [] {
+    std::array<acc_t, kClassChunk> ones{};
+    for (acc_t& one : ones) {
+      one = acc_t(1);
+    }
+    return ones;
+  }();
+};
+#endif
+
+// One anchor's classes in every tensor: where each starts and its class stride (elements).
+// Callers pass a literal 1 where classes are contiguous so the class loop vectorises on
+// the host. The element tensors are used by ClassVariant::kElementIO instantiations only.
+template <typename scalar_t, typename acc_t>
+struct AnchorRow {
+  const scalar_t* pred;
+  int64_t pred_stride;
+  scalar_t* grad;  // null without kNeedGrad
+  int64_t grad_stride;
+  int64_t target_offset, target_stride;  // the dense target's
+  const acc_t* class_weight;             // (C,), contiguous; null: every weight is 1
+  const acc_t* element_weight;           // pred's shape; null: none
+  int64_t element_weight_stride;
+  acc_t* element_loss;                   // pred's shape; null: none
+  int64_t element_loss_stride;
+};
+
+// One anchor: loss = weight * sum_c class_weight[c] * element_weight * loss_c, and the
+// gradient of that loss into grad when asked (and each term into element_loss).
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
-GFL_HOST_DEVICE acc_t qfl_anchor(const scalar_t* pred, int64_t pred_class_stride, scalar_t* grad,
-                                 int64_t grad_class_stride, const Target& target, int64_t anchor,
-                                 int64_t target_offset, int64_t target_class_stride,
-                                 int64_t num_classes, acc_t beta, acc_t weight) {
+GFL_HOST_DEVICE acc_t class_anchor(const AnchorRow<scalar_t, acc_t>& row, const Target& target, int64_t anchor,
+                                   int64_t num_classes, const ModulationParams<acc_t>& params, acc_t weight) {
   acc_t loss = 0;
   for (int64_t chunk_begin = 0; chunk_begin < num_classes; chunk_begin += kClassChunk) {
     const int64_t chunk_end = chunk_begin + kClassChunk < num_classes ? chunk_begin + kClassChunk : num_classes;
+#if !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
+    // This chunk's class weights, indexed by c - chunk_begin (see UnitClassWeights).
+    const acc_t* chunk_weights =
+        row.class_weight != nullptr ? row.class_weight + chunk_begin : UnitClassWeights<acc_t>::kValues.data();
+#endif
     acc_t chunk_loss = 0;
     GFL_SIMD(reduction(+ : chunk_loss))
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      const acc_t y = target.at(anchor, c, target_offset + c * target_class_stride);
-      const LossAndGrad<acc_t> element =
-          qfl_element<Variant::kActivated, Variant::kBetaIsTwo, Variant::kNeedGrad>(
-              to_acc<acc_t>(pred[c * pred_class_stride]), y, beta);
-      chunk_loss += element.loss;
+      const acc_t t = target.at(anchor, c, row.target_offset + c * row.target_stride);
+      const LossAndGrad<acc_t> element = class_element<Variant>(to_acc<acc_t>(row.pred[c * row.pred_stride]), t,
+                                                                target.positive(anchor, c, t), params);
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+      acc_t scale = class_weight_at(row.class_weight, c);  // a uniform branch on the device
+#else
+      acc_t scale = chunk_weights[c - chunk_begin];
+#endif
+      if constexpr (Variant::kElementIO) {
+        scale *= row.element_weight == nullptr ? acc_t(1) : row.element_weight[c * row.element_weight_stride];
+        if (row.element_loss != nullptr) {
+          row.element_loss[c * row.element_loss_stride] = weight * scale * element.loss;
+        }
+      }
+      chunk_loss += scale * element.loss;
       if (Variant::kNeedGrad) {
-        grad[c * grad_class_stride] = from_acc<scalar_t>(weight * element.grad);
+        row.grad[c * row.grad_stride] = from_acc<scalar_t>(weight * scale * element.grad);
       }
     }
     loss += chunk_loss;

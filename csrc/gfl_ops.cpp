@@ -3,7 +3,7 @@
 //
 // Two layers of operators:
 //   - the public operators, what users call: quality_focal_loss, quality_focal_loss_dense,
-//     distribution_focal_loss and distribution_integral. Each returns what was asked for (the
+//     sigmoid_focal_loss, varifocal_loss, distribution_focal_loss and distribution_integral. Each returns what was asked for (the
 //     loss per anchor or row, or its sum; the integral's value), differentiable with respect
 //     to pred by the autograd kernel below. `str backend` names the kernels that compute it:
 //     "native" (the C++ CPU and CUDA kernels) or "triton" (gfl_ops/triton/).
@@ -50,23 +50,34 @@ struct OperatorSignatures {
   const char* kernel_signature;
 };
 
-// The loss kernels' (loss, grad): with reduction "none" the loss of each anchor (QFL) or row
-// (DFL), times `weight` when given; with "sum" their sum as a 0-dim tensor, added up inside
+// The loss kernels' (loss, grad): with reduction "none" the loss of each anchor (QFL), element
+// (focal, varifocal: pred's shape) or row (DFL), times `weight` (and `class_weight`) when
+// given; with "sum" their sum as a 0-dim tensor, added up inside
 // the kernel in a fixed order. float32 for half pred, pred's dtype otherwise. grad: when
 // compute_grad, d loss / d pred of every per-anchor loss (weight included) in pred's dtype
 // and layout; an empty tensor otherwise. The integral's kernel returns (E, dE/dpred), the
 // gradient of each row scaled by grad_scale[row] when given.
 constexpr OperatorSignatures kOperators[] = {
     {"quality_focal_loss",
-     "(Tensor pred, Tensor label, Tensor score, Tensor? weight, float beta, bool activated, str reduction, "
-     "str backend=\"native\") -> Tensor",
-     "(Tensor pred, Tensor label, Tensor score, Tensor? weight, float beta, bool activated, str reduction, "
-     "bool compute_grad) -> (Tensor, Tensor)"},
+     "(Tensor pred, Tensor label, Tensor score, Tensor? weight, Tensor? class_weight, float beta, bool activated, "
+     "str reduction, str backend=\"native\") -> Tensor",
+     "(Tensor pred, Tensor label, Tensor score, Tensor? weight, Tensor? class_weight, float beta, bool activated, "
+     "str reduction, bool compute_grad) -> (Tensor, Tensor)"},
     {"quality_focal_loss_dense",
-     "(Tensor pred, Tensor target, Tensor? weight, float beta, bool activated, str reduction, "
+     "(Tensor pred, Tensor target, Tensor? weight, Tensor? class_weight, float beta, bool activated, str reduction, "
      "str backend=\"native\") -> Tensor",
-     "(Tensor pred, Tensor target, Tensor? weight, float beta, bool activated, str reduction, bool compute_grad) "
-     "-> (Tensor, Tensor)"},
+     "(Tensor pred, Tensor target, Tensor? weight, Tensor? class_weight, float beta, bool activated, str reduction, "
+     "bool compute_grad) -> (Tensor, Tensor)"},
+    {"sigmoid_focal_loss",
+     "(Tensor pred, Tensor target, Tensor? weight, Tensor? class_weight, float alpha, float gamma, bool activated, "
+     "str reduction, str backend=\"native\") -> Tensor",
+     "(Tensor pred, Tensor target, Tensor? weight, Tensor? class_weight, float alpha, float gamma, bool activated, "
+     "str reduction, bool compute_grad) -> (Tensor, Tensor)"},
+    {"varifocal_loss",
+     "(Tensor pred, Tensor target, Tensor? score, Tensor? weight, Tensor? class_weight, float alpha, float gamma, "
+     "bool iou_weighted, bool detach_weight, bool activated, str reduction, str backend=\"native\") -> Tensor",
+     "(Tensor pred, Tensor target, Tensor? score, Tensor? weight, Tensor? class_weight, float alpha, float gamma, "
+     "bool iou_weighted, bool detach_weight, bool activated, str reduction, bool compute_grad) -> (Tensor, Tensor)"},
     {"distribution_focal_loss", "(Tensor pred, Tensor target, Tensor? weight, str reduction, str backend=\"native\") -> Tensor",
      "(Tensor pred, Tensor target, Tensor? weight, str reduction, bool compute_grad) -> (Tensor, Tensor)"},
     {"distribution_integral", "(Tensor pred, str backend=\"native\") -> Tensor",
@@ -158,9 +169,10 @@ GFL_TORCH_LIBRARY(GFL_OPS_NAMESPACE, m) {
 //   d total / d pred[n, c, ...] = d total / d loss[n, ...] * d loss[n, ...] / d pred[n, c, ...]
 //
 // with one scalar d total / d loss for a summed loss, broadcast over the class (bin)
-// dimension 1. The gradient pass (above) says whether the forward's kernel call computes
+// dimension 1; an elementwise loss's "none" (focal, varifocal) has one d total / d loss per
+// element instead. The gradient pass (above) says whether the forward's kernel call computes
 // d loss / d pred (scaled in place by backward) or backward calls the kernel again with
-// weight * d total / d loss as its per-anchor weight (the integral: its grad_scale).
+// weight * d total / d loss as its weight (the integral: its grad_scale).
 // Gradients flow to pred only: targets and weights are constants.
 // ---------------------------------------------------------------------------------------
 namespace {
@@ -253,24 +265,41 @@ torch::jit::Stack saved_arguments(AutogradContext* ctx) {
   return arguments;
 }
 
-// d total / d pred in one pass: the kernel with weight * d total / d loss as its per-anchor
-// weight (the integral: as its grad_scale), and reduction "sum", whose loss output, unused,
-// is one number.
-at::Tensor recompute_scaled_gradient(const c10::OperatorHandle& kernel, torch::jit::Stack arguments,
-                                     const at::Tensor& grad_loss) {
-  const at::Tensor& pred = arguments[0].toTensor();
-  const int64_t weight_index = argument_index(kernel, "weight");
-  const int64_t scale_index = weight_index >= 0 ? weight_index : argument_index(kernel, "grad_scale");
+// Whether a loss (its value or incoming gradient) has one value per element of pred, as the
+// elementwise losses' reduction "none" (focal, varifocal); otherwise it has one per anchor
+// (row) or is a 0-dim sum.
+bool is_per_element(const at::Tensor& loss, const at::Tensor& pred) { return loss.dim() == pred.dim(); }
+
+// The factor d total / d pred = factor * d loss / d pred, with the kernel's own weight, in the
+// shape the kernel takes as its weight: pred's for an elementwise loss's "none" or a weight
+// of pred's shape, the anchors' otherwise.
+at::Tensor gradient_factor(const at::Tensor& pred, const at::Tensor& grad_loss, const c10::IValue& weight) {
+  const bool has_weight = weight.isTensor();
+  if (is_per_element(grad_loss, pred) || (has_weight && is_per_element(weight.toTensor(), pred))) {
+    if (!has_weight) {
+      return grad_loss;
+    }
+    const at::Tensor& w = weight.toTensor();
+    return grad_loss * (is_per_element(w, pred) ? w : w.unsqueeze(1));
+  }
   // pred's anchor shape in symbolic sizes, so that torch.compile(dynamic=True) traces it
   // without specialising on N.
   c10::SymDimVector anchor_sizes{pred.sym_size(0)};
   for (int64_t d = 2; d < pred.dim(); ++d) {
     anchor_sizes.push_back(pred.sym_size(d));
   }
-  at::Tensor factor = grad_loss.expand_symint(anchor_sizes);
-  if (arguments[scale_index].isTensor()) {
-    factor = factor * arguments[scale_index].toTensor();
-  }
+  const at::Tensor factor = grad_loss.expand_symint(anchor_sizes);
+  return has_weight ? factor * weight.toTensor() : factor;
+}
+
+// d total / d pred in one pass: the kernel with weight * d total / d loss as its weight (the
+// integral: as its grad_scale), and reduction "sum", whose loss output, unused, is one number.
+at::Tensor recompute_scaled_gradient(const c10::OperatorHandle& kernel, torch::jit::Stack arguments,
+                                     const at::Tensor& grad_loss) {
+  const at::Tensor& pred = arguments[0].toTensor();
+  const int64_t weight_index = argument_index(kernel, "weight");
+  const int64_t scale_index = weight_index >= 0 ? weight_index : argument_index(kernel, "grad_scale");
+  const at::Tensor factor = gradient_factor(pred, grad_loss, arguments[scale_index]);
   arguments[scale_index] = factor.to(gfl::accumulate_dtype(pred.scalar_type())).contiguous();
   const int64_t reduction_index = argument_index(kernel, "reduction");
   if (reduction_index >= 0) {
@@ -317,7 +346,9 @@ class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
       input_grads[0] = recompute_scaled_gradient(kernel, std::move(arguments), grad_loss);
       return input_grads;
     }
-    const at::Tensor scale = grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1);
+    const at::Tensor pred = arguments[0].toTensor();
+    const at::Tensor scale =
+        grad_loss.dim() == 0 || is_per_element(grad_loss, pred) ? grad_loss : grad_loss.unsqueeze(1);
     // A second backward through the same graph (retain_graph=True, gradcheck, jacobians)
     // after the first one scaled the saved buffer in place and handed it over: compute the
     // gradient again.

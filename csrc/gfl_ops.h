@@ -46,18 +46,25 @@ struct AnchorStrides {
   }
 };
 
-// Where the tensors of a QFL kernel live and how they are strided; passed by value to the
-// CPU walks and to CUDA kernels alike.
+// Where the tensors of a classification-loss kernel (QFL, focal, varifocal) live and how
+// they are strided; passed by value to the CPU walks and to CUDA kernels alike.
 template <typename scalar_t, typename acc_t, typename Target>
-struct QflArgs {
+struct ClassArgs {
   const scalar_t* pred;
   scalar_t* grad;  // null when no gradient is wanted
   acc_t* loss;     // one per anchor, contiguous; null for reduction "sum" (the launcher adds up)
+                   // and for a loss per element
   const acc_t* weight;  // one per anchor, contiguous; null: every weight is 1
+  const acc_t* class_weight;    // (C,), contiguous; null: every class weight is 1
+  const acc_t* element_weight;  // pred's shape, through element_weight_strides; null: none
+  acc_t* element_loss;          // the loss of each element, pred's shape; null: not asked for
   Target target;
   AnchorLayout layout;
-  AnchorStrides pred_strides, grad_strides, target_strides;
-  acc_t beta;
+  AnchorStrides pred_strides, grad_strides, target_strides, element_weight_strides, element_loss_strides;
+  math::ModulationParams<acc_t> params;
+
+  // Whether the kernel reads or writes tensors of pred's shape beyond pred, grad and target.
+  bool element_io() const { return element_weight != nullptr || element_loss != nullptr; }
 };
 
 // The weight of anchor (row) i: weights[i], or 1 without weights.
@@ -95,9 +102,13 @@ enum class LossReduction { kNone, kSum };
 LossReduction parse_reduction(c10::string_view reduction, const char* op_name);
 
 // Memory-safety checks of the operator inputs (the Python API gives friendlier errors first).
-void check_qfl_inputs(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& score,
-                      double beta);
-void check_qfl_dense_inputs(const at::Tensor& pred, const at::Tensor& target, double beta);
+// A classification loss's pred, its exponent (beta or gamma, named `exponent_name`) and its
+// target: (label, score) of the anchor shape, or dense of pred's shape; and its class_weight.
+void check_class_inputs(const at::Tensor& pred, double exponent, const char* exponent_name, const char* op_name);
+void check_label_target(const at::Tensor& pred, const at::Tensor& label, const std::optional<at::Tensor>& score,
+                        const char* op_name);
+void check_dense_target(const at::Tensor& pred, const at::Tensor& target, const char* op_name);
+void check_class_weight(const at::Tensor& pred, const std::optional<at::Tensor>& class_weight, const char* op_name);
 void check_bin_inputs(const at::Tensor& pred, const char* op_name);
 void check_dfl_inputs(const at::Tensor& pred, const at::Tensor& target);
 // An optional per-anchor (per-row) weight: the loss's shape, its dtype, pred's device.
@@ -115,18 +126,23 @@ std::optional<at::Tensor> contiguous_weight(const std::optional<at::Tensor>& wei
 // the caller needs no gradient.
 at::Tensor allocate_grad(const at::Tensor& pred, bool compute_grad);
 
-// The options of QFL's loss: float32 for half pred (float64 for float64), pred's device.
-at::TensorOptions qfl_loss_options(const at::Tensor& pred);
+// The options of a loss: float32 for half pred (float64 for float64), pred's device.
+at::TensorOptions loss_options(const at::Tensor& pred);
 
-// The layout of pred, the gradient (when computed) and a dense target (when given), and
-// each one's strides in it: [pred, grad, target].
-AnchorLayout qfl_layout(const at::Tensor& pred, const at::Tensor& grad, bool compute_grad,
-                        const at::Tensor* dense_target, std::vector<AnchorStrides>& strides);
+// The tensors of a classification kernel that have pred's shape; undefined where absent.
+struct ClassTensors {
+  at::Tensor pred, grad, dense_target, element_weight, element_loss;
+};
+
+// Their coalesced layout, and each one's strides in it: [pred, grad, dense_target,
+// element_weight, element_loss] (pred's strides where a tensor is absent, unused).
+AnchorLayout class_layout(const ClassTensors& tensors, std::vector<AnchorStrides>& strides);
 
 // Which walk suits the layout: classes contiguous in every tensor (rows), anchors
-// contiguous in every tensor (channel-first planes), or neither (strided rows).
-enum class QflWalk { kRows, kPlanes, kStridedRows };
-QflWalk choose_qfl_walk(const std::vector<AnchorStrides>& strides, bool need_grad, bool dense_target);
+// contiguous in every tensor (channel-first planes), or neither (strided rows, which also
+// take every element weight and loss per element).
+enum class ClassWalk { kRows, kPlanes, kStridedRows };
+ClassWalk choose_class_walk(const ClassTensors& tensors, const std::vector<AnchorStrides>& strides);
 
 template <typename scalar_t>
 BinRows<scalar_t> make_bin_rows(const at::Tensor& pred, at::Tensor& grad, bool compute_grad) {
@@ -135,21 +151,57 @@ BinRows<scalar_t> make_bin_rows(const at::Tensor& pred, at::Tensor& grad, bool c
           compute_grad ? grad.stride(0) : 0, compute_grad ? grad.stride(1) : 0, pred.size(0), pred.size(1)};
 }
 
-// Calls f(QflVariant<activated, beta == 2, compute_grad>{}): runtime flags to template ones.
-template <typename F>
-void dispatch_qfl_variant(bool activated, bool beta_is_two, bool compute_grad, const F& f) {
+// Whether an exponent's closed form is built for a loss and input kind (else: pow). Each
+// instantiation is a set of CPU walks compiled three times (target_clones) and of CUDA
+// kernels, so the closed forms are built where they are used: all of them for QFL on
+// logits (beta = 0: YOLOv8's soft-target BCE), 2 (GFL, RetinaNet, VFNet) everywhere.
+template <math::Modulation kModulation, bool kActivated>
+constexpr bool exponent_is_built(math::Exponent kind) {
+  return kind == math::Exponent::kTwo || kind == math::Exponent::kGeneral ||
+         (kModulation == math::Modulation::kQuality && !kActivated);
+}
+
+// Calls f(math::ClassVariant<modulation, exponent kind, activated, compute_grad, element_io>{}):
+// runtime flags to template ones. Element I/O (a weight or loss of pred's shape) is built for
+// the focal family only.
+template <math::Modulation kModulation, bool kActivated, typename F>
+void dispatch_exponent(math::Exponent kind, bool compute_grad, bool element_io, const F& f) {
+  using math::Exponent;
+  const auto with_outputs = [&](auto exponent) {
+    constexpr Exponent kExponent = decltype(exponent)::value;
+    if constexpr (exponent_is_built<kModulation, kActivated>(kExponent)) {
+      constexpr bool kHasElementIO = kModulation == math::Modulation::kFocalFamily;
+      if (kHasElementIO && element_io) {
+        compute_grad ? f(math::ClassVariant<kModulation, kExponent, kActivated, true, kHasElementIO>{})
+                     : f(math::ClassVariant<kModulation, kExponent, kActivated, false, kHasElementIO>{});
+      } else {
+        compute_grad ? f(math::ClassVariant<kModulation, kExponent, kActivated, true>{})
+                     : f(math::ClassVariant<kModulation, kExponent, kActivated, false>{});
+      }
+    }
+  };
+  switch (exponent_is_built<kModulation, kActivated>(kind) ? kind : Exponent::kGeneral) {
+    case Exponent::kZero:
+      return with_outputs(std::integral_constant<Exponent, Exponent::kZero>{});
+    case Exponent::kOne:
+      return with_outputs(std::integral_constant<Exponent, Exponent::kOne>{});
+    case Exponent::kOneAndHalf:
+      return with_outputs(std::integral_constant<Exponent, Exponent::kOneAndHalf>{});
+    case Exponent::kTwo:
+      return with_outputs(std::integral_constant<Exponent, Exponent::kTwo>{});
+    case Exponent::kGeneral:
+      return with_outputs(std::integral_constant<Exponent, Exponent::kGeneral>{});
+  }
+}
+
+template <math::Modulation kModulation, typename acc_t, typename F>
+void dispatch_class_variant(bool activated, const math::ModulationParams<acc_t>& params, bool compute_grad,
+                            bool element_io, const F& f) {
+  const math::Exponent kind = math::exponent_kind(static_cast<double>(params.exponent));
   if (activated) {
-    if (beta_is_two) {
-      compute_grad ? f(math::QflVariant<true, true, true>{}) : f(math::QflVariant<true, true, false>{});
-    } else {
-      compute_grad ? f(math::QflVariant<true, false, true>{}) : f(math::QflVariant<true, false, false>{});
-    }
+    dispatch_exponent<kModulation, true>(kind, compute_grad, element_io, f);
   } else {
-    if (beta_is_two) {
-      compute_grad ? f(math::QflVariant<false, true, true>{}) : f(math::QflVariant<false, true, false>{});
-    } else {
-      compute_grad ? f(math::QflVariant<false, false, true>{}) : f(math::QflVariant<false, false, false>{});
-    }
+    dispatch_exponent<kModulation, false>(kind, compute_grad, element_io, f);
   }
 }
 

@@ -97,17 +97,10 @@ void check_float_pred(const at::Tensor& pred, const char* op_name) {
               pred.scalar_type());
 }
 
-// The kernels compute in float32 for every pred but float64: beta must fit.
-void check_beta(double beta) {
-  TORCH_CHECK(std::isfinite(beta) && beta >= 0.0 && beta <= std::numeric_limits<float>::max(),
-              "quality_focal_loss: beta must be finite, >= 0 and at most float32's largest value, got ", beta);
-}
-
-void check_class_pred(const at::Tensor& pred, const char* op_name) {
-  check_float_pred(pred, op_name);
-  TORCH_CHECK(pred.dim() >= 2, op_name, ": pred must be (N, C) or (B, C, d1, ..., dk), got ",
-              pred.dim(), " dimension(s)");
-  TORCH_CHECK(pred.size(1) > 0, op_name, ": pred has no classes (C = 0)");
+// The kernels compute in float32 for every pred but float64: the exponent must fit.
+void check_exponent(double exponent, const char* exponent_name, const char* op_name) {
+  TORCH_CHECK(std::isfinite(exponent) && exponent >= 0.0 && exponent <= std::numeric_limits<float>::max(), op_name,
+              ": ", exponent_name, " must be finite, >= 0 and at most float32's largest value, got ", exponent);
 }
 
 void check_same_device(const at::Tensor& pred, const at::Tensor& other, const char* name) {
@@ -126,34 +119,51 @@ LossReduction parse_reduction(c10::string_view reduction, const char* op_name) {
   return LossReduction::kSum;
 }
 
-void check_qfl_inputs(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& score,
-                      double beta) {
-  check_class_pred(pred, "quality_focal_loss");
-  check_beta(beta);
-  check_same_device(pred, label, "label");
-  check_same_device(pred, score, "score");
-  const std::vector<int64_t> shape = anchor_shape(pred);
-  TORCH_CHECK(label.sizes() == at::IntArrayRef(shape), "quality_focal_loss: label must have shape ",
-              at::IntArrayRef(shape), " (pred without its class dimension), got ", label.sizes());
-  TORCH_CHECK(score.sizes() == at::IntArrayRef(shape), "quality_focal_loss: score must have shape ",
-              at::IntArrayRef(shape), ", got ", score.sizes());
-  TORCH_CHECK(label.scalar_type() == at::kLong, "quality_focal_loss: label must be int64, got ",
-              label.scalar_type());
-  TORCH_CHECK(score.scalar_type() == accumulate_dtype(pred.scalar_type()),
-              "quality_focal_loss: score must be ", accumulate_dtype(pred.scalar_type()),
-              " for ", pred.scalar_type(), " pred, got ", score.scalar_type());
+void check_class_inputs(const at::Tensor& pred, double exponent, const char* exponent_name, const char* op_name) {
+  check_float_pred(pred, op_name);
+  TORCH_CHECK(pred.dim() >= 2, op_name, ": pred must be (N, C) or (B, C, d1, ..., dk), got ", pred.dim(),
+              " dimension(s)");
+  TORCH_CHECK(pred.size(1) > 0, op_name, ": pred has no classes (C = 0)");
+  check_exponent(exponent, exponent_name, op_name);
 }
 
-void check_qfl_dense_inputs(const at::Tensor& pred, const at::Tensor& target, double beta) {
-  check_class_pred(pred, "quality_focal_loss_dense");
-  check_beta(beta);
+void check_label_target(const at::Tensor& pred, const at::Tensor& label, const std::optional<at::Tensor>& score,
+                        const char* op_name) {
+  check_same_device(pred, label, "label");
+  const std::vector<int64_t> shape = anchor_shape(pred);
+  TORCH_CHECK(label.sizes() == at::IntArrayRef(shape), op_name, ": label must have shape ", at::IntArrayRef(shape),
+              " (pred without its class dimension), got ", label.sizes());
+  TORCH_CHECK(label.scalar_type() == at::kLong, op_name, ": label must be int64, got ", label.scalar_type());
+  if (!score.has_value()) {
+    return;
+  }
+  check_same_device(pred, *score, "score");
+  TORCH_CHECK(score->sizes() == at::IntArrayRef(shape), op_name, ": score must have shape ", at::IntArrayRef(shape),
+              ", got ", score->sizes());
+  TORCH_CHECK(score->scalar_type() == accumulate_dtype(pred.scalar_type()), op_name, ": score must be ",
+              accumulate_dtype(pred.scalar_type()), " for ", pred.scalar_type(), " pred, got ", score->scalar_type());
+}
+
+void check_dense_target(const at::Tensor& pred, const at::Tensor& target, const char* op_name) {
   check_same_device(pred, target, "target");
-  TORCH_CHECK(target.sizes() == pred.sizes(), "quality_focal_loss_dense: target must have pred's shape ",
-              pred.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.sizes() == pred.sizes(), op_name, ": target must have pred's shape ", pred.sizes(), ", got ",
+              target.sizes());
   TORCH_CHECK(target.scalar_type() == pred.scalar_type() ||
                   target.scalar_type() == accumulate_dtype(pred.scalar_type()),
-              "quality_focal_loss_dense: target must have pred's dtype ", pred.scalar_type(), " or ",
+              op_name, ": target must have pred's dtype ", pred.scalar_type(), " or ",
               accumulate_dtype(pred.scalar_type()), ", got ", target.scalar_type());
+}
+
+void check_class_weight(const at::Tensor& pred, const std::optional<at::Tensor>& class_weight, const char* op_name) {
+  if (!class_weight.has_value()) {
+    return;
+  }
+  check_same_device(pred, *class_weight, "class_weight");
+  TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == pred.size(1), op_name,
+              ": class_weight must have shape (", pred.size(1), "), one weight per class, got ", class_weight->sizes());
+  TORCH_CHECK(class_weight->scalar_type() == accumulate_dtype(pred.scalar_type()), op_name,
+              ": class_weight must be ", accumulate_dtype(pred.scalar_type()), " for ", pred.scalar_type(),
+              " pred, got ", class_weight->scalar_type());
 }
 
 void check_bin_inputs(const at::Tensor& pred, const char* op_name) {
@@ -197,30 +207,34 @@ at::Tensor allocate_grad(const at::Tensor& pred, bool compute_grad) {
   return at::empty_like(pred);  // keeps pred's strides when pred is non-overlapping and dense
 }
 
-at::TensorOptions qfl_loss_options(const at::Tensor& pred) {
+at::TensorOptions loss_options(const at::Tensor& pred) {
   return pred.options().dtype(accumulate_dtype(pred.scalar_type()));
 }
 
-AnchorLayout qfl_layout(const at::Tensor& pred, const at::Tensor& grad, bool compute_grad,
-                        const at::Tensor* dense_target, std::vector<AnchorStrides>& strides) {
+AnchorLayout class_layout(const ClassTensors& tensors, std::vector<AnchorStrides>& strides) {
   // Tensors that are not there take pred's place: their strides are computed and unused.
-  return make_anchor_layout({pred, compute_grad ? grad : pred, dense_target != nullptr ? *dense_target : pred},
+  const auto or_pred = [&](const at::Tensor& tensor) { return tensor.defined() ? tensor : tensors.pred; };
+  return make_anchor_layout({tensors.pred, or_pred(tensors.grad), or_pred(tensors.dense_target),
+                             or_pred(tensors.element_weight), or_pred(tensors.element_loss)},
                             strides);
 }
 
-QflWalk choose_qfl_walk(const std::vector<AnchorStrides>& strides, bool need_grad, bool dense_target) {
-  const AnchorStrides& pred = strides[0];
-  const AnchorStrides& grad = strides[1];
-  const AnchorStrides& target = strides[2];
-  if (pred.class_stride == 1 && (!need_grad || grad.class_stride == 1) &&
-      (!dense_target || target.class_stride == 1)) {
-    return QflWalk::kRows;
+ClassWalk choose_class_walk(const ClassTensors& tensors, const std::vector<AnchorStrides>& strides) {
+  if (tensors.element_weight.defined() || tensors.element_loss.defined()) {
+    return ClassWalk::kStridedRows;
   }
-  if (pred.inner_stride == 1 && (!need_grad || grad.inner_stride == 1) &&
-      (!dense_target || target.inner_stride == 1)) {
-    return QflWalk::kPlanes;
+  // Whether `along` (a member pointer: the class or the inner stride) is 1 in every tensor.
+  const auto unit_in_all = [&](int64_t AnchorStrides::*along) {
+    return strides[0].*along == 1 && (!tensors.grad.defined() || strides[1].*along == 1) &&
+           (!tensors.dense_target.defined() || strides[2].*along == 1);
+  };
+  if (unit_in_all(&AnchorStrides::class_stride)) {
+    return ClassWalk::kRows;
   }
-  return QflWalk::kStridedRows;
+  if (unit_in_all(&AnchorStrides::inner_stride)) {
+    return ClassWalk::kPlanes;
+  }
+  return ClassWalk::kStridedRows;
 }
 
 }  // namespace gfl

@@ -4,9 +4,11 @@
 // numbers a kernel is launched with instead of launching one, and returns the outputs the
 // kernel is to fill: (value, grad, numbers).
 //
-//   QFL:            [num_anchors, num_classes, inner_size, num_outer_dims, outer_sizes...,
-//                    then for pred, grad and a dense target (pred's strides when there is
-//                    none): class_stride, inner_stride, outer_strides...]
+//   QFL, focal, varifocal:
+//                   [num_anchors, num_classes, inner_size, num_outer_dims, outer_sizes...,
+//                    then for pred, grad, a dense target, an element weight and the loss
+//                    per element (pred's strides for each one that is not there):
+//                    class_stride, inner_stride, outer_strides...]
 //   DFL, integral:  [num_rows, num_bins, pred_row_stride, pred_bin_stride, grad_row_stride,
 //                    grad_bin_stride]
 // The numbers are empty when there is nothing to launch (no anchors): the outputs are then
@@ -37,16 +39,18 @@ void record_bin_rows(const BinRows<scalar_t>& rows, Plan& plan) {
           rows.grad_bin_stride};
 }
 
-struct QflPlan {
+struct ClassPlan {
   Plan* plan;
 
-  template <typename scalar_t, typename acc_t, typename Target>
-  void operator()(const QflArgs<scalar_t, acc_t, Target>& args, bool /*activated*/, bool /*compute_grad*/,
-                  QflWalk /*walk*/, acc_t* /*total*/) const {
+  template <math::Modulation kModulation, typename scalar_t, typename acc_t, typename Target>
+  void operator()(std::integral_constant<math::Modulation, kModulation> /*modulation*/,
+                  const ClassArgs<scalar_t, acc_t, Target>& args, bool /*activated*/, bool /*compute_grad*/,
+                  ClassWalk /*walk*/, acc_t* /*total*/) const {
     const AnchorLayout& layout = args.layout;
     *plan = {layout.num_anchors, layout.num_classes, layout.inner_size, layout.num_outer_dims};
     plan->insert(plan->end(), layout.outer_sizes.begin(), layout.outer_sizes.begin() + layout.num_outer_dims);
-    for (const AnchorStrides* strides : {&args.pred_strides, &args.grad_strides, &args.target_strides}) {
+    for (const AnchorStrides* strides : {&args.pred_strides, &args.grad_strides, &args.target_strides,
+                                         &args.element_weight_strides, &args.element_loss_strides}) {
       record_strides(*strides, layout, *plan);
     }
   }
@@ -78,23 +82,49 @@ std::tuple<at::Tensor, at::Tensor, Plan> with_plan(Outputs&& outputs, Plan&& pla
 
 std::tuple<at::Tensor, at::Tensor, Plan> quality_focal_loss_plan(const at::Tensor& pred, const at::Tensor& label,
                                                                  const at::Tensor& score,
-                                                                 const std::optional<at::Tensor>& weight, double beta,
-                                                                 bool activated, c10::string_view reduction,
-                                                                 bool compute_grad) {
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 const std::optional<at::Tensor>& class_weight,
+                                                                 double beta, bool activated,
+                                                                 c10::string_view reduction, bool compute_grad) {
   Plan plan;
-  return with_plan(quality_focal_loss_impl(pred, label, score, weight, beta, activated, reduction, compute_grad,
-                                           QflPlan{&plan}),
+  return with_plan(quality_focal_loss_impl(pred, label, score, weight, class_weight, beta, activated, reduction,
+                                           compute_grad, ClassPlan{&plan}),
                    std::move(plan));
 }
 
 std::tuple<at::Tensor, at::Tensor, Plan> quality_focal_loss_dense_plan(const at::Tensor& pred, const at::Tensor& target,
                                                                        const std::optional<at::Tensor>& weight,
+                                                                       const std::optional<at::Tensor>& class_weight,
                                                                        double beta, bool activated,
                                                                        c10::string_view reduction, bool compute_grad) {
   Plan plan;
-  return with_plan(
-      quality_focal_loss_dense_impl(pred, target, weight, beta, activated, reduction, compute_grad, QflPlan{&plan}),
-      std::move(plan));
+  return with_plan(quality_focal_loss_dense_impl(pred, target, weight, class_weight, beta, activated, reduction,
+                                                 compute_grad, ClassPlan{&plan}),
+                   std::move(plan));
+}
+
+std::tuple<at::Tensor, at::Tensor, Plan> sigmoid_focal_loss_plan(const at::Tensor& pred, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 const std::optional<at::Tensor>& class_weight,
+                                                                 double alpha, double gamma, bool activated,
+                                                                 c10::string_view reduction, bool compute_grad) {
+  Plan plan;
+  return with_plan(sigmoid_focal_loss_impl(pred, target, weight, class_weight, alpha, gamma, activated, reduction,
+                                           compute_grad, ClassPlan{&plan}),
+                   std::move(plan));
+}
+
+std::tuple<at::Tensor, at::Tensor, Plan> varifocal_loss_plan(const at::Tensor& pred, const at::Tensor& target,
+                                                             const std::optional<at::Tensor>& score,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             const std::optional<at::Tensor>& class_weight,
+                                                             double alpha, double gamma, bool iou_weighted,
+                                                             bool detach_weight, bool activated,
+                                                             c10::string_view reduction, bool compute_grad) {
+  Plan plan;
+  return with_plan(varifocal_loss_impl(pred, target, score, weight, class_weight, alpha, gamma, iou_weighted,
+                                       detach_weight, activated, reduction, compute_grad, ClassPlan{&plan}),
+                   std::move(plan));
 }
 
 std::tuple<at::Tensor, at::Tensor, Plan> distribution_focal_loss_plan(const at::Tensor& pred, const at::Tensor& target,
@@ -118,6 +148,8 @@ std::tuple<at::Tensor, at::Tensor, Plan> distribution_integral_plan(const at::Te
 TORCH_LIBRARY_IMPL(gfl_ops, CompositeExplicitAutograd, m) {
   m.impl("_quality_focal_loss_plan", &quality_focal_loss_plan);
   m.impl("_quality_focal_loss_dense_plan", &quality_focal_loss_dense_plan);
+  m.impl("_sigmoid_focal_loss_plan", &sigmoid_focal_loss_plan);
+  m.impl("_varifocal_loss_plan", &varifocal_loss_plan);
   m.impl("_distribution_focal_loss_plan", &distribution_focal_loss_plan);
   m.impl("_distribution_integral_plan", &distribution_integral_plan);
 }

@@ -58,10 +58,88 @@ def check_exponent(value, name: str, op: str) -> None:
         raise ValueError(f"{op}: {name} must be a finite number >= 0 (at most float32's {_FLOAT32_MAX:.4g}), got {value!r}")
 
 
+def _anchor_shape(pred: Tensor) -> tuple:
+    return (pred.shape[0],) + tuple(pred.shape[2:])
+
+
+def check_finite(value, name: str, op: str) -> float:
+    """A finite number (comparisons, which torch.compile traces; NaN fails them)."""
+    if not (is_number(value) and -_FLOAT32_MAX <= value <= _FLOAT32_MAX):
+        raise ValueError(f"{op}: {name} must be a finite number, got {value!r}")
+    return value
+
+
+def check_alpha(alpha, op: str) -> float:
+    """Focal loss's alpha: a finite number, or None, which (as a negative alpha) switches the
+    alpha weighting off: returned as -1."""
+    return -1.0 if alpha is None else check_finite(alpha, "alpha", op)
+
+
+def check_dense_target(pred: Tensor, target: Tensor, op: str) -> None:
+    """A float target of pred's shape on pred's device."""
+    require_tensor(target, "target", op)
+    check_same_device(pred, target, "target", op)
+    if tuple(target.shape) != tuple(pred.shape):
+        raise ValueError(f"{op}: target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+    if not target.dtype.is_floating_point:
+        raise TypeError(f"{op}: target must be a floating-point tensor, got {target.dtype}")
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_labels_or_dense_target(pred: Tensor, target: Tensor, op: str) -> bool:
+    """Focal loss's target: integer labels of the anchor shape, or a target of pred's shape
+    (mmdetection's rule: as many dimensions as pred), float or a one-hot of any real dtype.
+    Returns whether it is the dense one."""
+    require_tensor(target, "target", op)
+    check_same_device(pred, target, "target", op)
+    if target.dim() == pred.dim():
+        if tuple(target.shape) != tuple(pred.shape):
+            raise ValueError(f"{op}: a dense target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+        if target.dtype.is_complex:
+            raise TypeError(f"{op}: target must be real, got {target.dtype}")
+        return True
+    if not _is_integer_dtype(target.dtype):
+        raise TypeError(f"{op}: labels (a target without pred's class dimension) must be integers, got {target.dtype}")
+    check_anchor_tensor(pred, target, "target", op)
+    return False
+
+
+def check_varifocal_target(pred: Tensor, target, op: str):
+    """Varifocal loss's target: a dense float tensor of pred's shape, or (label, score).
+    Returns (label, score, dense target), None where absent."""
+    if isinstance(target, Tensor):
+        check_dense_target(pred, target, op)
+        return None, None, target
+    if not (isinstance(target, (tuple, list)) and len(target) == 2):
+        raise TypeError(f"{op}: target must be a dense tensor of pred's shape or a (label, score) pair, "
+                        f"got {type(target).__name__}")
+    label, score = target
+    check_label_and_score(pred, label, score, op)
+    return label, score, None
+
+
+def check_class_weight(pred: Tensor, class_weight: Optional[Tensor], op: str) -> None:
+    """None, or a float (C,) tensor on pred's device: one weight per class."""
+    if class_weight is None:
+        return
+    require_tensor(class_weight, "class_weight", op)
+    check_same_device(pred, class_weight, "class_weight", op)
+    if tuple(class_weight.shape) != (pred.shape[1],):
+        raise ValueError(
+            f"{op}: class_weight must have shape ({pred.shape[1]},), one weight per class of pred "
+            f"{tuple(pred.shape)}, got {tuple(class_weight.shape)}"
+        )
+    if not class_weight.dtype.is_floating_point:
+        raise TypeError(f"{op}: class_weight must be a floating-point tensor, got {class_weight.dtype}")
+
+
 def check_anchor_tensor(pred: Tensor, value: Tensor, name: str, op: str) -> None:
     require_tensor(value, name, op)
     check_same_device(pred, value, name, op)
-    expected = (pred.shape[0],) + tuple(pred.shape[2:])
+    expected = _anchor_shape(pred)
     if tuple(value.shape) != expected:
         raise ValueError(
             f"{op}: {name} must have shape {expected} (pred {tuple(pred.shape)} without its "
@@ -69,13 +147,16 @@ def check_anchor_tensor(pred: Tensor, value: Tensor, name: str, op: str) -> None
         )
 
 
-def check_weight(pred: Tensor, weight: Optional[Tensor], loss_shape: tuple, op: str) -> None:
+def check_weight(pred: Tensor, weight: Optional[Tensor], loss_shape: tuple, op: str,
+                 also: Optional[tuple] = None) -> None:
+    """A weight of the loss's shape (or, for the elementwise losses, `also`: pred's shape)."""
     if weight is None:
         return
     require_tensor(weight, "weight", op)
     check_same_device(pred, weight, "weight", op)
     if tuple(weight.shape) != loss_shape:
-        raise ValueError(f"{op}: weight must have the loss's shape {loss_shape}, got {tuple(weight.shape)}")
+        shapes = f"the anchor shape {_anchor_shape(pred)} or pred's shape {also}" if also else f"the loss's shape {loss_shape}"
+        raise ValueError(f"{op}: weight must have {shapes}, got {tuple(weight.shape)}")
     if not weight.dtype.is_floating_point:
         raise TypeError(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")
 
@@ -99,7 +180,7 @@ def check_avg_factor(pred: Tensor, avg_factor: AvgFactor, op: str) -> None:
 def check_label_and_score(pred: Tensor, label: Tensor, score: Tensor, op: str) -> None:
     check_anchor_tensor(pred, label, "label", op)
     check_anchor_tensor(pred, score, "score", op)
-    if label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
+    if not _is_integer_dtype(label.dtype):
         raise TypeError(f"{op}: label must be an integer tensor of class indices, got {label.dtype}")
     if not score.dtype.is_floating_point:
         raise TypeError(f"{op}: score must be a floating-point tensor (the IoU target), got {score.dtype}")
@@ -147,7 +228,7 @@ def check_constant_targets(backend: str, op: str, **targets: Tensor) -> None:
     if backend == "reference" or not torch.is_grad_enabled():
         return
     for name, value in targets.items():
-        if value.requires_grad:
+        if value is not None and value.requires_grad:
             raise ValueError(
                 f"{op}: {name} requires grad, but backend {backend!r} computes gradients with respect "
                 f"to pred only; pass {name}.detach() (targets are constants in GFL) or backend='reference'"

@@ -2,8 +2,8 @@
 
 The schemas and the one autograd kernel live in C++ (csrc/gfl_ops.cpp). Two layers:
 
-    torch.ops.gfl_ops.<operator>(..., backend)   the public operators: the loss (per anchor
-                                                 or row, or its sum; the integral's value),
+    torch.ops.gfl_ops.<operator>(..., backend)   the public operators: the loss (per anchor,
+                                                 element or row, or its sum; the integral's value),
                                                  differentiable with respect to pred
     torch.ops.gfl_ops._<operator>_<backend>       their kernels, "native" (csrc/cpu/,
                                                  csrc/cuda/) or "triton" (gfl_ops/triton/):
@@ -35,6 +35,8 @@ KERNEL_REDUCTIONS = ("none", "sum")
 OPERATORS = (
     "quality_focal_loss",
     "quality_focal_loss_dense",
+    "sigmoid_focal_loss",
+    "varifocal_loss",
     "distribution_focal_loss",
     "distribution_integral",
 )
@@ -119,12 +121,24 @@ def check_same_device(pred: Tensor, *others) -> None:
 
 
 def loss_buffer(pred: Tensor, shape: tuple, reduction: str) -> Tensor:
-    """The loss of a loss operator: the per-anchor shape, or 0-dim for "sum"."""
+    """The loss of a per-anchor (per-row) loss operator: that shape, or 0-dim for "sum"."""
+    _check_kernel_reduction(reduction)
+    return pred.new_empty(shape if reduction == "none" else (), dtype=accumulate_dtype(pred.dtype))
+
+
+def elementwise_loss_buffer(pred: Tensor, reduction: str) -> Tensor:
+    """The loss of an elementwise loss operator (focal, varifocal): pred's shape and layout
+    for "none", 0-dim for "sum"."""
+    _check_kernel_reduction(reduction)
+    dtype = accumulate_dtype(pred.dtype)
+    return torch.empty_like(pred, dtype=dtype) if reduction == "none" else pred.new_empty((), dtype=dtype)
+
+
+def _check_kernel_reduction(reduction: str) -> None:
     torch._check(
         reduction in KERNEL_REDUCTIONS,
         lambda: f"gfl_ops: reduction must be one of {KERNEL_REDUCTIONS}, got {reduction!r}",
     )
-    return pred.new_empty(shape if reduction == "none" else (), dtype=accumulate_dtype(pred.dtype))
 
 
 def grad_buffer(pred: Tensor, compute_grad: bool) -> Tensor:
@@ -132,14 +146,26 @@ def grad_buffer(pred: Tensor, compute_grad: bool) -> Tensor:
     return torch.empty_like(pred) if compute_grad else pred.new_empty((0,))
 
 
-def _fake_quality_focal_loss(pred, label, score, weight, beta, activated, reduction, backend="native"):
-    check_same_device(pred, label, score, weight)
+def _fake_quality_focal_loss(pred, label, score, weight, class_weight, beta, activated, reduction, backend="native"):
+    check_same_device(pred, label, score, weight, class_weight)
     return loss_buffer(pred, anchor_shape(pred), reduction)
 
 
-def _fake_quality_focal_loss_dense(pred, target, weight, beta, activated, reduction, backend="native"):
-    check_same_device(pred, target, weight)
+def _fake_quality_focal_loss_dense(pred, target, weight, class_weight, beta, activated, reduction, backend="native"):
+    check_same_device(pred, target, weight, class_weight)
     return loss_buffer(pred, anchor_shape(pred), reduction)
+
+
+def _fake_sigmoid_focal_loss(pred, target, weight, class_weight, alpha, gamma, activated, reduction,
+                             backend="native"):
+    check_same_device(pred, target, weight, class_weight)
+    return elementwise_loss_buffer(pred, reduction)
+
+
+def _fake_varifocal_loss(pred, target, score, weight, class_weight, alpha, gamma, iou_weighted, detach_weight,
+                         activated, reduction, backend="native"):
+    check_same_device(pred, target, score, weight, class_weight)
+    return elementwise_loss_buffer(pred, reduction)
 
 
 def _fake_distribution_focal_loss(pred, target, weight, reduction, backend="native"):
@@ -154,6 +180,8 @@ def _fake_distribution_integral(pred, backend="native"):
 _PUBLIC_FAKES = {
     "quality_focal_loss": _fake_quality_focal_loss,
     "quality_focal_loss_dense": _fake_quality_focal_loss_dense,
+    "sigmoid_focal_loss": _fake_sigmoid_focal_loss,
+    "varifocal_loss": _fake_varifocal_loss,
     "distribution_focal_loss": _fake_distribution_focal_loss,
     "distribution_integral": _fake_distribution_integral,
 }

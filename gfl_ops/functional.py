@@ -7,7 +7,7 @@ weight_reduce_loss. Class (bin) dimension 1, as in F.cross_entropy.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -71,6 +71,30 @@ def _check_reduction_arguments(pred: Tensor, weight: Optional[Tensor], loss_shap
     _checks.check_avg_factor(pred, avg_factor, op)
 
 
+def _kernel_class_weight(pred: Tensor, class_weight: Optional[Tensor]) -> Optional[Tensor]:
+    return None if class_weight is None else class_weight.to(_accumulate_dtype(pred))
+
+
+def _reduced_elementwise_loss(operator_loss, reference_loss, pred: Tensor, weight: Optional[Tensor], backend: str,
+                              reduction: str, avg_factor: AvgFactor) -> Tensor:
+    """_reduced_loss for the elementwise losses (focal, varifocal): a loss of pred's shape,
+    its weight of the anchor shape (broadcast over classes) or of pred's, its "mean" over
+    every element (or sum / (avg_factor + eps))."""
+    if weight is not None and weight.dim() < pred.dim():
+        broadcast_weight = weight.unsqueeze(1)
+    else:
+        broadcast_weight = weight
+    if backend == "reference":
+        return weight_reduce_loss(reference_loss(), broadcast_weight, reduction, avg_factor)
+    kernel_weight = _kernel_weight(pred, weight)
+    if weight is not None and kernel_weight is None:
+        return weight_reduce_loss(operator_loss(None, "none"), broadcast_weight, reduction, avg_factor)
+    if reduction == "none":
+        return operator_loss(kernel_weight, "none")
+    total = operator_loss(kernel_weight, "sum")
+    return total if reduction == "sum" else mean_of_sum(total, pred.numel(), avg_factor)
+
+
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
@@ -83,6 +107,7 @@ def quality_focal_loss(
     *,
     beta: float = 2.0,
     weight: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
     reduction: str = "mean",
     avg_factor: AvgFactor = None,
     activated: bool = False,
@@ -100,6 +125,7 @@ def quality_focal_loss(
         score: float IoU target of the positive class, label's shape.
         beta: the exponent of the modulating factor |y - sigma|^beta, a number >= 0.
         weight: per-anchor weight, label's shape.
+        class_weight: (C,) weight of each class's term in the sum over classes.
         reduction: "none" (per-anchor loss, label's shape), "mean" or "sum".
         avg_factor: with "mean", the loss sum is divided by avg_factor + eps: a number, or a
             one-element tensor on pred's device (never read on the host).
@@ -116,15 +142,16 @@ def quality_focal_loss(
     _checks.check_label_and_score(pred, label, score, op)
     _checks.check_exponent(beta, "beta", op)
     _checks.check_flag(activated, "activated", op)
+    _checks.check_class_weight(pred, class_weight, op)
     _check_reduction_arguments(pred, weight, tuple(label.shape), reduction, avg_factor, op)
     chosen = _backends.resolve_backend(backend, pred.device, op)
-    _checks.check_constant_targets(chosen, op, score=score)
+    _checks.check_constant_targets(chosen, op, score=score, class_weight=class_weight)
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            pred, label.long(), score.to(_accumulate_dtype(pred)), kernel_weight, float(beta), activated,
-            kernel_reduction, chosen,
+            pred, label.long(), score.to(_accumulate_dtype(pred)), kernel_weight,
+            _kernel_class_weight(pred, class_weight), float(beta), activated, kernel_reduction, chosen,
         ),
-        lambda: reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated),
+        lambda: reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated, class_weight=class_weight),
         pred, weight, chosen, reduction, avg_factor, label.numel(),
     )
 
@@ -135,6 +162,7 @@ def quality_focal_loss_dense(
     *,
     beta: float = 2.0,
     weight: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
     reduction: str = "mean",
     avg_factor: AvgFactor = None,
     activated: bool = False,
@@ -150,33 +178,159 @@ def quality_focal_loss_dense(
         target: float soft target of pred's shape, any strides. It is read at its own
             precision (in float32 maths, as the reference does): a float32 target of half
             logits is neither rounded to pred's dtype nor copied.
-        beta, weight, reduction, avg_factor, activated, backend: as quality_focal_loss
-            (weight has pred's shape without dimension 1).
+        beta, weight, class_weight, reduction, avg_factor, activated, backend: as
+            quality_focal_loss (weight has pred's shape without dimension 1).
 
     Returns:
         As quality_focal_loss.
     """
     op = "quality_focal_loss_dense"
     _checks.check_class_pred(pred, op)
-    _checks.require_tensor(target, "target", op)
-    _checks.check_same_device(pred, target, "target", op)
-    if tuple(target.shape) != tuple(pred.shape):
-        raise ValueError(f"{op}: target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
-    if not target.dtype.is_floating_point:
-        raise TypeError(f"{op}: target must be a floating-point tensor, got {target.dtype}")
+    _checks.check_dense_target(pred, target, op)
     _checks.check_exponent(beta, "beta", op)
     _checks.check_flag(activated, "activated", op)
+    _checks.check_class_weight(pred, class_weight, op)
     _check_reduction_arguments(pred, weight, _ops.anchor_shape(pred), reduction, avg_factor, op)
     chosen = _backends.resolve_backend(backend, pred.device, op)
-    _checks.check_constant_targets(chosen, op, target=target)
+    _checks.check_constant_targets(chosen, op, target=target, class_weight=class_weight)
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            pred, _dense_target_for_kernel(pred, target), kernel_weight, float(beta), activated, kernel_reduction,
-            chosen,
+            pred, _dense_target_for_kernel(pred, target), kernel_weight, _kernel_class_weight(pred, class_weight),
+            float(beta), activated, kernel_reduction, chosen,
         ),
-        lambda: reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated),
+        lambda: reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated, class_weight=class_weight),
         pred, weight, chosen, reduction, avg_factor, pred.numel() // pred.shape[1],
     )
+
+
+def sigmoid_focal_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    alpha: Optional[float] = 0.25,
+    gamma: float = 2.0,
+    weight: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+    activated: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Sigmoid focal loss (RetinaNet), elementwise: alpha_t (1 - p_t)^gamma BCE(pred, t).
+
+    Args:
+        pred: logits (N, C) or (B, C, d1, ..., dk) (probabilities if activated=True), any
+            strides, as quality_focal_loss.
+        target: integer labels of the anchor shape (pred's without dimension 1; a value in
+            [0, C) is that class, any other is background: mmdetection's FocalLoss), or a
+            float target of pred's shape, binary or soft (torchvision.ops.sigmoid_focal_loss).
+        alpha: alpha_t = alpha t + (1 - alpha)(1 - t); None or a negative alpha switches the
+            alpha weighting off (torchvision).
+        gamma: the focusing exponent, a number >= 0.
+        weight: the anchor shape (broadcast over classes) or pred's shape (mmdetection).
+        class_weight: (C,) weight of each class's elements.
+        reduction: "none" (pred's shape), "mean" (over every element, or sum / (avg_factor +
+            eps)) or "sum".
+        avg_factor, activated, backend: as quality_focal_loss.
+
+    Returns:
+        The loss, float32 for float16/bfloat16 pred (float64 for float64). Its gradient has
+        pred's dtype and layout.
+    """
+    op = "sigmoid_focal_loss"
+    _checks.check_class_pred(pred, op)
+    dense = _checks.check_labels_or_dense_target(pred, target, op)
+    alpha = _checks.check_alpha(alpha, op)
+    _checks.check_exponent(gamma, "gamma", op)
+    _checks.check_flag(activated, "activated", op)
+    _checks.check_class_weight(pred, class_weight, op)
+    _check_elementwise_reduction_arguments(pred, weight, reduction, avg_factor, op)
+    chosen = _backends.resolve_backend(backend, pred.device, op)
+    _checks.check_constant_targets(chosen, op, target=target, class_weight=class_weight)
+    kernel_target = _dense_target_for_kernel(pred, target) if dense else target.long()
+    return _reduced_elementwise_loss(
+        lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
+            pred, kernel_target, kernel_weight, _kernel_class_weight(pred, class_weight), float(alpha), float(gamma),
+            activated, kernel_reduction, chosen,
+        ),
+        lambda: reference.sigmoid_focal_loss_elementwise(pred, target, alpha, gamma, activated,
+                                                         class_weight=class_weight),
+        pred, weight, chosen, reduction, avg_factor,
+    )
+
+
+def varifocal_loss(
+    pred: Tensor,
+    target: Union[Tensor, Tuple[Tensor, Tensor]],
+    *,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    iou_weighted: bool = True,
+    detach_weight: bool = False,
+    weight: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+    activated: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Varifocal loss (VFNet), elementwise: BCE(pred, t) times t on positives (1 if not
+    iou_weighted), alpha |p - t|^gamma on negatives.
+
+    Args:
+        pred: as sigmoid_focal_loss; activated=True takes probabilities (PP-YOLOE).
+        target: a dense float IoU-aware target of pred's shape (mmdetection: t > 0 is a
+            positive), or a (label, score) pair of the anchor shape as quality_focal_loss takes
+            it (RT-DETR, ultralytics: the labelled class is a positive whatever its score, so
+            a positive of score 0 has weight 0 when iou_weighted).
+        alpha: the negatives' weight, a finite number.
+        gamma: the exponent of |p - t| on negatives, a number >= 0.
+        iou_weighted: a positive's weight is t (True) or 1 (False).
+        detach_weight: the weight carries no gradient (RT-DETR, D-FINE, DEIM); False is
+            mmdetection's and ultralytics' (the negatives' weight is differentiated).
+        weight, class_weight, reduction, avg_factor, backend: as sigmoid_focal_loss.
+
+    Returns:
+        As sigmoid_focal_loss.
+    """
+    op = "varifocal_loss"
+    _checks.check_class_pred(pred, op)
+    label, score, dense_target = _checks.check_varifocal_target(pred, target, op)
+    alpha = _checks.check_finite(alpha, "alpha", op)
+    _checks.check_exponent(gamma, "gamma", op)
+    for name, flag in (("iou_weighted", iou_weighted), ("detach_weight", detach_weight), ("activated", activated)):
+        _checks.check_flag(flag, name, op)
+    _checks.check_class_weight(pred, class_weight, op)
+    _check_elementwise_reduction_arguments(pred, weight, reduction, avg_factor, op)
+    chosen = _backends.resolve_backend(backend, pred.device, op)
+    targets = dict(target=dense_target) if dense_target is not None else dict(score=score)
+    _checks.check_constant_targets(chosen, op, class_weight=class_weight, **targets)
+    if dense_target is not None:
+        kernel_target, kernel_score = _dense_target_for_kernel(pred, dense_target), None
+    else:
+        kernel_target, kernel_score = label.long(), score.to(_accumulate_dtype(pred))
+    return _reduced_elementwise_loss(
+        lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
+            pred, kernel_target, kernel_score, kernel_weight, _kernel_class_weight(pred, class_weight), float(alpha),
+            float(gamma), iou_weighted, detach_weight, activated, kernel_reduction, chosen,
+        ),
+        lambda: reference.varifocal_loss_elementwise(
+            pred, dense_target if dense_target is not None else label, score, alpha, gamma, iou_weighted,
+            detach_weight, activated, class_weight=class_weight,
+        ),
+        pred, weight, chosen, reduction, avg_factor,
+    )
+
+
+def _check_elementwise_reduction_arguments(pred: Tensor, weight: Optional[Tensor], reduction: str,
+                                           avg_factor: AvgFactor, op: str) -> None:
+    """As _check_reduction_arguments, with the elementwise losses' two weight shapes."""
+    check_reduction(reduction, avg_factor)
+    if weight is not None:
+        _checks.require_tensor(weight, "weight", op)
+        shape = tuple(pred.shape) if weight.dim() == pred.dim() else _ops.anchor_shape(pred)
+        _checks.check_weight(pred, weight, shape, op, also=tuple(pred.shape))
+    _checks.check_avg_factor(pred, avg_factor, op)
 
 
 def distribution_focal_loss(

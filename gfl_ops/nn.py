@@ -89,6 +89,155 @@ class QualityFocalLoss(nn.Module):
         )
 
 
+def _elementwise_weight(pred: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
+    """mmdetection's focal weights: the anchor shape or pred's, or (N * C,) for (N, C) pred
+    (FSAF flattens its per-class weights), viewed as pred's shape."""
+    if weight is not None and pred.dim() == 2 and weight.dim() == 1 and weight.shape[0] != pred.shape[0] and (
+        weight.numel() == pred.numel()
+    ):
+        return weight.view(pred.shape)
+    return weight
+
+
+class FocalLoss(nn.Module):
+    """Sigmoid focal loss, as mmdet.models.losses.FocalLoss (use_sigmoid=True).
+
+    forward(pred, target, weight=None, avg_factor=None, reduction_override=None), where
+    target is integer labels of the anchor shape (C and other values outside [0, C) are
+    background) or a float target of pred's shape; weight of the anchor shape, pred's, or
+    (N * C,) for (N, C) pred. alpha=None (or negative) switches the alpha weighting off.
+    """
+
+    def __init__(
+        self,
+        use_sigmoid: bool = True,
+        gamma: float = 2.0,
+        alpha: Optional[float] = 0.25,
+        reduction: str = "mean",
+        loss_weight: float = 1.0,
+        activated: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        name = "FocalLoss"
+        if use_sigmoid is not True:
+            raise ValueError(f"{name}: only the sigmoid form (use_sigmoid=True) is supported")
+        _checks.check_exponent(gamma, "gamma", name)
+        _checks.check_alpha(alpha, name)
+        _checks.check_module_reduction(reduction, name)
+        _checks.check_loss_weight(loss_weight, name)
+        _checks.check_flag(activated, "activated", name)
+        _checks.check_backend_name(backend, name)
+        self.use_sigmoid = use_sigmoid
+        self.gamma = gamma
+        self.alpha = alpha
+        self.reduction = reduction
+        self.loss_weight = loss_weight
+        self.activated = activated
+        self.backend = backend
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor] = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: Optional[str] = None,
+    ) -> Tensor:
+        loss = functional.sigmoid_focal_loss(
+            pred,
+            target,
+            alpha=self.alpha,
+            gamma=self.gamma,
+            weight=_elementwise_weight(pred, weight),
+            reduction=_reduction(self.reduction, reduction_override),
+            avg_factor=avg_factor,
+            activated=self.activated,
+            backend=self.backend,
+        )
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"gamma={self.gamma}, alpha={self.alpha}, reduction={self.reduction!r}, loss_weight={self.loss_weight}, "
+            f"activated={self.activated}, backend={self.backend!r}"
+        )
+
+
+class VarifocalLoss(nn.Module):
+    """Varifocal loss (VFNet), as mmdet.models.losses.VarifocalLoss (use_sigmoid=True).
+
+    forward(pred, target, weight=None, avg_factor=None, reduction_override=None), where
+    target is a dense IoU-aware target of pred's shape (mmdetection) or a (label, score)
+    pair as QualityFocalLoss takes it (RT-DETR, ultralytics). detach_weight=True is the
+    RT-DETR/D-FINE/DEIM form; activated=True takes probabilities (PP-YOLOE).
+    """
+
+    def __init__(
+        self,
+        use_sigmoid: bool = True,
+        alpha: float = 0.75,
+        gamma: float = 2.0,
+        iou_weighted: bool = True,
+        reduction: str = "mean",
+        loss_weight: float = 1.0,
+        detach_weight: bool = False,
+        activated: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        name = "VarifocalLoss"
+        if use_sigmoid is not True:
+            raise ValueError(f"{name}: only the sigmoid form (use_sigmoid=True) is supported")
+        _checks.check_finite(alpha, "alpha", name)
+        _checks.check_exponent(gamma, "gamma", name)
+        for flag_name, flag in (("iou_weighted", iou_weighted), ("detach_weight", detach_weight),
+                                ("activated", activated)):
+            _checks.check_flag(flag, flag_name, name)
+        _checks.check_module_reduction(reduction, name)
+        _checks.check_loss_weight(loss_weight, name)
+        _checks.check_backend_name(backend, name)
+        self.use_sigmoid = use_sigmoid
+        self.alpha = alpha
+        self.gamma = gamma
+        self.iou_weighted = iou_weighted
+        self.reduction = reduction
+        self.loss_weight = loss_weight
+        self.detach_weight = detach_weight
+        self.activated = activated
+        self.backend = backend
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Union[Tensor, Tuple[Tensor, Tensor]],
+        weight: Optional[Tensor] = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: Optional[str] = None,
+    ) -> Tensor:
+        loss = functional.varifocal_loss(
+            pred,
+            tuple(target) if isinstance(target, list) else target,
+            alpha=self.alpha,
+            gamma=self.gamma,
+            iou_weighted=self.iou_weighted,
+            detach_weight=self.detach_weight,
+            weight=_elementwise_weight(pred, weight),
+            reduction=_reduction(self.reduction, reduction_override),
+            avg_factor=avg_factor,
+            activated=self.activated,
+            backend=self.backend,
+        )
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, gamma={self.gamma}, iou_weighted={self.iou_weighted}, "
+            f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, detach_weight={self.detach_weight}, "
+            f"activated={self.activated}, backend={self.backend!r}"
+        )
+
+
 class DistributionFocalLoss(nn.Module):
     """Distribution Focal Loss (GFL), as mmdet.models.losses.DistributionFocalLoss.
 

@@ -9,8 +9,10 @@ the modulating factor's derivative is 0 at d = 0, labels of any integer dtype me
 label.long() means, and the BCE of probabilities is torch's binary_cross_entropy (its -100
 log clamp, its backward formula) without its check that inputs and targets lie in [0, 1].
 
-The `*_per_anchor` / `*_per_row` functions return unreduced losses; the public-style
-functions below them add weight and reduction exactly as the fast backends do.
+The `*_per_anchor` / `*_per_row` / `*_elementwise` functions return unreduced losses; the
+public-style functions below them add weight and reduction exactly as the fast backends do.
+Beside QFL and DFL, the family of BCE(x, t) * w losses (sigmoid focal, varifocal) is written
+here for the kernels to be tested against.
 """
 from __future__ import annotations
 
@@ -35,11 +37,29 @@ def dense_target_from_labels(pred: Tensor, label: Tensor, score: Tensor) -> Tens
     dtype are read as label.long(), as the functional API hands them to the kernels (torch
     compares neither uint16, uint32 nor uint64 with int64).
     """
-    num_classes = pred.shape[1]
-    class_shape = (1, num_classes) + (1,) * (pred.dim() - 2)
-    classes = torch.arange(num_classes, device=pred.device).view(class_shape)
-    is_positive = label.long().unsqueeze(1) == classes
+    is_positive = label_mask(pred, label)
     return torch.where(is_positive, score.unsqueeze(1).to(accumulate_dtype(pred.dtype)), 0.0)
+
+
+def label_mask(pred: Tensor, label: Tensor) -> Tensor:
+    """The boolean one-hot of label over pred's classes (dim 1): label.long() == c, so a label
+    outside [0, C) gives a row of False (mmdetection's one-hot over C + 1 columns, the last
+    one dropped)."""
+    num_classes = pred.shape[1]
+    classes = torch.arange(num_classes, device=pred.device).view(_class_shape(pred))
+    return label.long().unsqueeze(1) == classes
+
+
+def _class_shape(pred: Tensor) -> tuple:
+    """(1, C, 1, ...): a (C,) tensor viewed so that it broadcasts over pred's class dim 1."""
+    return (1, pred.shape[1]) + (1,) * (pred.dim() - 2)
+
+
+def _weighted_by_class(loss: Tensor, class_weight: Optional[Tensor]) -> Tensor:
+    """loss[:, c, ...] * class_weight[c]; no operation at all without class_weight."""
+    if class_weight is None:
+        return loss
+    return loss * class_weight.to(loss.dtype).view(_class_shape(loss))
 
 
 class ProbabilityBCE(torch.autograd.Function):
@@ -107,26 +127,121 @@ def modulating_factor(d: Tensor, beta: float) -> Tensor:
 
 
 def quality_focal_loss_dense_per_anchor(
-    pred: Tensor, target: Tensor, beta: float = 2.0, activated: bool = False
+    pred: Tensor,
+    target: Tensor,
+    beta: float = 2.0,
+    activated: bool = False,
+    *,
+    class_weight: Optional[Tensor] = None,
 ) -> Tensor:
-    """sum over classes of |sigma(x) - y|^beta * BCE(x, y); pred is p (not x) if activated."""
+    """sum over classes c of class_weight[c] * |sigma(x) - y|^beta * BCE(x, y); pred is p (not
+    x) if activated; class_weight (C,) defaults to 1 (and is then not multiplied at all)."""
     dtype = accumulate_dtype(pred.dtype)
     x = pred.to(dtype)
     y = target.to(dtype)
-    if activated:
-        probability = x
-        bce = ProbabilityBCE.apply(x, y)
-    else:
-        probability = torch.sigmoid(x)
-        bce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
-    return (modulating_factor(probability - y, beta) * bce).sum(dim=1)
+    probability, bce = _probability_and_bce(x, y, activated)
+    loss = modulating_factor(probability - y, beta) * bce
+    return _weighted_by_class(loss, class_weight).sum(dim=1)
 
 
 def quality_focal_loss_per_anchor(
-    pred: Tensor, label: Tensor, score: Tensor, beta: float = 2.0, activated: bool = False
+    pred: Tensor,
+    label: Tensor,
+    score: Tensor,
+    beta: float = 2.0,
+    activated: bool = False,
+    *,
+    class_weight: Optional[Tensor] = None,
 ) -> Tensor:
     target = dense_target_from_labels(pred, label, score)
-    return quality_focal_loss_dense_per_anchor(pred, target, beta, activated)
+    return quality_focal_loss_dense_per_anchor(pred, target, beta, activated, class_weight=class_weight)
+
+
+def _probability_and_bce(x: Tensor, t: Tensor, activated: bool):
+    """(p, BCE) of one element: p = sigma(x) and BCE_with_logits(x, t) for logits; for
+    probabilities (activated) p = x and ProbabilityBCE(p, t). x and t in acc_t already."""
+    if activated:
+        return x, ProbabilityBCE.apply(x, t)
+    return torch.sigmoid(x), F.binary_cross_entropy_with_logits(x, t, reduction="none")
+
+
+# --------------------------------------------------------------------------------------
+# The family: BCE(x, t) * w per element (docs/MATH.md, "The family")
+# --------------------------------------------------------------------------------------
+
+
+def sigmoid_focal_loss_elementwise(
+    pred: Tensor,
+    target: Tensor,
+    alpha: Optional[float] = 0.25,
+    gamma: float = 2.0,
+    activated: bool = False,
+    *,
+    class_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """Sigmoid focal loss (RetinaNet) per element, of pred's shape, in acc_t:
+
+        m       = p + t - 2 p t                  (= 1 - p_t,  p_t = p t + (1 - p)(1 - t))
+        alpha_t = alpha t + (1 - alpha)(1 - t)   (1 if alpha is None or alpha < 0)
+        loss    = BCE(x, t) * alpha_t * m^gamma  (* class_weight[c])
+
+    m^gamma is modulating_factor(m, gamma) (derivative 0 at m = 0, as QFL's); the weight
+    w = alpha_t m^gamma is not detached. target: labels of the anchor shape (pred's shape without dim 1; a label outside
+    [0, C) is background, all t = 0), or a dense target of pred's shape (binary or soft, any
+    dtype: torchvision; mmdetection's rule, pred.dim() == target.dim()).
+    """
+    dtype = accumulate_dtype(pred.dtype)
+    x = pred.to(dtype)
+    t = target.to(dtype) if target.dim() == pred.dim() else label_mask(pred, target).to(dtype)
+    probability, bce = _probability_and_bce(x, t, activated)
+    weight = modulating_factor(probability + t - 2 * probability * t, gamma)
+    if alpha is not None and alpha >= 0:
+        weight = weight * (alpha * t + (1 - alpha) * (1 - t))
+    return _weighted_by_class(bce * weight, class_weight)
+
+
+def varifocal_loss_elementwise(
+    pred: Tensor,
+    target: Tensor,
+    score: Optional[Tensor] = None,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    iou_weighted: bool = True,
+    detach_weight: bool = False,
+    activated: bool = False,
+    *,
+    class_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """Varifocal loss (VFNet) per element, of pred's shape, in acc_t:
+
+        w    = t (1 if not iou_weighted)        on a positive element
+             = alpha * |p - t|^gamma            on a negative one
+        loss = BCE(x, t) * w  (* class_weight[c])
+
+    Two target forms, which differ in what is positive:
+    - score None: target is dense, of pred's shape (mmdetection): t = target, positive iff
+      t > 0 (a score of 0 is a negative);
+    - score given: target holds labels and score the scores, both of the anchor shape
+      (RT-DETR, ultralytics, PP-YOLOE): the labelled class is positive whatever its score,
+      t = score there and 0 elsewhere; a label outside [0, C) matches no class.
+    |p - t|^gamma is modulating_factor(p - t, gamma). detach_weight=True: w is a constant
+    (RT-DETR, D-FINE, DEIM, a torch port of PP-YOLOE: no gradient through w); False: w is
+    differentiated (mmdetection, ultralytics, PP-YOLOE in Paddle).
+    """
+    dtype = accumulate_dtype(pred.dtype)
+    x = pred.to(dtype)
+    if score is None:
+        t = target.to(dtype)
+        is_positive = t > 0
+    else:
+        t = dense_target_from_labels(pred, target, score)
+        is_positive = label_mask(pred, target)
+    probability, bce = _probability_and_bce(x, t, activated)
+    negative_weight = alpha * modulating_factor(probability - t, gamma)
+    weight = torch.where(is_positive, t if iou_weighted else 1.0, negative_weight)
+    if detach_weight:
+        weight = weight.detach()
+    return _weighted_by_class(bce * weight, class_weight)
 
 
 def distribution_focal_loss_per_row(pred: Tensor, target: Tensor) -> Tensor:
@@ -180,6 +295,54 @@ def quality_focal_loss_dense(
 ) -> Tensor:
     loss = quality_focal_loss_dense_per_anchor(pred, target, beta, activated)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def _elementwise_weight(weight: Optional[Tensor], loss: Tensor) -> Optional[Tensor]:
+    """mmdetection's weight of an elementwise loss: one per anchor (the anchor shape, viewed
+    with a class dim of 1 to broadcast over classes) or one per element (pred's shape)."""
+    if weight is not None and weight.dim() == loss.dim() - 1:
+        return weight.unsqueeze(1)
+    return weight
+
+
+def sigmoid_focal_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    alpha: Optional[float] = 0.25,
+    gamma: float = 2.0,
+    weight: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: Optional[Union[float, Tensor]] = None,
+    activated: bool = False,
+) -> Tensor:
+    """sigmoid_focal_loss_elementwise, times weight, then weight_reduce_loss: "mean" averages
+    over all N x C elements, or is sum / (avg_factor + eps) (mmdetection's FocalLoss)."""
+    loss = sigmoid_focal_loss_elementwise(pred, target, alpha, gamma, activated, class_weight=class_weight)
+    return weight_reduce_loss(loss, _elementwise_weight(weight, loss), reduction, avg_factor)
+
+
+def varifocal_loss(
+    pred: Tensor,
+    target: Tensor,
+    score: Optional[Tensor] = None,
+    *,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    iou_weighted: bool = True,
+    detach_weight: bool = False,
+    weight: Optional[Tensor] = None,
+    class_weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: Optional[Union[float, Tensor]] = None,
+    activated: bool = False,
+) -> Tensor:
+    """varifocal_loss_elementwise, times weight, then weight_reduce_loss (as sigmoid_focal_loss)."""
+    loss = varifocal_loss_elementwise(
+        pred, target, score, alpha, gamma, iou_weighted, detach_weight, activated, class_weight=class_weight
+    )
+    return weight_reduce_loss(loss, _elementwise_weight(weight, loss), reduction, avg_factor)
 
 
 def distribution_focal_loss(

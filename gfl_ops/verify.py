@@ -35,6 +35,9 @@ class Case:
     op: str
     shape: str
     build: Callable[[torch.dtype, str, torch.Generator], Tuple[Tensor, Callable[[Tensor, str], Tensor]]]
+    # False where the gradient is by design not the loss's derivative (a detached weight,
+    # which finite differences see): parity against the reference only.
+    gradcheck: bool = True
 
 
 @dataclass
@@ -106,6 +109,49 @@ def _qfl_dense_case(layout: str, anchors: int, classes: int) -> Case:
     return Case("qfl_dense", f"{layout} {anchors}x{classes}", build)
 
 
+def _focal_case(layout: str, anchors: int, classes: int, dense: bool, gamma: float) -> Case:
+    """Sigmoid focal loss against labels or a soft target, with an anchor weight."""
+    def build(dtype, device, gen):
+        pred = _class_pred(layout, anchors, classes, dtype, device, gen)
+        label, _ = _labels(pred, gen)
+        soft = torch.rand(pred.shape, generator=gen, dtype=torch.float64).to(device)
+        weight = torch.rand(label.shape, generator=gen, dtype=torch.float64).to(device)
+
+        def call(p: Tensor, backend: str) -> Tensor:
+            acc = reference.accumulate_dtype(p.dtype)
+            return functional.sigmoid_focal_loss(
+                p, soft.to(p.dtype) if dense else label, gamma=gamma, weight=weight.to(acc), reduction="none",
+                backend=backend,
+            )
+
+        return pred, call
+
+    return Case("focal", f"{layout} {anchors}x{classes} {'soft' if dense else 'labels'} gamma={gamma}", build)
+
+
+def _varifocal_case(layout: str, anchors: int, classes: int, dense: bool, detach_weight: bool) -> Case:
+    """Varifocal loss against a dense IoU target or (label, score), with a class weight."""
+    def build(dtype, device, gen):
+        pred = _class_pred(layout, anchors, classes, dtype, device, gen)
+        label, score = _labels(pred, gen)
+        soft = torch.rand(pred.shape, generator=gen, dtype=torch.float64)
+        target = torch.where(torch.rand(pred.shape, generator=gen) < 0.2, soft, 0.0).to(device)
+        class_weight = torch.rand(classes, generator=gen, dtype=torch.float64).to(device) + 0.5
+
+        def call(p: Tensor, backend: str) -> Tensor:
+            acc = reference.accumulate_dtype(p.dtype)
+            return functional.varifocal_loss(
+                p, target.to(p.dtype) if dense else (label, score.to(acc)), detach_weight=detach_weight,
+                class_weight=class_weight.to(acc), reduction="none", backend=backend,
+            )
+
+        return pred, call
+
+    form = "dense" if dense else "labels"
+    return Case("varifocal", f"{layout} {anchors}x{classes} {form}{' detached' if detach_weight else ''}", build,
+                gradcheck=not detach_weight)
+
+
 def _bin_pred(layout: str, rows: int, bins: int, dtype, device, gen) -> Tensor:
     x = torch.randn(rows * 2 if layout == "strided" else rows, bins, generator=gen, dtype=torch.float64) * 2
     x = x.to(dtype).to(device)
@@ -147,6 +193,10 @@ def cases() -> List[Case]:
         _qfl_case("rows", 12, 19, activated=True),
         _qfl_dense_case("rows", 12, 21),
         _qfl_dense_case("nchw", 16, 5),
+        _focal_case("rows", 24, 80, dense=False, gamma=2.0),
+        _focal_case("nchw", 16, 7, dense=True, gamma=1.5),
+        _varifocal_case("rows", 24, 13, dense=True, detach_weight=False),
+        _varifocal_case("channels_last", 16, 9, dense=False, detach_weight=True),
         _dfl_case("rows", 40, 17),
         _dfl_case("rows", 21, 8),
         _dfl_case("strided", 13, 16),
@@ -213,7 +263,7 @@ def run(device: str, backends: Optional[List[str]] = None, dtypes: Optional[List
     for case in cases():
         available = [b for b in available_backends(device, _OPERATOR[case.op]) if b != "reference"]
         for backend in available if backends is None else [b for b in backends if b in available]:
-            checks = [lambda: _check_gradcheck(case, backend, device, seed)]
+            checks = [lambda: _check_gradcheck(case, backend, device, seed)] if case.gradcheck else []
             checks += [lambda dtype=dtype: _check_parity(case, backend, dtype, device, seed) for dtype in dtypes]
             for check in checks:
                 outcome = check()
@@ -227,6 +277,8 @@ _OPERATOR: Dict[str, str] = {
     "qfl": "quality_focal_loss",
     "qfl_prob": "quality_focal_loss",
     "qfl_dense": "quality_focal_loss_dense",
+    "focal": "sigmoid_focal_loss",
+    "varifocal": "varifocal_loss",
     "dfl": "distribution_focal_loss",
     "integral": "distribution_integral",
 }

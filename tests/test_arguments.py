@@ -36,9 +36,9 @@ def test_bad_beta_is_refused(beta):
 def test_the_largest_float32_beta_is_accepted_by_the_kernels():
     """The direct kernel refuses what does not fit float32, as the public function does."""
     largest = float(torch.finfo(torch.float32).max)
-    torch.ops.gfl_ops._quality_focal_loss_native(PRED, LABEL, SCORE, None, largest, False, "none", False)
+    torch.ops.gfl_ops._quality_focal_loss_native(PRED, LABEL, SCORE, None, None, largest, False, "none", False)
     with pytest.raises(RuntimeError, match="beta must be finite"):
-        torch.ops.gfl_ops._quality_focal_loss_native(PRED, LABEL, SCORE, None, 1e39, False, "none", False)
+        torch.ops.gfl_ops._quality_focal_loss_native(PRED, LABEL, SCORE, None, None, 1e39, False, "none", False)
 
 
 @pytest.mark.parametrize("activated", [1, "yes", None])

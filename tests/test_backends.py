@@ -6,7 +6,14 @@ import gfl_ops
 from gfl_ops import _ops, available_backends, resolve_backend
 from _helpers import DEVICES, make_class_pred, make_generator, make_labels, make_scores
 
-OPERATORS = ("quality_focal_loss", "quality_focal_loss_dense", "distribution_focal_loss", "distribution_integral")
+OPERATORS = (
+    "quality_focal_loss",
+    "quality_focal_loss_dense",
+    "sigmoid_focal_loss",
+    "varifocal_loss",
+    "distribution_focal_loss",
+    "distribution_integral",
+)
 
 
 def _has_kernel(operator, key, backend="native"):

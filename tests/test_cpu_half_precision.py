@@ -208,13 +208,13 @@ def _qfl_calls(dtype, gen):
     plane_score = torch.rand(2, 9, 11, generator=gen)
     dense = (torch.rand(67, 80, generator=gen) * (torch.rand(67, 80, generator=gen) < 0.3)).to(dtype)
     return [
-        ("qfl rows", rows, lambda p, g: OPS._quality_focal_loss_native(p, label, score, None, 2.0, False, "none", g)),
+        ("qfl rows", rows, lambda p, g: OPS._quality_focal_loss_native(p, label, score, None, None, 2.0, False, "none", g)),
         ("qfl planes", planes,
-         lambda p, g: OPS._quality_focal_loss_native(p, plane_label, plane_score, None, 1.5, False, "none", g)),
+         lambda p, g: OPS._quality_focal_loss_native(p, plane_label, plane_score, None, None, 1.5, False, "none", g)),
         ("qfl probabilities", rows.float().sigmoid().to(dtype),
-         lambda p, g: OPS._quality_focal_loss_native(p, label, score, None, 2.0, True, "none", g)),
+         lambda p, g: OPS._quality_focal_loss_native(p, label, score, None, None, 2.0, True, "none", g)),
         ("qfl dense", rows,
-         lambda p, g: OPS._quality_focal_loss_dense_native(p, dense if p.dtype == dtype else dense.float(), None, 2.0, False,
+         lambda p, g: OPS._quality_focal_loss_dense_native(p, dense if p.dtype == dtype else dense.float(), None, None, 2.0, False,
                                                    "none", g)),
     ]
 

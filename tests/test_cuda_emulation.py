@@ -117,7 +117,7 @@ def test_aligned_rows_are_read_and_written_in_whole_vectors(emulated_native, dty
     label = make_labels(anchor_shape(pred), classes, gen, "cpu")
     score = make_scores(anchor_shape(pred), accumulate_dtype(dtype), gen, "cpu")
 
-    emulated_native._quality_focal_loss_native(pred, label, score, None, 2.0, False, "none", compute_grad)
+    emulated_native._quality_focal_loss_native(pred, label, score, None, None, 2.0, False, "none", compute_grad)
     num_anchors = pred.numel() // classes
     passes = 2 if compute_grad else 1  # pred read; gradient written
     assert _cuda_emulation.take_wide_access_count() == passes * num_anchors * classes // vector

@@ -333,7 +333,7 @@ def test_out_of_range_labels_are_background(label_dtype):
 def test_huge_labels_on_the_direct_operator():
     pred = torch.randn(4, 3)
     label = torch.tensor([2**62, -(2**62), 3, -1])
-    loss, grad = OPS._quality_focal_loss_native(pred, label, torch.rand(4), None, 2.0, False, "none", True)
+    loss, grad = OPS._quality_focal_loss_native(pred, label, torch.rand(4), None, None, 2.0, False, "none", True)
     expected = gfl_ops.reference.quality_focal_loss_dense_per_anchor(pred.double(), torch.zeros(4, 3, dtype=torch.float64))
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(grad).all()
@@ -347,22 +347,22 @@ P = torch.randn(4, 3)
 L = torch.zeros(4, dtype=torch.long)
 S = torch.rand(4)
 DIRECT_BAD = {
-    "qfl_label_int32": lambda: OPS._quality_focal_loss_native(P, L.int(), S, None, 2.0, False, "none", False),
-    "qfl_label_float": lambda: OPS._quality_focal_loss_native(P, L.float(), S, None, 2.0, False, "none", True),
-    "qfl_label_shape": lambda: OPS._quality_focal_loss_native(P, L[:3], S, None, 2.0, False, "none", False),
-    "qfl_label_2d": lambda: OPS._quality_focal_loss_native(P, L[:, None], S, None, 2.0, False, "none", False),
-    "qfl_score_shape": lambda: OPS._quality_focal_loss_native(P, L, S[:2], None, 2.0, False, "none", False),
-    "qfl_score_float64_for_float32_pred": lambda: OPS._quality_focal_loss_native(P, L, S.double(), None, 2.0, False, "none", False),
-    "qfl_score_half_for_half_pred": lambda: OPS._quality_focal_loss_native(P.half(), L, S.half(), None, 2.0, False, "none", False),
-    "qfl_integer_pred": lambda: OPS._quality_focal_loss_native(P.long(), L, S, None, 2.0, False, "none", False),
-    "qfl_pred_1d": lambda: OPS._quality_focal_loss_native(P[:, 0], L, S, None, 2.0, False, "none", False),
-    "qfl_no_classes": lambda: OPS._quality_focal_loss_native(P[:, :0], L, S, None, 2.0, False, "none", False),
-    "qfl_negative_beta": lambda: OPS._quality_focal_loss_native(P, L, S, None, -1.0, False, "none", False),
-    "qfl_nan_beta": lambda: OPS._quality_focal_loss_native(P, L, S, None, float("nan"), False, "none", False),
-    "dense_target_shape": lambda: OPS._quality_focal_loss_dense_native(P, P[:, :2], None, 2.0, False, "none", False),
-    "dense_target_dtype": lambda: OPS._quality_focal_loss_dense_native(P, P.double(), None, 2.0, False, "none", False),
-    "dense_integer_pred": lambda: OPS._quality_focal_loss_dense_native(P.int(), P.int(), None, 2.0, False, "none", False),
-    "dense_negative_beta": lambda: OPS._quality_focal_loss_dense_native(P, P, None, -2.0, False, "none", True),
+    "qfl_label_int32": lambda: OPS._quality_focal_loss_native(P, L.int(), S, None, None, 2.0, False, "none", False),
+    "qfl_label_float": lambda: OPS._quality_focal_loss_native(P, L.float(), S, None, None, 2.0, False, "none", True),
+    "qfl_label_shape": lambda: OPS._quality_focal_loss_native(P, L[:3], S, None, None, 2.0, False, "none", False),
+    "qfl_label_2d": lambda: OPS._quality_focal_loss_native(P, L[:, None], S, None, None, 2.0, False, "none", False),
+    "qfl_score_shape": lambda: OPS._quality_focal_loss_native(P, L, S[:2], None, None, 2.0, False, "none", False),
+    "qfl_score_float64_for_float32_pred": lambda: OPS._quality_focal_loss_native(P, L, S.double(), None, None, 2.0, False, "none", False),
+    "qfl_score_half_for_half_pred": lambda: OPS._quality_focal_loss_native(P.half(), L, S.half(), None, None, 2.0, False, "none", False),
+    "qfl_integer_pred": lambda: OPS._quality_focal_loss_native(P.long(), L, S, None, None, 2.0, False, "none", False),
+    "qfl_pred_1d": lambda: OPS._quality_focal_loss_native(P[:, 0], L, S, None, None, 2.0, False, "none", False),
+    "qfl_no_classes": lambda: OPS._quality_focal_loss_native(P[:, :0], L, S, None, None, 2.0, False, "none", False),
+    "qfl_negative_beta": lambda: OPS._quality_focal_loss_native(P, L, S, None, None, -1.0, False, "none", False),
+    "qfl_nan_beta": lambda: OPS._quality_focal_loss_native(P, L, S, None, None, float("nan"), False, "none", False),
+    "dense_target_shape": lambda: OPS._quality_focal_loss_dense_native(P, P[:, :2], None, None, 2.0, False, "none", False),
+    "dense_target_dtype": lambda: OPS._quality_focal_loss_dense_native(P, P.double(), None, None, 2.0, False, "none", False),
+    "dense_integer_pred": lambda: OPS._quality_focal_loss_dense_native(P.int(), P.int(), None, None, 2.0, False, "none", False),
+    "dense_negative_beta": lambda: OPS._quality_focal_loss_dense_native(P, P, None, None, -2.0, False, "none", True),
     "dfl_target_dtype": lambda: OPS._distribution_focal_loss_native(P, S.double(), None, "none", False),
     "dfl_target_shape": lambda: OPS._distribution_focal_loss_native(P, S[:3], None, "none", True),
     "dfl_target_2d": lambda: OPS._distribution_focal_loss_native(P, S[:, None], None, "none", False),
@@ -382,8 +382,8 @@ def test_direct_operator_bad_input_raises_runtime_error(name):
 
 
 BAD_KERNEL_REDUCTION = {
-    "qfl_mean": lambda: OPS._quality_focal_loss_native(P, L, S, None, 2.0, False, "mean", False),
-    "dense_typo": lambda: OPS._quality_focal_loss_dense_native(P, P, None, 2.0, False, "sums", False),
+    "qfl_mean": lambda: OPS._quality_focal_loss_native(P, L, S, None, None, 2.0, False, "mean", False),
+    "dense_typo": lambda: OPS._quality_focal_loss_dense_native(P, P, None, None, 2.0, False, "sums", False),
     "dfl_empty": lambda: OPS._distribution_focal_loss_native(P, S, None, "", True),
 }
 
@@ -396,9 +396,9 @@ def test_direct_operator_reduction_is_none_or_sum(name):
 
 
 DEVICE_MIX = {
-    "qfl_label_on_meta": lambda: OPS._quality_focal_loss_native(P, L.to(META), S, None, 2.0, False, "none", False),
-    "qfl_score_on_meta": lambda: OPS._quality_focal_loss_native(P, L, S.to(META), None, 2.0, False, "none", False),
-    "dense_target_on_meta": lambda: OPS._quality_focal_loss_dense_native(P, P.to(META), None, 2.0, False, "none", False),
+    "qfl_label_on_meta": lambda: OPS._quality_focal_loss_native(P, L.to(META), S, None, None, 2.0, False, "none", False),
+    "qfl_score_on_meta": lambda: OPS._quality_focal_loss_native(P, L, S.to(META), None, None, 2.0, False, "none", False),
+    "dense_target_on_meta": lambda: OPS._quality_focal_loss_dense_native(P, P.to(META), None, None, 2.0, False, "none", False),
     "dfl_target_on_meta": lambda: OPS._distribution_focal_loss_native(P, S.to(META), None, "none", False),
 }
 
@@ -444,6 +444,6 @@ def test_double_backward_raises_a_clear_error(op):
 def test_public_operator_names_a_bad_backend():
     """The public operators take "native" or "triton" only, and say so."""
     with pytest.raises(ValueError, match='quality_focal_loss: backend must be "native" or "triton", got "cuda"'):
-        OPS.quality_focal_loss(P, L, S, None, 2.0, False, "none", "cuda")
+        OPS.quality_focal_loss(P, L, S, None, None, 2.0, False, "none", "cuda")
     with pytest.raises(ValueError, match='distribution_integral: backend must be "native" or "triton"'):
         OPS.distribution_integral(P, "auto")

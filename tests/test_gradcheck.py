@@ -116,6 +116,62 @@ def test_gradcheck_qfl_dense(method, device, case, beta, activated):
     _check(method, fn, pred)
 
 
+# (loss, target form, gamma, activated, reduction, weighting): every closed form and pow,
+# both reductions the kernels take, "none" of pred's shape with an element weight.
+FAMILY_CASES = [
+    ("focal", "labels", 2.0, False, "none", "anchor"),
+    ("focal", "soft", 1.5, False, "sum", "element"),
+    ("focal", "soft", 2.5, True, "none", "class"),
+    ("varifocal", "label_score", 2.0, False, "none", "element"),
+    ("varifocal", "dense", 0.5, False, "mean", "anchor"),
+    ("varifocal", "dense", 2.0, True, "sum", "class"),
+    ("varifocal_detached", "label_score", 1.5, False, "none", "anchor"),
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CLASS_LAYOUTS, ids=_id)
+@pytest.mark.parametrize("loss,form,gamma,activated,reduction,weighting", FAMILY_CASES,
+                         ids=lambda value: str(value))
+def test_gradcheck_focal_family(method, device, case, loss, form, gamma, activated, reduction, weighting):
+    layout, anchors, classes = case
+    gen = make_generator("gc-family", case, loss, form, gamma, activated)
+    pred = make_class_pred(layout, anchors, classes, torch.float64, device, gen, activated=activated, scale=1.5)
+    label = make_labels(anchor_shape(pred), classes, gen, device)
+    score = make_scores(anchor_shape(pred), torch.float64, gen, device)
+    # Soft targets in [0.05, 0.95] keep focal's 1 - p_t and varifocal's p - t off 0, where the
+    # weight's derivative is not defined for gamma < 1.
+    soft = (torch.rand(pred.shape, generator=gen, dtype=torch.float64) * 0.9 + 0.05).to(device)
+    if form == "dense":
+        soft = torch.where(torch.rand(pred.shape, generator=gen) < 0.3, soft, torch.zeros_like(soft))
+    target = {"labels": label, "soft": soft, "dense": soft, "label_score": (label, score)}[form]
+    weights = {
+        "anchor": dict(weight=make_scores(anchor_shape(pred), torch.float64, gen, device) + 0.5),
+        "element": dict(weight=torch.rand(pred.shape, generator=gen, dtype=torch.float64).to(device) + 0.5),
+        "class": dict(class_weight=make_scores((classes,), torch.float64, gen, device) + 0.5),
+    }[weighting]
+
+    def fn(p):
+        options = dict(gamma=gamma, activated=activated, reduction=reduction, backend="native", **weights)
+        if loss == "focal":
+            return gfl_ops.sigmoid_focal_loss(p, target, **options)
+        return gfl_ops.varifocal_loss(p, target, detach_weight=loss == "varifocal_detached", **options)
+
+    if loss == "varifocal_detached":
+        # No gradient through the weight: the finite differences of the loss see it, so the
+        # check is against the loss with the weight held at the point (the reference's).
+        leaf = pred.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(fn(leaf).sum(), leaf)
+        ref_leaf = pred.detach().requires_grad_()
+        options = dict(gamma=gamma, activated=activated, reduction=reduction, detach_weight=True, **weights)
+        (expected,) = torch.autograd.grad(gfl_ops.reference.varifocal_loss(ref_leaf, *(
+            target if isinstance(target, tuple) else (target,)), **options).sum(), ref_leaf)
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+        return
+    _check(method, fn, pred)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", BIN_LAYOUTS, ids=_id)
@@ -164,8 +220,8 @@ def test_gradcheck_direct_ops(method, device, reduction):
     label = make_labels(anchor_shape(pred), 4, gen, device)
     score = make_scores(anchor_shape(pred), torch.float64, gen, device)
     target = torch.rand(pred.shape, generator=gen, dtype=torch.float64).to(device)
-    _check(method, lambda p: ops.quality_focal_loss(p, label, score, None, 2.0, False, reduction), pred)
-    _check(method, lambda p: ops.quality_focal_loss_dense(p, target, None, 1.5, False, reduction), pred)
+    _check(method, lambda p: ops.quality_focal_loss(p, label, score, None, None, 2.0, False, reduction), pred)
+    _check(method, lambda p: ops.quality_focal_loss_dense(p, target, None, None, 1.5, False, reduction), pred)
     bins = make_bin_pred("transposed", 4, 6, torch.float64, device, gen)
     dfl_target = make_dfl_target(4, 6, torch.float64, gen, device)
     _check(method, lambda p: ops.distribution_focal_loss(p, dfl_target, None, reduction), bins)

@@ -35,11 +35,12 @@ def _qfl_samples(device, dtype, grad):
         pred = make_class_pred(layout, anchors, classes, dtype, device, gen).requires_grad_(grad)
         label = make_labels(anchor_shape(pred), classes, gen, device)
         score = make_scores(anchor_shape(pred), _acc(dtype), gen, device)
-        samples.append((pred, label, score, None, 2.0, False, "none", grad))
+        samples.append((pred, label, score, None, None, 2.0, False, "none", grad))
         weight = make_scores(anchor_shape(pred), _acc(dtype), gen, device)
-        samples.append((pred, label, score, weight, 1.5, False, "sum", grad))
+        class_weight = make_scores((classes,), _acc(dtype), gen, device)
+        samples.append((pred, label, score, weight, class_weight, 1.5, False, "sum", grad))
     pred = make_class_pred("nchw", (1, 2, 2), 3, dtype, device, gen, activated=True).requires_grad_(grad)
-    samples.append((pred, make_labels((1, 2, 2), 3, gen, device), make_scores((1, 2, 2), _acc(dtype), gen, device), None, 2.0, True, "sum", grad))
+    samples.append((pred, make_labels((1, 2, 2), 3, gen, device), make_scores((1, 2, 2), _acc(dtype), gen, device), None, None, 2.0, True, "sum", grad))
     return samples
 
 
@@ -49,8 +50,42 @@ def _dense_samples(device, dtype, grad):
     for layout, anchors, classes in [("contiguous", 6, 5), ("channels_last", (2, 2, 3), 4), ("transposed", 5, 3)]:
         pred = make_class_pred(layout, anchors, classes, dtype, device, gen).requires_grad_(grad)
         target = torch.rand(pred.shape, generator=gen).to(dtype).to(device)
-        samples.append((pred, target, None, 2.0, False, "none", grad))
-        samples.append((pred, target, make_scores(anchor_shape(pred), _acc(dtype), gen, device), 0.5, False, "sum", grad))
+        samples.append((pred, target, None, None, 2.0, False, "none", grad))
+        samples.append((pred, target, make_scores(anchor_shape(pred), _acc(dtype), gen, device), None, 0.5, False, "sum", grad))
+    return samples
+
+
+def _elementwise_samples(device, dtype, grad, seed):
+    """(pred, label, score, dense target, anchor weight, element weight, class weight) per
+    layout, for focal and varifocal."""
+    gen = make_generator(seed, dtype, grad)
+    for layout, anchors, classes in [("contiguous", 6, 5), ("channels_last", (2, 2, 3), 4), ("transposed", 5, 3)]:
+        pred = make_class_pred(layout, anchors, classes, dtype, device, gen).requires_grad_(grad)
+        yield (pred, make_labels(anchor_shape(pred), classes, gen, device),
+               make_scores(anchor_shape(pred), _acc(dtype), gen, device),
+               torch.rand(pred.shape, generator=gen).to(dtype).to(device),
+               make_scores(anchor_shape(pred), _acc(dtype), gen, device),
+               torch.rand(pred.shape, generator=gen, dtype=_acc(dtype)).to(device),
+               make_scores((classes,), _acc(dtype), gen, device))
+
+
+def _focal_samples(device, dtype, grad):
+    samples = []
+    for pred, label, _, target, weight, element_weight, class_weight in _elementwise_samples(
+            device, dtype, grad, "opcheck-focal"):
+        samples.append((pred, label, None, None, 0.25, 2.0, False, "none", grad))
+        samples.append((pred, target, weight, class_weight, -1.0, 1.5, False, "sum", grad))
+        samples.append((pred, label, element_weight, None, 0.25, 0.5, False, "none", grad))
+    return samples
+
+
+def _varifocal_samples(device, dtype, grad):
+    samples = []
+    for pred, label, score, target, weight, element_weight, class_weight in _elementwise_samples(
+            device, dtype, grad, "opcheck-varifocal"):
+        samples.append((pred, label, score, None, None, 0.75, 2.0, True, False, False, "none", grad))
+        samples.append((pred, target, None, weight, class_weight, 0.75, 1.5, False, True, False, "sum", grad))
+        samples.append((pred, target, None, element_weight, None, 0.5, 3.0, True, False, False, "none", grad))
     return samples
 
 
@@ -77,6 +112,8 @@ def _integral_samples(device, dtype, grad):
 SAMPLES = {
     "quality_focal_loss": _qfl_samples,
     "quality_focal_loss_dense": _dense_samples,
+    "sigmoid_focal_loss": _focal_samples,
+    "varifocal_loss": _varifocal_samples,
     "distribution_focal_loss": _dfl_samples,
     "distribution_integral": _integral_samples,
 }

@@ -134,17 +134,22 @@ def _summed_by_operator(name, threads):
         if name == "qfl":
             pred = torch.randn(3000, 80, generator=gen)
             label = torch.randint(0, 90, (3000,), generator=gen)
-            args = (pred, label, torch.rand(3000, generator=gen), torch.rand(3000, generator=gen), 2.0, False)
+            args = (pred, label, torch.rand(3000, generator=gen), torch.rand(3000, generator=gen), None, 2.0, False)
         elif name == "qfl_nchw":
             pred = torch.randn(2, 20, 37, 41, generator=gen)
             target = torch.rand(pred.shape, generator=gen) * (torch.rand(pred.shape, generator=gen) < 0.01)
-            args = (pred, target, None, 1.5, False)
+            args = (pred, target, None, None, 1.5, False)
+        elif name == "focal_nchw":
+            pred = torch.randn(2, 20, 37, 41, generator=gen)
+            label = torch.randint(0, 30, (2, 37, 41), generator=gen)
+            args = (pred, label, torch.rand(label.shape, generator=gen), torch.rand(20, generator=gen), 0.25, 2.0, False)
         else:
             pred = torch.randn(20000, 17, generator=gen)
             args = (pred, torch.rand(20000, generator=gen) * 16, torch.rand(20000, generator=gen))
         op = {
             "qfl": ops._quality_focal_loss_native,
             "qfl_nchw": ops._quality_focal_loss_dense_native,
+            "focal_nchw": ops._sigmoid_focal_loss_native,
             "dfl": ops._distribution_focal_loss_native,
         }[name]
         total, _ = op(*args, "sum", False)
@@ -154,7 +159,7 @@ def _summed_by_operator(name, threads):
     return total, per_anchor
 
 
-@pytest.mark.parametrize("name", ["qfl", "qfl_nchw", "dfl"])
+@pytest.mark.parametrize("name", ["qfl", "qfl_nchw", "focal_nchw", "dfl"])
 def test_native_sum_is_deterministic_whatever_the_thread_count(name):
     """The operators add up their losses in fixed chunks and a fixed order: the same bits
     with one thread or two, run after run; and as accurate as a float64 sum rounded once."""
@@ -174,5 +179,5 @@ def test_native_sum_of_no_anchors_is_zero():
     total, grad = ops._distribution_focal_loss_native(torch.empty(0, 17), torch.empty(0), None, "sum", True)
     assert total.shape == () and total.item() == 0.0 and grad.shape == (0, 17)
     total, _ = ops._quality_focal_loss_native(torch.empty(0, 80), torch.empty(0, dtype=torch.long), torch.empty(0),
-                                              None, 2.0, False, "sum", False)
+                                              None, None, 2.0, False, "sum", False)
     assert total.shape == () and total.item() == 0.0

@@ -94,6 +94,32 @@ def test_triton_qfl_probabilities(device, dtype, beta):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CLASS_CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_focal_family(device, dtype, case):
+    """Focal (labels, soft target) and varifocal (label and score, dense), reduction "none"
+    (pred's shape), with class and element weights, the closed-form exponents and pow."""
+    _require_triton(device)
+    layout, anchors, classes = case
+    gen = make_generator("triton-family", dtype, case)
+    pred = make_class_pred(layout, anchors, classes, dtype, device, gen)
+    label = make_labels(anchor_shape(pred), classes, gen, device)
+    score = make_scores(anchor_shape(pred), accumulate_dtype(dtype), gen, device)
+    target = (torch.rand(pred.shape, generator=gen) * (torch.rand(pred.shape, generator=gen) < 0.4)).to(dtype).to(device)
+    class_weight = make_scores((classes,), accumulate_dtype(dtype), gen, device)
+    element_weight = torch.rand(pred.shape, generator=gen).to(accumulate_dtype(dtype)).to(device)
+    focal = lambda p, backend, **kw: gfl_ops.sigmoid_focal_loss(p, backend=backend, **kw)  # noqa: E731
+    varifocal = lambda p, backend, **kw: gfl_ops.varifocal_loss(p, backend=backend, **kw)  # noqa: E731
+    for call, inputs in (
+        (focal, dict(target=label, reduction="none")),
+        (focal, dict(target=target, gamma=1.5, class_weight=class_weight, reduction="sum")),
+        (varifocal, dict(target=(label, score), weight=element_weight, reduction="none")),
+        (varifocal, dict(target=target, gamma=2.5, detach_weight=True, reduction="mean", avg_factor=2.0)),
+    ):
+        check_parity(call, pred, inputs, out_dtype=accumulate_dtype(dtype), backend="triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_triton_sum_of_many_programs_in_both_gradient_passes(device, reduction, gradient_pass, set_gradient_pass):

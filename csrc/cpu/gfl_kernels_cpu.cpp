@@ -76,49 +76,64 @@ void parallel_walk(int64_t count, int64_t chunk, acc_t* per_anchor, acc_t* total
 }
 
 // ---------------------------------------------------------------------------------------
-// Quality Focal Loss
+// The classification losses: QFL, focal, varifocal
 // ---------------------------------------------------------------------------------------
 
-// Row walk: for each anchor, math::qfl_anchor over its classes (vectorised when classes
-// are contiguous, kUnitClassStride). Used for (N, C) and channels-last layouts. The QFL
-// walks cover anchors (outer, inner_begin..inner_end - 1) and write the loss of anchor
-// (outer, j) to loss[j - inner_begin].
+// Row walk: for each anchor, math::class_anchor over its classes (vectorised when classes
+// are contiguous, kUnitClassStride). Used for (N, C) and channels-last layouts, and (strided)
+// for every other layout and for element weights and losses. The walks cover anchors (outer,
+// inner_begin..inner_end - 1) and write the loss of anchor (outer, j) to loss[j - inner_begin]
+// unless loss is null.
 template <bool kUnitClassStride, typename Variant, typename scalar_t, typename acc_t, typename Target>
-GFL_CPU_CLONES void qfl_rows(const QflArgs<scalar_t, acc_t, Target>& args, int64_t outer,
-                             int64_t inner_begin, int64_t inner_end, acc_t* loss) {
+GFL_CPU_CLONES void class_rows(const ClassArgs<scalar_t, acc_t, Target>& args, int64_t outer,
+                               int64_t inner_begin, int64_t inner_end, acc_t* loss) {
   // Locals, so the compiler knows the gradient stores cannot change them.
   const Target target = args.target;
-  const acc_t beta = args.beta;
-  const int64_t num_classes = args.layout.num_classes;
-  const int64_t pred_class = kUnitClassStride ? 1 : args.pred_strides.class_stride;
-  const int64_t grad_class = kUnitClassStride ? 1 : args.grad_strides.class_stride;
-  const int64_t target_class = kUnitClassStride ? 1 : args.target_strides.class_stride;
-  const int64_t pred_base = args.pred_strides.outer_offset(outer, args.layout);
-  const int64_t grad_base = args.grad_strides.outer_offset(outer, args.layout);
-  const int64_t target_base = args.target_strides.outer_offset(outer, args.layout);
+  const math::ModulationParams<acc_t> params = args.params;
+  const AnchorLayout& layout = args.layout;
+  const int64_t num_classes = layout.num_classes;
+  // An element tensor's (start of anchor j, class stride); the stride a literal 1 where
+  // classes are contiguous.
+  const auto row_of = [&](const AnchorStrides& strides, int64_t j) {
+    return std::pair<int64_t, int64_t>{strides.outer_offset(outer, layout) + j * strides.inner_stride,
+                                       kUnitClassStride ? 1 : strides.class_stride};
+  };
   for (int64_t j = inner_begin; j < inner_end; ++j) {
-    const int64_t anchor = outer * args.layout.inner_size + j;
-    loss[j - inner_begin] = math::qfl_anchor<Variant>(
-        args.pred + pred_base + j * args.pred_strides.inner_stride, pred_class,
-        Variant::kNeedGrad ? args.grad + grad_base + j * args.grad_strides.inner_stride : nullptr, grad_class,
-        target, anchor,
-        target_base + j * args.target_strides.inner_stride, target_class, num_classes, beta,
-        weight_at(args.weight, anchor));
+    const int64_t anchor = outer * layout.inner_size + j;
+    const auto [pred_offset, pred_stride] = row_of(args.pred_strides, j);
+    const auto [grad_offset, grad_stride] = row_of(args.grad_strides, j);
+    const auto [target_offset, target_stride] = row_of(args.target_strides, j);
+    math::AnchorRow<scalar_t, acc_t> row{args.pred + pred_offset, pred_stride,
+                                         Variant::kNeedGrad ? args.grad + grad_offset : nullptr, grad_stride,
+                                         target_offset, target_stride, args.class_weight};
+    if constexpr (Variant::kElementIO) {
+      const auto [weight_offset, weight_stride] = row_of(args.element_weight_strides, j);
+      const auto [loss_offset, loss_stride] = row_of(args.element_loss_strides, j);
+      row.element_weight = args.element_weight == nullptr ? nullptr : args.element_weight + weight_offset;
+      row.element_weight_stride = weight_stride;
+      row.element_loss = args.element_loss == nullptr ? nullptr : args.element_loss + loss_offset;
+      row.element_loss_stride = loss_stride;
+    }
+    const acc_t anchor_loss =
+        math::class_anchor<Variant>(row, target, anchor, num_classes, params, weight_at(args.weight, anchor));
+    if (loss != nullptr) {
+      loss[j - inner_begin] = anchor_loss;
+    }
   }
 }
 
 // Plane walk for channel-first layouts ((B, C, H, W) read in place): anchors are contiguous
 // within a class plane, so a block of anchors is processed class by class, vectorised
 // across anchors, with the per-anchor sums kept in small local arrays (chunked over
-// classes like math::qfl_anchor).
+// classes like math::class_anchor).
 constexpr int64_t kPlaneBlock = 64;  // anchors per block of the plane walk
 
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
-GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int64_t outer,
-                               int64_t inner_begin, int64_t inner_end, acc_t* loss) {
+GFL_CPU_CLONES void class_planes(const ClassArgs<scalar_t, acc_t, Target>& args, int64_t outer,
+                                 int64_t inner_begin, int64_t inner_end, acc_t* loss) {
   constexpr int64_t kBlock = kPlaneBlock;
   const Target target = args.target;
-  const acc_t beta = args.beta;
+  const math::ModulationParams<acc_t> params = args.params;
   const int64_t num_classes = args.layout.num_classes;
   const int64_t pred_base = args.pred_strides.outer_offset(outer, args.layout);
   const int64_t grad_base = args.grad_strides.outer_offset(outer, args.layout);
@@ -139,15 +154,15 @@ GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int
         scalar_t* grad_plane =
             Variant::kNeedGrad ? args.grad + grad_base + c * args.grad_strides.class_stride + block_begin : nullptr;
         const int64_t target_plane = target_base + c * args.target_strides.class_stride + block_begin;
+        const acc_t class_weight = math::class_weight_at(args.class_weight, c);
 #pragma omp simd
         for (int64_t j = 0; j < block_size; ++j) {
-          const acc_t y = target.at(first_anchor + j, c, target_plane + j);
-          const LossAndGrad<acc_t> element =
-              math::qfl_element<Variant::kActivated, Variant::kBetaIsTwo, Variant::kNeedGrad>(
-                  math::to_acc<acc_t>(pred_plane[j]), y, beta);
-          chunk_loss[j] += element.loss;
+          const acc_t t = target.at(first_anchor + j, c, target_plane + j);
+          const LossAndGrad<acc_t> element = math::class_element<Variant>(
+              math::to_acc<acc_t>(pred_plane[j]), t, target.positive(first_anchor + j, c, t), params);
+          chunk_loss[j] += class_weight * element.loss;
           if (Variant::kNeedGrad) {
-            grad_plane[j] = math::from_acc<scalar_t>(block_weight[j] * element.grad);
+            grad_plane[j] = math::from_acc<scalar_t>(block_weight[j] * class_weight * element.grad);
           }
         }
       }
@@ -156,16 +171,19 @@ GFL_CPU_CLONES void qfl_planes(const QflArgs<scalar_t, acc_t, Target>& args, int
         block_loss[j] += chunk_loss[j];
       }
     }
-    for (int64_t j = 0; j < block_size; ++j) {
-      loss[block_begin - inner_begin + j] = weight_at(args.weight, first_anchor + j) * block_loss[j];
+    if (loss != nullptr) {
+      for (int64_t j = 0; j < block_size; ++j) {
+        loss[block_begin - inner_begin + j] = block_weight[j] * block_loss[j];
+      }
     }
   }
 }
 
 // Splits the anchors over the thread pool and hands each run of anchors that shares an
-// outer index to the walk that suits the layout.
+// outer index to the walk that suits the layout (element weights and losses: the strided
+// rows, the only walk built with them).
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
-void qfl_launch(const QflArgs<scalar_t, acc_t, Target>& args, QflWalk walk, acc_t* total) {
+void class_launch(const ClassArgs<scalar_t, acc_t, Target>& args, ClassWalk walk, acc_t* total) {
   const AnchorLayout& layout = args.layout;
   const int64_t chunk = chunk_for(layout.num_classes, kPlaneBlock);
   parallel_walk(layout.num_anchors, chunk, args.loss, total, [&](int64_t begin, int64_t end, acc_t* loss) {
@@ -173,16 +191,21 @@ void qfl_launch(const QflArgs<scalar_t, acc_t, Target>& args, QflWalk walk, acc_
       const int64_t outer = anchor / layout.inner_size;
       const int64_t inner_begin = anchor % layout.inner_size;
       const int64_t inner_end = std::min(layout.inner_size, inner_begin + (end - anchor));
-      switch (walk) {
-        case QflWalk::kRows:
-          qfl_rows<true, Variant>(args, outer, inner_begin, inner_end, loss + (anchor - begin));
-          break;
-        case QflWalk::kPlanes:
-          qfl_planes<Variant>(args, outer, inner_begin, inner_end, loss + (anchor - begin));
-          break;
-        case QflWalk::kStridedRows:
-          qfl_rows<false, Variant>(args, outer, inner_begin, inner_end, loss + (anchor - begin));
-          break;
+      acc_t* run_loss = loss == nullptr ? nullptr : loss + (anchor - begin);
+      if constexpr (Variant::kElementIO) {
+        class_rows<false, Variant>(args, outer, inner_begin, inner_end, run_loss);
+      } else {
+        switch (walk) {
+          case ClassWalk::kRows:
+            class_rows<true, Variant>(args, outer, inner_begin, inner_end, run_loss);
+            break;
+          case ClassWalk::kPlanes:
+            class_planes<Variant>(args, outer, inner_begin, inner_end, run_loss);
+            break;
+          case ClassWalk::kStridedRows:
+            class_rows<false, Variant>(args, outer, inner_begin, inner_end, run_loss);
+            break;
+        }
       }
       anchor += inner_end - inner_begin;
     }
@@ -425,12 +448,13 @@ void launch_bin_rows(const BinRows<scalar_t>& rows, out_t* per_row, out_t* total
 }
 
 // The launchers of gfl_host.h's operator bodies.
-struct CpuQflLaunch {
-  template <typename scalar_t, typename acc_t, typename Target>
-  void operator()(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk,
+struct CpuClassLaunch {
+  template <math::Modulation kModulation, typename scalar_t, typename acc_t, typename Target>
+  void operator()(std::integral_constant<math::Modulation, kModulation> /*modulation*/,
+                  const ClassArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, ClassWalk walk,
                   acc_t* total) const {
-    dispatch_qfl_variant(activated, args.beta == acc_t(2), compute_grad,
-                         [&](auto variant) { qfl_launch<decltype(variant)>(args, walk, total); });
+    dispatch_class_variant<kModulation>(activated, args.params, compute_grad, args.element_io(),
+                                        [&](auto variant) { class_launch<decltype(variant)>(args, walk, total); });
   }
 };
 
@@ -467,7 +491,7 @@ struct CpuIntegralLaunch {
 // The CPU's launchers, for NativeKernels (gfl_host.h).
 struct CpuDevice {
   using Guard = NoDeviceGuard;
-  static CpuQflLaunch qfl(const at::Tensor& /*pred*/) { return {}; }
+  static CpuClassLaunch classification(const at::Tensor& /*pred*/) { return {}; }
   static CpuDflLaunch dfl(const at::Tensor& /*pred*/) { return {}; }
   static CpuIntegralLaunch integral(const at::Tensor& /*pred*/) { return {}; }
 };

@@ -2,13 +2,13 @@
 // mapped onto threads; the maths is the very same ../gfl_math.h. One pass over pred per
 // call; no host sync; the caller's stream.
 //
-//   QFL, classes contiguous ((N, C), channels-last): a group of lanes per anchor (a power
+//   QFL, focal, varifocal, classes contiguous ((N, C), channels-last): a group of lanes per anchor (a power
 //       of two, up to the warp, enough to cover the row in one step where C allows), each
 //       lane reading 16-byte vectors of its anchor's row when every row is aligned to them;
 //       the anchor's sum reduced by warp shuffles in a fixed tree (deterministic);
-//   QFL, anchors contiguous ((B, C, H, W) read in place) or any other layout: a thread per
-//       anchor walking its classes with math::qfl_anchor, neighbouring threads reading
-//       neighbouring anchors of a class plane (coalesced);
+//   the same, anchors contiguous ((B, C, H, W) read in place), any other layout, or element
+//       weights and losses: a thread per anchor walking its classes with math::class_anchor,
+//       neighbouring threads reading neighbouring anchors of a class plane (coalesced);
 //   DFL and the integral: a thread per row of n + 1 bins, math::dfl_row / integral_row.
 //
 // Reduction "sum" is taken inside the loss kernels (per-block sums, then one block adds
@@ -164,26 +164,26 @@ void launch_loss_kernel(int blocks, acc_t* per_anchor, acc_t* total, cudaStream_
 }
 
 // ---------------------------------------------------------------------------------------
-// Quality Focal Loss
+// The classification losses: QFL, focal, varifocal
 // ---------------------------------------------------------------------------------------
 
-// The targets y of classes c .. c + kSize - 1 of one anchor, in the two target forms;
+// The targets t of classes c .. c + kSize - 1 of one anchor, in the two target forms;
 // `element` is the dense target's offset of class c. The label form reads per anchor, not
 // per class: its accessor as it is.
-template <int kSize, typename acc_t>
-__device__ __forceinline__ void load_targets(const math::LabelScoreTarget<acc_t>& target, int64_t anchor, int64_t c,
-                                             int64_t element, acc_t (&y)[kSize]) {
+template <int kSize, typename acc_t, bool kHasScores>
+__device__ __forceinline__ void load_targets(const math::LabelTarget<acc_t, kHasScores>& target, int64_t anchor,
+                                             int64_t c, int64_t element, acc_t (&t)[kSize]) {
   for (int j = 0; j < kSize; ++j) {
-    y[j] = target.at(anchor, c + j, element + j);
+    t[j] = target.at(anchor, c + j, element + j);
   }
 }
 
 template <int kSize, typename target_t, typename acc_t>
 __device__ __forceinline__ void load_targets(const math::DenseTarget<target_t, acc_t>& target, int64_t /*anchor*/,
-                                             int64_t /*c*/, int64_t element, acc_t (&y)[kSize]) {
+                                             int64_t /*c*/, int64_t element, acc_t (&t)[kSize]) {
   const Vector<target_t, kSize> values = load_vector<kSize>(target.values + element);
   for (int j = 0; j < kSize; ++j) {
-    y[j] = static_cast<acc_t>(values.values[j]);
+    t[j] = static_cast<acc_t>(values.values[j]);
   }
 }
 
@@ -193,8 +193,8 @@ __device__ __forceinline__ void load_targets(const math::DenseTarget<target_t, a
 // number of loop iterations (the bound depends on the warp's first anchor only), so the
 // shuffles always see the whole warp.
 template <typename Variant, int kVector, typename scalar_t, typename acc_t, typename Target>
-__global__ void __launch_bounds__(kThreads) qfl_rows_kernel(const QflArgs<scalar_t, acc_t, Target> args,
-                                                            const int lanes_per_anchor, const LossSink<acc_t> sink) {
+__global__ void __launch_bounds__(kThreads) class_rows_kernel(const ClassArgs<scalar_t, acc_t, Target> args,
+                                                              const int lanes_per_anchor, const LossSink<acc_t> sink) {
   const int lane = threadIdx.x % kWarpSize;
   const int lane_in_anchor = lane % lanes_per_anchor;
   const int anchors_per_warp = kWarpSize / lanes_per_anchor;
@@ -222,15 +222,15 @@ __global__ void __launch_bounds__(kThreads) qfl_rows_kernel(const QflArgs<scalar
       for (int64_t c = static_cast<int64_t>(lane_in_anchor) * kVector; c < num_classes;
            c += static_cast<int64_t>(lanes_per_anchor) * kVector) {
         const Vector<scalar_t, kVector> x = load_vector<kVector>(pred + c);
-        acc_t y[kVector];
-        load_targets<kVector>(args.target, anchor, c, target_row + c, y);
+        acc_t t[kVector];
+        load_targets<kVector>(args.target, anchor, c, target_row + c, t);
         Vector<scalar_t, kVector> element_grads;
         for (int j = 0; j < kVector; ++j) {
-          const LossAndGrad<acc_t> element =
-              math::qfl_element<Variant::kActivated, Variant::kBetaIsTwo, Variant::kNeedGrad>(
-                  static_cast<acc_t>(x.values[j]), y[j], args.beta);
-          loss += element.loss;
-          element_grads.values[j] = static_cast<scalar_t>(weight * element.grad);
+          const LossAndGrad<acc_t> element = math::class_element<Variant>(
+              static_cast<acc_t>(x.values[j]), t[j], args.target.positive(anchor, c + j, t[j]), args.params);
+          const acc_t class_weight = math::class_weight_at(args.class_weight, c + j);
+          loss += class_weight * element.loss;
+          element_grads.values[j] = static_cast<scalar_t>(weight * class_weight * element.grad);
         }
         if (Variant::kNeedGrad) {
           store_vector<kVector>(grad + c, element_grads);
@@ -250,22 +250,35 @@ __global__ void __launch_bounds__(kThreads) qfl_rows_kernel(const QflArgs<scalar
   }
 }
 
-// A thread per anchor, walking its classes.
+// The start of anchor (outer, inner) in a tensor of the anchor layout.
+__device__ __forceinline__ int64_t anchor_start(const AnchorStrides& strides, const AnchorLayout& layout, int64_t outer,
+                                                int64_t inner) {
+  return strides.outer_offset(outer, layout) + inner * strides.inner_stride;
+}
+
+// A thread per anchor, walking its classes (and, for kElementIO, the element weights and
+// losses).
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
-__global__ void __launch_bounds__(kThreads) qfl_thread_per_anchor_kernel(const QflArgs<scalar_t, acc_t, Target> args,
-                                                                         const LossSink<acc_t> sink) {
+__global__ void __launch_bounds__(kThreads)
+    class_thread_per_anchor_kernel(const ClassArgs<scalar_t, acc_t, Target> args, const LossSink<acc_t> sink) {
   acc_t thread_sum = 0;
   for (int64_t anchor = global_thread(); anchor < args.layout.num_anchors; anchor += grid_threads()) {
     const int64_t outer = anchor / args.layout.inner_size;
     const int64_t inner = anchor - outer * args.layout.inner_size;
-    scalar_t* grad = Variant::kNeedGrad
-                         ? args.grad + args.grad_strides.outer_offset(outer, args.layout) + inner * args.grad_strides.inner_stride
-                         : nullptr;
-    const acc_t loss = math::qfl_anchor<Variant>(
-        args.pred + args.pred_strides.outer_offset(outer, args.layout) + inner * args.pred_strides.inner_stride,
-        args.pred_strides.class_stride, grad, args.grad_strides.class_stride, args.target, anchor,
-        args.target_strides.outer_offset(outer, args.layout) + inner * args.target_strides.inner_stride,
-        args.target_strides.class_stride, args.layout.num_classes, args.beta, weight_at(args.weight, anchor));
+    const auto start = [&](const AnchorStrides& strides) { return anchor_start(strides, args.layout, outer, inner); };
+    math::AnchorRow<scalar_t, acc_t> row{args.pred + start(args.pred_strides), args.pred_strides.class_stride,
+                                         Variant::kNeedGrad ? args.grad + start(args.grad_strides) : nullptr,
+                                         args.grad_strides.class_stride, start(args.target_strides),
+                                         args.target_strides.class_stride, args.class_weight};
+    if constexpr (Variant::kElementIO) {
+      row.element_weight =
+          args.element_weight == nullptr ? nullptr : args.element_weight + start(args.element_weight_strides);
+      row.element_weight_stride = args.element_weight_strides.class_stride;
+      row.element_loss = args.element_loss == nullptr ? nullptr : args.element_loss + start(args.element_loss_strides);
+      row.element_loss_stride = args.element_loss_strides.class_stride;
+    }
+    const acc_t loss = math::class_anchor<Variant>(row, args.target, anchor, args.layout.num_classes, args.params,
+                                                   weight_at(args.weight, anchor));
     if (sink.per_anchor != nullptr) {
       sink.per_anchor[anchor] = loss;
     }
@@ -295,8 +308,8 @@ inline bool rows_start_aligned(const void* data, int64_t element_bytes, const An
   return true;
 }
 
-template <typename acc_t>
-bool target_rows_aligned(const math::LabelScoreTarget<acc_t>& /*target*/, const AnchorStrides& /*strides*/,
+template <typename acc_t, bool kHasScores>
+bool target_rows_aligned(const math::LabelTarget<acc_t, kHasScores>& /*target*/, const AnchorStrides& /*strides*/,
                          const AnchorLayout& /*layout*/, int64_t /*vector_size*/) {
   return true;  // read per anchor, not per class
 }
@@ -310,7 +323,7 @@ bool target_rows_aligned(const math::DenseTarget<target_t, acc_t>& target, const
 // Whether the rows walk can read and write whole vectors of kVector classes: C a multiple
 // of it, and every row of pred, grad and a dense target aligned to it.
 template <int kVector, typename scalar_t, typename acc_t, typename Target>
-bool rows_take_vectors(const QflArgs<scalar_t, acc_t, Target>& args) {
+bool rows_take_vectors(const ClassArgs<scalar_t, acc_t, Target>& args) {
   return args.layout.num_classes % kVector == 0 &&
          rows_start_aligned(args.pred, sizeof(scalar_t), args.pred_strides, args.layout, kVector) &&
          (args.grad == nullptr || rows_start_aligned(args.grad, sizeof(scalar_t), args.grad_strides, args.layout, kVector)) &&
@@ -328,17 +341,18 @@ inline int lanes_per_anchor_for(int64_t num_classes, int vector_size) {
   return lanes;
 }
 
-struct QflLaunch {
+struct ClassLaunch {
   cudaStream_t stream;
   at::TensorOptions scratch_options;
 
-  template <typename scalar_t, typename acc_t, typename Target>
-  void operator()(const QflArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, QflWalk walk,
+  template <math::Modulation kModulation, typename scalar_t, typename acc_t, typename Target>
+  void operator()(std::integral_constant<math::Modulation, kModulation> /*modulation*/,
+                  const ClassArgs<scalar_t, acc_t, Target>& args, bool activated, bool compute_grad, ClassWalk walk,
                   acc_t* total) const {
     constexpr int kVector = kVectorBytes / sizeof(scalar_t);
-    dispatch_qfl_variant(activated, args.beta == acc_t(2), compute_grad, [&](auto variant) {
+    dispatch_class_variant<kModulation>(activated, args.params, compute_grad, args.element_io(), [&](auto variant) {
       using Variant = decltype(variant);
-      if (walk == QflWalk::kRows) {
+      if (!Variant::kElementIO && walk == ClassWalk::kRows) {
         if (rows_take_vectors<kVector>(args)) {
           launch_rows<Variant, kVector>(args, total);
         } else {
@@ -347,7 +361,7 @@ struct QflLaunch {
       } else {
         const int blocks = blocks_for(args.layout.num_anchors);
         launch_loss_kernel(blocks, args.loss, total, stream, scratch_options, [&](const LossSink<acc_t>& sink) {
-          launch_kernel(&qfl_thread_per_anchor_kernel<Variant, scalar_t, acc_t, Target>, blocks, kThreads, stream,
+          launch_kernel(&class_thread_per_anchor_kernel<Variant, scalar_t, acc_t, Target>, blocks, kThreads, stream,
                         args, sink);
         });
       }
@@ -355,15 +369,17 @@ struct QflLaunch {
   }
 
   template <typename Variant, int kVector, typename scalar_t, typename acc_t, typename Target>
-  void launch_rows(const QflArgs<scalar_t, acc_t, Target>& args, acc_t* total) const {
-    const int lanes_per_anchor = lanes_per_anchor_for(args.layout.num_classes, kVector);
-    const int64_t anchors_per_warp = kWarpSize / lanes_per_anchor;
-    const int64_t warps = (args.layout.num_anchors + anchors_per_warp - 1) / anchors_per_warp;
-    const int blocks = blocks_for(warps * kWarpSize);
-    launch_loss_kernel(blocks, args.loss, total, stream, scratch_options, [&](const LossSink<acc_t>& sink) {
-      launch_kernel(&qfl_rows_kernel<Variant, kVector, scalar_t, acc_t, Target>, blocks, kThreads, stream, args,
-                    lanes_per_anchor, sink);
-    });
+  void launch_rows(const ClassArgs<scalar_t, acc_t, Target>& args, acc_t* total) const {
+    if constexpr (!Variant::kElementIO) {
+      const int lanes_per_anchor = lanes_per_anchor_for(args.layout.num_classes, kVector);
+      const int64_t anchors_per_warp = kWarpSize / lanes_per_anchor;
+      const int64_t warps = (args.layout.num_anchors + anchors_per_warp - 1) / anchors_per_warp;
+      const int blocks = blocks_for(warps * kWarpSize);
+      launch_loss_kernel(blocks, args.loss, total, stream, scratch_options, [&](const LossSink<acc_t>& sink) {
+        launch_kernel(&class_rows_kernel<Variant, kVector, scalar_t, acc_t, Target>, blocks, kThreads, stream, args,
+                      lanes_per_anchor, sink);
+      });
+    }
   }
 };
 

@@ -31,7 +31,7 @@ namespace {
 // when they are made, so the stream is that device's.
 struct CudaDevice {
   using Guard = c10::cuda::CUDAGuard;
-  static cuda::QflLaunch qfl(const at::Tensor& pred) { return {c10::cuda::getCurrentCUDAStream(), pred.options()}; }
+  static cuda::ClassLaunch classification(const at::Tensor& pred) { return {c10::cuda::getCurrentCUDAStream(), pred.options()}; }
   static cuda::DflLaunch dfl(const at::Tensor& pred) { return {c10::cuda::getCurrentCUDAStream(), pred.options()}; }
   static cuda::IntegralLaunch integral(const at::Tensor& /*pred*/) { return {c10::cuda::getCurrentCUDAStream()}; }
 };

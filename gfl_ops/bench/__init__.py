@@ -10,10 +10,13 @@ The package, all of it installed with gfl_ops (pip install . or -e .):
 
     cli.py          the options, the plan they make, main()
     cases.py        Case (an op at a shape, layout, dtype), Inputs, OpSpec (an op for the harness)
-    ops/            one module per op family: its shapes, inputs, byte model and baseline
-                    (qfl.py: qfl, qfl_prob, qfl_dense; dfl.py; integral.py); the registry
-    providers.py    native, triton, reference, compile, mmdet: which can run, and why not
+    ops/            one module per op family: its shapes, inputs, byte model and peers
+                    (qfl.py: qfl, qfl_prob, qfl_dense, qfl_dense_beta0, qfl_dense_beta1.5;
+                    family.py: focal, varifocal; dfl.py; integral.py); the registry
+    providers.py    native, triton, reference, compile and the eager peers: which can run,
+                    and why not
     mmdet_style.py  the mmdetection-style eager baseline (the mmdet provider)
+    peers.py        the focal family as torchvision and ultralytics write it
     measure.py      timing, peak memory, the copy that is the bandwidth yardstick
     runner.py       the run: warm-up, interleaved rounds, rows; fp32 ratios
     targets.py      the issues' targets and their verdicts
@@ -21,7 +24,7 @@ The package, all of it installed with gfl_ops (pip install . or -e .):
     results.py      environment, the JSON document, reading saved results back
 
 Ops: qfl (logits, label/score targets), qfl_prob (probabilities), qfl_dense (dense soft
-target), dfl, integral. Modes: "forward" (the loss as a training step computes it: pred
+target; at beta 0 and 1.5 too), focal (labels), varifocal (dense IoU target), dfl, integral. Modes: "forward" (the loss as a training step computes it: pred
 requires grad, so a fused kernel may produce the gradient in this pass) and "full"
 (forward + backward, the headline).
 

@@ -1,12 +1,12 @@
 """What one measurement is: an op at one shape, layout and dtype (Case), the inputs every
 provider of it reads (Inputs), and what an op brings to the harness (OpSpec: its
-functions, inputs, byte model and mmdetection-style baseline; one module per op family
-under ops/, which also holds the registry)."""
+functions, inputs, byte model and eager peers; one module per op family under ops/, which
+also holds the registry)."""
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -77,7 +77,8 @@ class OpSpec:
     (random numbers drawn from `generator`, on the CPU, then moved); `target_bytes(case)`
     is what the forward reads besides pred (or writes: the integral's E) and
     `backward_bytes(case)` what the backward reads besides pred and the gradient;
-    `mmdet(case, device)` is the mmdetection-style function with the provider signature."""
+    `peers[name](case, device)` is the eager function a framework's users run today
+    (mmdet_style.py, peers.py), with the provider signature."""
 
     name: str
     operator: str  # torch.ops.gfl_ops.<operator>: what available_backends is asked about
@@ -85,7 +86,7 @@ class OpSpec:
     reference: Callable  # gfl_ops.reference.<fn>: the compile provider compiles it
     inputs: Callable[[Case, torch.Generator, torch.device], Inputs]
     target_bytes: Callable[[Case], int]
-    mmdet: Callable[[Case, torch.device], Callable]
+    peers: Dict[str, Callable[[Case, torch.device], Callable]]
     layouts: Tuple[str, ...] = LAYOUTS
     backward_bytes: Callable[[Case], int] = lambda case: 0
 

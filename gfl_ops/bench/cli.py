@@ -123,7 +123,7 @@ def plan(args: argparse.Namespace) -> Tuple[List[Case], Settings, List[str]]:
         args.qfl_shapes or preset["qfl_shapes"],
         args.dfl_shapes or preset["dfl_shapes"],
         args.layouts or preset.get("layouts", LAYOUTS),
-        ("qfl",) if on_cpu and not args.full else ("qfl", "qfl_prob"),
+        ("qfl", "focal") if on_cpu and not args.full else ("qfl", "qfl_prob", "focal"),
     )
     settings = Settings(
         device=device,

@@ -201,3 +201,55 @@ def dfl_loss(
     avg_factor: AvgFactor = None,
 ) -> Tensor:
     return weight_reduce_loss(distribution_focal_loss(pred, target), weight, reduction, avg_factor)
+
+
+# --------------------------------------------------------------------------------------
+# mmdet/models/losses/focal_loss.py and varifocal_loss.py (the eager forms, as the CPU
+# runs them; on CUDA FocalLoss calls mmcv's op, which has no bfloat16)
+# --------------------------------------------------------------------------------------
+
+
+def focal_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+) -> Tensor:
+    """FocalLoss.forward with labels (N) (background = C): one-hot over C + 1 columns with the
+    last dropped, then py_sigmoid_focal_loss, elementwise (N, C)."""
+    pred = flatten_channel_first(pred)
+    num_classes = pred.size(1)
+    target = F.one_hot(target.reshape(-1), num_classes=num_classes + 1)[:, :num_classes].type_as(pred)
+    pred_sigmoid = pred.sigmoid()
+    pt = (1 - pred_sigmoid) * target + pred_sigmoid * (1 - target)
+    focal_weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
+    loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none") * focal_weight
+    if weight is not None:
+        weight = weight.reshape(-1, 1)
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def varifocal_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    iou_weighted: bool = True,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    avg_factor: AvgFactor = None,
+) -> Tensor:
+    """varifocal_loss with a dense IoU-aware target of pred's shape."""
+    pred_sigmoid = pred.sigmoid()
+    target = target.type_as(pred)
+    positive = (target > 0.0).float()
+    focal_weight = (target * positive if iou_weighted else positive) + alpha * (
+        pred_sigmoid - target
+    ).abs().pow(gamma) * (target <= 0.0).float()
+    loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none") * focal_weight
+    return weight_reduce_loss(loss, weight, reduction, avg_factor)

@@ -7,6 +7,9 @@
                compiled once per shape and warmed up outside the timing
     mmdet      gfl_ops.bench.mmdet_style: eager PyTorch as mmdetection 3.x writes it
                (channel-first inputs permuted and reshaped to (N, C) first, as it does)
+    torchvision, ultralytics
+               gfl_ops.bench.peers: the focal family as those frameworks write it, for the
+               ops they have (a peer an op lacks is not a provider of that op)
 
 A provider that cannot run is never dropped without a word: provider_status says why.
 """
@@ -21,7 +24,8 @@ from .. import _backends
 from .cases import Case, Inputs
 from .ops import OP_SPECS
 
-PROVIDERS = ("native", "triton", "reference", "compile", "mmdet")
+PROVIDERS = ("native", "triton", "reference", "compile", "mmdet", "torchvision", "ultralytics")
+PEERS = ("mmdet", "torchvision", "ultralytics")
 BACKEND_PROVIDERS = ("native", "triton", "reference")  # gfl_ops's own backends
 CPU_TRITON = (
     "on CPU Triton is its interpreter (TRITON_INTERPRET=1), a correctness tool whose times mean "
@@ -30,7 +34,8 @@ CPU_TRITON = (
 
 
 def provider_status(op: str, device: torch.device) -> Dict[str, Optional[str]]:
-    """Every provider of PROVIDERS: None where it can run `op` on `device`, else why not."""
+    """Every provider of `op` (PROVIDERS less the peers it lacks): None where it can run on
+    `device`, else why not."""
     operator = OP_SPECS[op].operator
     status: Dict[str, Optional[str]] = {}
     for name in BACKEND_PROVIDERS:
@@ -40,7 +45,8 @@ def provider_status(op: str, device: torch.device) -> Dict[str, Optional[str]]:
         except ValueError as error:  # names the reason: extension not loaded, no Triton, ...
             status[name] = str(error).replace(f" for {operator}", "")  # the same for every op
     status["compile"] = None if hasattr(torch, "compile") else f"torch {torch.__version__} has no torch.compile"
-    status["mmdet"] = None  # gfl_ops.bench.mmdet_style is part of the package
+    for peer in OP_SPECS[op].peers:
+        status[peer] = None  # mmdet_style.py and peers.py are part of the package
     return status
 
 
@@ -57,7 +63,7 @@ def select_providers(
     status = provider_status(op, device)
     if requested is None and torch.device(device).type == "cpu" and status["triton"] is None:
         status["triton"] = CPU_TRITON
-    wanted = [name for name in PROVIDERS if requested is None or name in requested]
+    wanted = [name for name in PROVIDERS if name in status and (requested is None or name in requested)]
     names = [name for name in wanted if status[name] is None]
     return names, {name: status[name] for name in wanted if status[name] is not None}
 
@@ -86,8 +92,8 @@ def make_provider(name: str, case: Case, device: torch.device, compile_backend: 
         # A fresh compile per shape: no recompilation limit, no dynamic shapes carried over.
         torch._dynamo.reset()
         return torch.compile(spec.reference, dynamic=False, fullgraph=True, backend=compile_backend)
-    if name == "mmdet":
-        return spec.mmdet(case, device)
+    if name in spec.peers:
+        return spec.peers[name](case, device)
     raise ValueError(f"unknown provider {name!r}; providers: {PROVIDERS}")
 
 

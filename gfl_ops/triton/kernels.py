@@ -1,4 +1,5 @@
-"""Triton kernels for Quality Focal Loss, Distribution Focal Loss and the integral.
+"""Triton kernels for the classification losses (QFL, focal, varifocal), Distribution Focal
+Loss and the integral.
 
 The same equations as csrc/gfl_math.h, under the same names, so the two read side by side
 (derivations: docs/MATH.md). Each kernel makes one pass over pred: it computes the loss per
@@ -45,67 +46,120 @@ def log_one_minus(p):
     return log1p_(-p)
 
 
+# gfl_math.h's Exponent: closed forms for 0, 1, 1.5 and 2, pow otherwise (constexpr globals,
+# which jit functions may read).
+EXPONENT_ZERO = tl.constexpr(0)
+EXPONENT_ONE = tl.constexpr(1)
+EXPONENT_ONE_AND_HALF = tl.constexpr(2)
+EXPONENT_TWO = tl.constexpr(3)
+EXPONENT_GENERAL = tl.constexpr(4)
+# Its Modulation: QFL's weight, or the focal family's (focal, varifocal).
+QUALITY = tl.constexpr(0)
+FOCAL_FAMILY = tl.constexpr(1)
+
+
+def exponent_kind(exponent: float) -> int:
+    """gfl_math.h's exponent_kind."""
+    closed_forms = {0.0: EXPONENT_ZERO, 1.0: EXPONENT_ONE, 1.5: EXPONENT_ONE_AND_HALF, 2.0: EXPONENT_TWO}
+    return closed_forms.get(float(exponent), EXPONENT_GENERAL).value
+
+
 @triton.jit
-def modulating_factor(d, beta, BETA_IS_TWO: tl.constexpr):
-    """|d|^beta and its derivative beta * |d|^(beta-1) * sign(d) = beta * factor / d (0 at d = 0)."""
-    if BETA_IS_TWO:
-        factor = d * d
+def power_of_magnitude(d, exponent, EXPONENT: tl.constexpr):
+    """|d|^e and its derivative e |d|^(e - 1) sign(d) = e |d|^e / d, taken as 0 at d = 0;
+    0^e is 1 for e = 0 (as torch.pow) and 0 otherwise."""
+    magnitude = tl.abs(d)
+    sign = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+    if EXPONENT == EXPONENT_ZERO:
+        value = tl.full(d.shape, 1.0, d.dtype)
+        derivative = tl.zeros(d.shape, d.dtype)
+    elif EXPONENT == EXPONENT_ONE:
+        value = magnitude
+        derivative = sign
+    elif EXPONENT == EXPONENT_ONE_AND_HALF:
+        root = tl.sqrt(magnitude)
+        value = magnitude * root
+        derivative = 1.5 * root * sign
+    elif EXPONENT == EXPONENT_TWO:
+        value = d * d
         derivative = 2.0 * d
     else:
-        magnitude = tl.abs(d)
         is_zero = magnitude == 0.0
-        # pow in float64: in float32 the rounding of beta * log|d| would reach the result
+        # pow in float64: in float32 the rounding of e * log|d| would reach the result
         # (gfl_math.h's pow_ carries that exponent in two floats instead).
         safe = tl.where(is_zero, 1.0, magnitude).to(tl.float64)
-        power = tl.exp(beta * tl.log(safe)).to(d.dtype)
-        # 0^beta is 1 for beta = 0 (as torch.pow) and 0 otherwise.
-        factor = tl.where(is_zero, tl.where(beta == 0.0, 1.0, 0.0), power)
-        derivative = tl.where(is_zero, 0.0, beta * factor / tl.where(is_zero, 1.0, d))
-    return factor, derivative
+        power = tl.exp(exponent * tl.log(safe)).to(d.dtype)
+        value = tl.where(is_zero, tl.where(exponent == 0.0, 1.0, 0.0), power)
+        derivative = tl.where(is_zero, 0.0, exponent * value / tl.where(is_zero, 1.0, d))
+    return value, derivative
 
 
 @triton.jit
-def qfl_sigmoid_element(x, y, beta, BETA_IS_TWO: tl.constexpr):
-    """BCE(x, y) = (1 - y) x + softplus(-x), softplus(-x) = max(-x, 0) + log1p(exp(-|x|));
-    dQFL/dx = factor * (sigma - y) + BCE * dfactor/dd * sigma * (1 - sigma)."""
+def bce_of_logit(x, t):
+    """BCE(x, t) = (1 - t) x + softplus(-x), softplus(-x) = max(-x, 0) + log1p(exp(-|x|));
+    returns BCE, p = sigma(x), 1 - p (without the subtraction's rounding), dBCE/dx = sigma - t
+    and dp/dx = sigma (1 - sigma)."""
     e = tl.exp(-tl.abs(x))
     softplus_neg_x = tl.maximum(-x, 0.0) + log1p_unit(e)
-    bce = (1.0 - y) * x + softplus_neg_x
     inv_one_plus_e = 1.0 / (1.0 + e)
     sigma = tl.where(x >= 0.0, inv_one_plus_e, e * inv_one_plus_e)
-    d = sigma - y
-    factor, dfactor_dd = modulating_factor(d, beta, BETA_IS_TWO)
-    dsigma_dx = e * inv_one_plus_e * inv_one_plus_e
-    return factor * bce, factor * d + bce * dfactor_dd * dsigma_dx
+    complement = tl.where(x >= 0.0, e * inv_one_plus_e, inv_one_plus_e)
+    return (1.0 - t) * x + softplus_neg_x, sigma, complement, sigma - t, e * inv_one_plus_e * inv_one_plus_e
 
 
 @triton.jit
-def qfl_probability_element(p, y, beta, BETA_IS_TWO: tl.constexpr):
-    """BCE_p = -(y max(log p, -100) + (1 - y) max(log1p(-p), -100));
-    dBCE_p/dp = (p - y) / max(p (1 - p), 1e-12), torch's backward formula."""
+def bce_of_probability(p, t):
+    """BCE_p = -(t max(log p, -100) + (1 - t) max(log1p(-p), -100));
+    returns BCE_p, p, 1 - p, dBCE_p/dp = (p - t) / max(p (1 - p), 1e-12) (torch's backward
+    formula) and dp/dp = 1."""
     log_p = tl.log(p)
     log_one_minus_p = log_one_minus(p)
     clamped_log_p = tl.where(log_p < -100.0, -100.0, log_p)  # keeps NaN
     clamped_log_one_minus_p = tl.where(log_one_minus_p < -100.0, -100.0, log_one_minus_p)
-    bce = -(y * clamped_log_p + (1.0 - y) * clamped_log_one_minus_p)
-    d = p - y
-    factor, dfactor_dd = modulating_factor(d, beta, BETA_IS_TWO)
+    bce = -(t * clamped_log_p + (1.0 - t) * clamped_log_one_minus_p)
     variance = p * (1.0 - p)
-    dbce_dp = d / tl.where(variance < 1e-12, 1e-12, variance)
-    return factor * bce, factor * dbce_dp + bce * dfactor_dd
+    return bce, p, 1.0 - p, (p - t) / tl.where(variance < 1e-12, 1e-12, variance), tl.full(p.shape, 1.0, p.dtype)
 
 
 @triton.jit
-def qfl_element(pred, y, beta, ACTIVATED: tl.constexpr, BETA_IS_TWO: tl.constexpr):
-    if ACTIVATED:
-        loss, grad = qfl_probability_element(pred, y, beta, BETA_IS_TWO)
+def modulating_weight(p, complement, t, positive, exponent, alpha_positive, alpha_negative, focal_base,
+                      weights_positives, iou_weighted, detach_weight, MODULATION: tl.constexpr,
+                      EXPONENT: tl.constexpr):
+    """w and dw/dp. QFL: |p - t|^beta. The focal family (gfl_math.h's ModulationParams):
+    m = 1 - p_t = p (1 - t) + (1 - p) t (dm/dp = 1 - 2t) if focal_base, else p - t;
+    alpha_t = alpha_positive t + alpha_negative (1 - t); w = (iou_weighted ? t : 1) on
+    positives when weights_positives, alpha_t |m|^gamma on every other element; no gradient
+    through w for positives or when detached."""
+    if MODULATION == QUALITY:
+        weight, dweight = power_of_magnitude(p - t, exponent, EXPONENT)
     else:
-        loss, grad = qfl_sigmoid_element(pred, y, beta, BETA_IS_TWO)
-    return loss, grad
+        m = tl.where(focal_base != 0, p * (1.0 - t) + complement * t, p - t)
+        slope = tl.where(focal_base != 0, 1.0 - 2.0 * t, 1.0)
+        power, dpower = power_of_magnitude(m, exponent, EXPONENT)
+        alpha_t = alpha_positive * t + alpha_negative * (1.0 - t)
+        weighted_positive = positive & (weights_positives != 0)
+        positive_weight = tl.where(iou_weighted != 0, t, 1.0)
+        weight = tl.where(weighted_positive, positive_weight, alpha_t * power)
+        dweight = tl.where(weighted_positive | (detach_weight != 0), 0.0, alpha_t * dpower * slope)
+    return weight, dweight
 
 
 @triton.jit
-def qfl_label_target(classes, labels, scores):
+def class_element(pred, t, positive, exponent, alpha_positive, alpha_negative, focal_base, weights_positives,
+                  iou_weighted, detach_weight, MODULATION: tl.constexpr, EXPONENT: tl.constexpr,
+                  ACTIVATED: tl.constexpr):
+    """w * BCE and d/dinput = w dBCE/dinput + BCE dw/dp dp/dinput."""
+    if ACTIVATED:
+        bce, p, complement, dbce, dp = bce_of_probability(pred, t)
+    else:
+        bce, p, complement, dbce, dp = bce_of_logit(pred, t)
+    weight, dweight = modulating_weight(p, complement, t, positive, exponent, alpha_positive, alpha_negative, focal_base,
+                                        weights_positives, iou_weighted, detach_weight, MODULATION, EXPONENT)
+    return weight * bce, weight * dbce + bce * dweight * dp
+
+
+@triton.jit
+def label_target(classes, labels, scores):
     """The score on the labelled class, 0 elsewhere; labels outside [0, C) match no class."""
     return tl.where(labels[:, None] == classes[None, :], scores[:, None], 0.0)
 
@@ -171,21 +225,28 @@ def store_loss(loss_ptr, anchors, anchor_mask, loss, SUM: tl.constexpr):
 
 
 @triton.jit
-def qfl_kernel(
-    pred_ptr, grad_ptr, loss_ptr, label_ptr, score_ptr, target_ptr, weight_ptr,
+def class_kernel(
+    pred_ptr, grad_ptr, loss_ptr, label_ptr, score_ptr, target_ptr, weight_ptr, class_weight_ptr,
+    element_weight_ptr, element_loss_ptr,
     num_anchors, num_classes, inner_size, outer_sizes,
     pred_class_stride, pred_inner_stride, pred_outer_strides,
     grad_class_stride, grad_inner_stride, grad_outer_strides,
     target_class_stride, target_inner_stride, target_outer_strides,
-    beta,
-    ACC_DTYPE: tl.constexpr, DENSE_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACTIVATED: tl.constexpr,
-    BETA_IS_TWO: tl.constexpr, NEED_GRAD: tl.constexpr, SUM: tl.constexpr, NUM_OUTER_DIMS: tl.constexpr,
+    element_weight_class_stride, element_weight_inner_stride, element_weight_outer_strides,
+    element_loss_class_stride, element_loss_inner_stride, element_loss_outer_strides,
+    exponent, alpha_positive, alpha_negative, focal_base, weights_positives, iou_weighted, detach_weight,
+    ACC_DTYPE: tl.constexpr, MODULATION: tl.constexpr, EXPONENT: tl.constexpr, DENSE_TARGET: tl.constexpr,
+    HAS_SCORES: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_ELEMENT_WEIGHT: tl.constexpr, STORE_ELEMENT_LOSS: tl.constexpr,
+    ACTIVATED: tl.constexpr, NEED_GRAD: tl.constexpr, SUM: tl.constexpr, NUM_OUTER_DIMS: tl.constexpr,
     BLOCK_ANCHORS: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
 ):
-    """Anchors are (outer, inner) pairs of the coalesced anchor layout (csrc/gfl_ops.h's
-    AnchorLayout): anchor a = outer * inner_size + inner sits at anchor_offsets(...) in each
-    tensor, its class c a further c * class_stride, so (N, C) rows, (B, C, H, W) planes and
-    sliced maps are all read in place."""
+    """QFL, focal and varifocal. Anchors are (outer, inner) pairs of the coalesced anchor
+    layout (csrc/gfl_ops.h's AnchorLayout): anchor a = outer * inner_size + inner sits at
+    anchor_offsets(...) in each tensor, its class c a further c * class_stride, so (N, C)
+    rows, (B, C, H, W) planes and sliced maps are all read in place. The loss of an anchor is
+    weight * sum_c class_weight[c] * element_weight * loss_c; STORE_ELEMENT_LOSS writes each
+    term (the elementwise losses' reduction "none")."""
     acc_t: tl.constexpr = ACC_DTYPE
     anchors = tl.program_id(0).to(tl.int64) * BLOCK_ANCHORS + tl.arange(0, BLOCK_ANCHORS)
     anchor_mask = anchors < num_anchors
@@ -194,29 +255,52 @@ def qfl_kernel(
     pred_rows = anchor_offsets(outer, inner, pred_inner_stride, outer_sizes, pred_outer_strides, NUM_OUTER_DIMS)
     grad_rows = anchor_offsets(outer, inner, grad_inner_stride, outer_sizes, grad_outer_strides, NUM_OUTER_DIMS)
     target_rows = anchor_offsets(outer, inner, target_inner_stride, outer_sizes, target_outer_strides, NUM_OUTER_DIMS)
+    weight_rows = anchor_offsets(outer, inner, element_weight_inner_stride, outer_sizes, element_weight_outer_strides,
+                                 NUM_OUTER_DIMS)
+    loss_rows = anchor_offsets(outer, inner, element_loss_inner_stride, outer_sizes, element_loss_outer_strides,
+                               NUM_OUTER_DIMS)
     if not DENSE_TARGET:
         labels = tl.load(label_ptr + anchors, mask=anchor_mask, other=-1)
-        scores = tl.load(score_ptr + anchors, mask=anchor_mask, other=0.0).to(acc_t)
-    if HAS_WEIGHT:  # loss = weight * sum_c QFL, and its gradient
+        if HAS_SCORES:
+            scores = tl.load(score_ptr + anchors, mask=anchor_mask, other=0.0).to(acc_t)
+        else:  # labels alone (focal): a score of 1
+            scores = tl.full([BLOCK_ANCHORS], 1.0, dtype=acc_t)
+    if HAS_WEIGHT:
         weights = tl.load(weight_ptr + anchors, mask=anchor_mask, other=0.0).to(acc_t)
     else:
         weights = tl.full([BLOCK_ANCHORS], 1.0, dtype=acc_t)
     row_loss = tl.zeros([BLOCK_ANCHORS], dtype=acc_t)
     for class_start in range(0, num_classes, BLOCK_CLASSES):
         classes = (class_start + tl.arange(0, BLOCK_CLASSES)).to(tl.int64)  # 64-bit offsets
-        mask = anchor_mask[:, None] & (classes < num_classes)[None, :]
+        class_mask = classes < num_classes
+        mask = anchor_mask[:, None] & class_mask[None, :]
         x = tl.load(pred_ptr + pred_rows[:, None] + classes[None, :] * pred_class_stride, mask=mask, other=0.5)
         if DENSE_TARGET:
-            y = tl.load(target_ptr + target_rows[:, None] + classes[None, :] * target_class_stride, mask=mask, other=0.0)
-            y = y.to(acc_t)
+            t = tl.load(target_ptr + target_rows[:, None] + classes[None, :] * target_class_stride, mask=mask, other=0.0)
+            t = t.to(acc_t)
+            positive = t > 0.0
         else:
-            y = qfl_label_target(classes, labels, scores).to(acc_t)
-        loss, grad = qfl_element(x.to(acc_t), y, beta, ACTIVATED, BETA_IS_TWO)
+            t = label_target(classes, labels, scores).to(acc_t)
+            positive = labels[:, None] == classes[None, :]
+        loss, grad = class_element(x.to(acc_t), t, positive, exponent, alpha_positive, alpha_negative, focal_base,
+                                   weights_positives, iou_weighted, detach_weight, MODULATION, EXPONENT, ACTIVATED)
+        scale = tl.full([1, BLOCK_CLASSES], 1.0, dtype=acc_t)
+        if HAS_CLASS_WEIGHT:
+            scale = tl.load(class_weight_ptr + classes, mask=class_mask, other=0.0).to(acc_t)[None, :]
+        if HAS_ELEMENT_WEIGHT:
+            element_weights = tl.load(element_weight_ptr + weight_rows[:, None] + classes[None, :] * element_weight_class_stride,
+                                      mask=mask, other=0.0)
+            scale = scale * element_weights.to(acc_t)
+        loss = scale * loss
         row_loss += tl.sum(tl.where(mask, loss, 0.0), axis=1)
+        if STORE_ELEMENT_LOSS:
+            tl.store(element_loss_ptr + loss_rows[:, None] + classes[None, :] * element_loss_class_stride,
+                     weights[:, None] * loss, mask=mask)
         if NEED_GRAD:
             grad_offsets = grad_rows[:, None] + classes[None, :] * grad_class_stride
-            tl.store(grad_ptr + grad_offsets, (weights[:, None] * grad).to(grad_ptr.dtype.element_ty), mask=mask)
-    store_loss(loss_ptr, anchors, anchor_mask, weights * row_loss, SUM)
+            tl.store(grad_ptr + grad_offsets, (weights[:, None] * scale * grad).to(grad_ptr.dtype.element_ty), mask=mask)
+    if not STORE_ELEMENT_LOSS:
+        store_loss(loss_ptr, anchors, anchor_mask, weights * row_loss, SUM)
 
 
 @triton.jit

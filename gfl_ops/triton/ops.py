@@ -26,7 +26,7 @@ _ELEMENTS_PER_PROGRAM = 4096
 _MAX_BLOCK_CLASSES = 128
 
 
-def _qfl_blocks(num_classes: int) -> Tuple[int, int]:
+def _class_blocks(num_classes: int) -> Tuple[int, int]:
     block_classes = min(triton.next_power_of_2(num_classes), _MAX_BLOCK_CLASSES)
     return max(1, _ELEMENTS_PER_PROGRAM // block_classes), block_classes
 
@@ -58,61 +58,127 @@ class _LossSink:
 
 
 # ---------------------------------------------------------------------------------------
-# Quality Focal Loss
+# The classification losses: QFL, focal, varifocal
 # ---------------------------------------------------------------------------------------
 
+# The tensors of pred's shape whose strides a classification plan records, in its order.
+_CLASS_PLAN_TENSORS = ("pred", "grad", "target", "element_weight", "element_loss")
 
-def _qfl_layout(plan: Sequence[int]):
-    """The QFL plan's numbers (csrc/gfl_plans.cpp) as the kernel's arguments: the anchor
-    layout, then (class stride, inner stride, outer strides) of pred, grad and target. Outer
-    tuples have at least one entry (size 1, stride 0), which Triton needs."""
+
+def _class_layout(plan: Sequence[int]):
+    """The classification plan's numbers (csrc/gfl_plans.cpp) as the kernel's arguments: the
+    anchor layout, then (class stride, inner stride, outer strides) of each of
+    _CLASS_PLAN_TENSORS. Outer tuples have at least one entry (size 1, stride 0), which
+    Triton needs."""
     num_anchors, num_classes, inner_size, num_outer = plan[:4]
     outer_sizes = tuple(plan[4:4 + num_outer]) or (1,)
     strides = []
     position = 4 + num_outer
-    for _ in range(3):
+    for _ in _CLASS_PLAN_TENSORS:
         outer_strides = tuple(plan[position + 2:position + 2 + num_outer]) or (0,)
         strides.extend([plan[position], plan[position + 1], outer_strides])
         position += 2 + num_outer
     return num_anchors, num_classes, inner_size, outer_sizes, strides
 
 
-def _launch_qfl(plan: Sequence[int], pred: Tensor, grad: Tensor, loss: Tensor, label: Tensor, score: Tensor,
-                target: Tensor, weight: Optional[Tensor], beta: float, activated: bool, compute_grad: bool) -> None:
-    num_anchors, num_classes, inner_size, outer_sizes, strides = _qfl_layout(plan)
-    block_anchors, block_classes = _qfl_blocks(num_classes)
-    programs = triton.cdiv(num_anchors, block_anchors)
-    sink = _LossSink(loss, programs)
-    kernels.qfl_kernel[(programs,)](
-        pred, grad if compute_grad else pred, sink.target, label, score, target,
-        sink.target if weight is None else weight.contiguous(),
-        num_anchors, num_classes, inner_size, outer_sizes, *strides, float(beta),
-        ACC_DTYPE=_acc_dtype(pred), DENSE_TARGET=target is not pred, HAS_WEIGHT=weight is not None,
-        ACTIVATED=activated, BETA_IS_TWO=float(beta) == 2.0, NEED_GRAD=compute_grad, SUM=sink.total is not None,
-        NUM_OUTER_DIMS=len(outer_sizes), BLOCK_ANCHORS=block_anchors, BLOCK_CLASSES=block_classes,
-        num_warps=_num_warps(block_anchors * block_classes),
-    )
-    sink.finish()
+class _ClassLaunch:
+    """One classification kernel call: its modulation and numbers, gfl_math.h's
+    ModulationParams as csrc/gfl_host.h's quality_params, focal_params and varifocal_params
+    make them."""
+
+    def __init__(self, modulation, exponent: float, alpha_positive: float = 1.0, alpha_negative: float = 1.0,
+                 focal_base: bool = False, weights_positives: bool = False, iou_weighted: bool = False,
+                 detach_weight: bool = False):
+        self.modulation = modulation
+        self.numbers = (float(exponent), float(alpha_positive), float(alpha_negative), int(focal_base),
+                        int(weights_positives), int(iou_weighted), int(detach_weight))
+        self.exponent_kind = kernels.exponent_kind(exponent)
+
+    def __call__(self, plan: Sequence[int], pred: Tensor, grad: Tensor, loss: Tensor, label: Optional[Tensor],
+                 score: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
+                 class_weight: Optional[Tensor], activated: bool, compute_grad: bool) -> None:
+        num_anchors, num_classes, inner_size, outer_sizes, strides = _class_layout(plan)
+        block_anchors, block_classes = _class_blocks(num_classes)
+        programs = triton.cdiv(num_anchors, block_anchors)
+        element_weight = weight is not None and weight.dim() == pred.dim()
+        per_element = loss.dim() == pred.dim()
+        sink = _LossSink(loss, programs)
+        kernels.class_kernel[(programs,)](
+            pred, grad if compute_grad else pred, sink.target,
+            label if label is not None else sink.target, score if score is not None else sink.target,
+            target if target is not None else pred,
+            weight.contiguous() if weight is not None and not element_weight else sink.target,
+            sink.target if class_weight is None else class_weight.contiguous(), weight if element_weight else sink.target, loss if per_element else sink.target,
+            num_anchors, num_classes, inner_size, outer_sizes, *strides, *self.numbers,
+            ACC_DTYPE=_acc_dtype(pred), MODULATION=self.modulation, EXPONENT=self.exponent_kind,
+            DENSE_TARGET=target is not None, HAS_SCORES=score is not None, HAS_CLASS_WEIGHT=class_weight is not None,
+            HAS_WEIGHT=weight is not None and not element_weight,
+            HAS_ELEMENT_WEIGHT=element_weight, STORE_ELEMENT_LOSS=per_element, ACTIVATED=activated,
+            NEED_GRAD=compute_grad, SUM=sink.total is not None, NUM_OUTER_DIMS=len(outer_sizes),
+            BLOCK_ANCHORS=block_anchors, BLOCK_CLASSES=block_classes,
+            num_warps=_num_warps(block_anchors * block_classes),
+        )
+        sink.finish()
 
 
-def quality_focal_loss(pred: Tensor, label: Tensor, score: Tensor, weight: Optional[Tensor], beta: float,
-                       activated: bool, reduction: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+def quality_focal_loss(pred: Tensor, label: Tensor, score: Tensor, weight: Optional[Tensor],
+                       class_weight: Optional[Tensor], beta: float, activated: bool, reduction: str,
+                       compute_grad: bool) -> Tuple[Tensor, Tensor]:
     loss, grad, plan = torch.ops.gfl_ops._quality_focal_loss_plan(
-        pred, label, score, weight, beta, activated, reduction, compute_grad
+        pred, label, score, weight, class_weight, beta, activated, reduction, compute_grad
     )
     if plan:
-        _launch_qfl(plan, pred, grad, loss, label.contiguous(), score.contiguous(), pred, weight, beta, activated,
-                    compute_grad)
+        _ClassLaunch(kernels.QUALITY, beta)(plan, pred, grad, loss, label.contiguous(), score.contiguous(), None,
+                                            weight, class_weight, activated, compute_grad)
     return loss, grad
 
 
-def quality_focal_loss_dense(pred: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, activated: bool,
-                             reduction: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+def quality_focal_loss_dense(pred: Tensor, target: Tensor, weight: Optional[Tensor], class_weight: Optional[Tensor],
+                             beta: float, activated: bool, reduction: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     loss, grad, plan = torch.ops.gfl_ops._quality_focal_loss_dense_plan(
-        pred, target, weight, beta, activated, reduction, compute_grad
+        pred, target, weight, class_weight, beta, activated, reduction, compute_grad
     )
     if plan:
-        _launch_qfl(plan, pred, grad, loss, loss, loss, target, weight, beta, activated, compute_grad)
+        _ClassLaunch(kernels.QUALITY, beta)(plan, pred, grad, loss, None, None, target, weight, class_weight,
+                                            activated, compute_grad)
+    return loss, grad
+
+
+def _labels_or_dense(target: Tensor, score: Optional[Tensor]):
+    """(label, score, dense target) of a focal or varifocal target: integer labels (with a
+    score, or alone: focal's, a score of 1) or a dense float tensor."""
+    if target.dtype.is_floating_point:
+        return None, None, target
+    return target.contiguous(), None if score is None else score.contiguous(), None
+
+
+def sigmoid_focal_loss(pred: Tensor, target: Tensor, weight: Optional[Tensor], class_weight: Optional[Tensor],
+                       alpha: float, gamma: float, activated: bool, reduction: str,
+                       compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    loss, grad, plan = torch.ops.gfl_ops._sigmoid_focal_loss_plan(
+        pred, target, weight, class_weight, alpha, gamma, activated, reduction, compute_grad
+    )
+    if plan:
+        # alpha_t = alpha t + (1 - alpha)(1 - t), or 1 for alpha < 0 (gfl_host.h's focal_params).
+        alphas = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
+        launch = _ClassLaunch(kernels.FOCAL_FAMILY, gamma, *alphas, focal_base=True)
+        launch(plan, pred, grad, loss, *_labels_or_dense(target, None), weight, class_weight, activated,
+               compute_grad)
+    return loss, grad
+
+
+def varifocal_loss(pred: Tensor, target: Tensor, score: Optional[Tensor], weight: Optional[Tensor],
+                   class_weight: Optional[Tensor], alpha: float, gamma: float, iou_weighted: bool, detach_weight: bool,
+                   activated: bool, reduction: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    loss, grad, plan = torch.ops.gfl_ops._varifocal_loss_plan(
+        pred, target, score, weight, class_weight, alpha, gamma, iou_weighted, detach_weight, activated, reduction,
+        compute_grad,
+    )
+    if plan:
+        launch = _ClassLaunch(kernels.FOCAL_FAMILY, gamma, alpha, alpha, weights_positives=True,
+                              iou_weighted=iou_weighted, detach_weight=detach_weight)
+        launch(plan, pred, grad, loss, *_labels_or_dense(target, score), weight, class_weight, activated,
+               compute_grad)
     return loss, grad
 
 
@@ -164,6 +230,8 @@ def distribution_integral(pred: Tensor, grad_scale: Optional[Tensor], compute_gr
 KERNELS = {
     "quality_focal_loss": quality_focal_loss,
     "quality_focal_loss_dense": quality_focal_loss_dense,
+    "sigmoid_focal_loss": sigmoid_focal_loss,
+    "varifocal_loss": varifocal_loss,
     "distribution_focal_loss": distribution_focal_loss,
     "distribution_integral": distribution_integral,
 }

@@ -58,7 +58,7 @@ namespace {
 // The CUDA launchers on the emulator's default stream, for NativeKernels (gfl_host.h).
 struct EmulatedCudaDevice {
   using Guard = NoDeviceGuard;
-  static cuda::QflLaunch qfl(const at::Tensor& pred) { return {nullptr, pred.options()}; }
+  static cuda::ClassLaunch classification(const at::Tensor& pred) { return {nullptr, pred.options()}; }
   static cuda::DflLaunch dfl(const at::Tensor& pred) { return {nullptr, pred.options()}; }
   static cuda::IntegralLaunch integral(const at::Tensor& /*pred*/) { return {nullptr}; }
 };

@@ -1,4 +1,4 @@
-"""The ops the benchmark measures, one module per family (qfl.py, dfl.py, integral.py),
+"""The ops the benchmark measures, one module per family (qfl.py, family.py, dfl.py, integral.py),
 and what the harness does with any of them: build its cases, its inputs, its byte model."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from ..cases import CHANNEL_FIRST_BATCH, LAYOUTS, Case, Inputs, OpSpec
-from . import dfl, integral, qfl
+from . import dfl, family, integral, qfl
 
-OP_SPECS: Dict[str, OpSpec] = {spec.name: spec for spec in (*qfl.SPECS, dfl.SPEC, integral.SPEC)}
+OP_SPECS: Dict[str, OpSpec] = {spec.name: spec for spec in (*qfl.SPECS, *family.SPECS, dfl.SPEC, integral.SPEC)}
 OPS = tuple(OP_SPECS)
 ROW_OPS = tuple(name for name, spec in OP_SPECS.items() if spec.layouts == ("rows",))  # DFL's shapes
 
@@ -43,7 +43,7 @@ def build_cases(
     qfl_shapes: Sequence[Tuple[int, int]],
     dfl_shapes: Sequence[Tuple[int, int]],
     layouts: Sequence[str] = LAYOUTS,
-    channel_first_ops: Sequence[str] = ("qfl", "qfl_prob"),
+    channel_first_ops: Sequence[str] = ("qfl", "qfl_prob", "focal"),
 ) -> List[Case]:
     """qfl / qfl_prob in each of `layouts` (channel-first only for channel_first_ops),
     qfl_dense in (N, C) only (a dense target comes from the assigner as (N, C)), dfl and

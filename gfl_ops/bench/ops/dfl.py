@@ -38,6 +38,6 @@ SPEC = OpSpec(
     reference=reference.distribution_focal_loss,
     inputs=_inputs,
     target_bytes=lambda case: case.rows * 2 * torch.float32.itemsize,  # target, weight
-    mmdet=lambda case, device: mmdet_style.dfl_loss,
+    peers={"mmdet": lambda case, device: mmdet_style.dfl_loss},
     layouts=("rows",),
 )

@@ -28,7 +28,7 @@ SPEC = OpSpec(
     reference=reference.distribution_integral,
     inputs=_inputs,
     target_bytes=lambda case: case.rows * case.dtype.itemsize,  # writes E
-    mmdet=_mmdet,
+    peers={"mmdet": _mmdet},
     layouts=("rows",),
     backward_bytes=lambda case: case.rows * case.dtype.itemsize,  # reads dE
 )

@@ -1,5 +1,6 @@
 """QFL's cases: on logits (qfl) and on probabilities (qfl_prob) with label / score targets,
-and against a dense soft target (qfl_dense), as (N, C) and as a channel-first head output.
+and against a dense soft target (qfl_dense; qfl_dense_beta0 is YOLOv8's soft-target BCE,
+qfl_dense_beta1.5 the pow-free half-integer), as (N, C) and as a channel-first head output.
 
 Shapes from docs/MATH.md: anchors N (2 images of GFL at 800x1344, YOLOv8 batches) x 80 COCO
 classes, and LVIS's 1203 classes at N = 8400.
@@ -35,14 +36,18 @@ def _label_score(case: Case, generator: torch.Generator):
     return label.view(case.anchor_shape), score.view(case.anchor_shape).to(case.dtype), num_positive
 
 
+# The dense-target cases at other betas: YOLOv8's soft-target BCE (beta = 0) and 1.5.
+DENSE_BETAS = {"qfl_dense": BETA, "qfl_dense_beta0": 0.0, "qfl_dense_beta1.5": 1.5}
+
+
 def _inputs(case: Case, generator: torch.Generator, device: torch.device) -> Inputs:
     """avg_factor = the count of positives as a 0-dim tensor, as the heads pass it."""
     label, score, num_positive = _label_score(case, generator)
     logits = torch.randn(*case.pred_shape, generator=generator)
     pred = torch.sigmoid(logits) if case.op == "qfl_prob" else logits
     pred = pred.to(device=device, dtype=case.dtype).requires_grad_()
-    options = dict(beta=BETA, avg_factor=torch.tensor(float(num_positive), device=device))
-    if case.op == "qfl_dense":
+    options = dict(beta=DENSE_BETAS.get(case.op, BETA), avg_factor=torch.tensor(float(num_positive), device=device))
+    if case.op in DENSE_BETAS:
         target = reference.dense_target_from_labels(logits, label, score)
         return Inputs(pred, (target.to(device=device, dtype=case.dtype),), options)
     options["activated"] = case.op == "qfl_prob"
@@ -61,20 +66,26 @@ def _label_score_spec(name: str) -> OpSpec:
         reference=reference.quality_focal_loss,
         inputs=_inputs,
         target_bytes=_label_score_bytes,
-        mmdet=lambda case, device: mmdet_style.qfl_loss,
+        peers={"mmdet": lambda case, device: mmdet_style.qfl_loss},
     )
 
 
 QFL = _label_score_spec("qfl")
 QFL_PROB = _label_score_spec("qfl_prob")
-QFL_DENSE = OpSpec(
-    name="qfl_dense",
-    operator="quality_focal_loss_dense",
-    public=functional.quality_focal_loss_dense,
-    reference=reference.quality_focal_loss_dense,
-    inputs=_inputs,
-    target_bytes=lambda case: case.pred_bytes,  # a dense target in pred's dtype
-    mmdet=lambda case, device: mmdet_style.qfl_dense_loss,
-    layouts=("nc",),  # a dense target comes from the assigner as (N, C)
-)
-SPECS = (QFL, QFL_PROB, QFL_DENSE)
+
+
+def _dense_spec(name: str) -> OpSpec:
+    return OpSpec(
+        name=name,
+        operator="quality_focal_loss_dense",
+        public=functional.quality_focal_loss_dense,
+        reference=reference.quality_focal_loss_dense,
+        inputs=_inputs,
+        target_bytes=lambda case: case.pred_bytes,  # a dense target in pred's dtype
+        peers={"mmdet": lambda case, device: mmdet_style.qfl_dense_loss},
+        layouts=("nc",),  # a dense target comes from the assigner as (N, C)
+    )
+
+
+QFL_DENSE = _dense_spec("qfl_dense")
+SPECS = (QFL, QFL_PROB, QFL_DENSE) + tuple(_dense_spec(name) for name in DENSE_BETAS if name != "qfl_dense")
