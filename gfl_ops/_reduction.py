@@ -34,6 +34,15 @@ def mean_of_sum(total: Tensor, count: int, avg_factor: Optional[Union[float, Ten
     return total / (avg_factor + _FLOAT32_EPS)
 
 
+def elementwise_weight(weight: Optional[Tensor], loss: Tensor) -> Optional[Tensor]:
+    """The weight of an elementwise loss (focal, varifocal: pred's shape) as mmdetection
+    applies it: one per anchor, viewed with a class dimension 1 of size 1 to broadcast over
+    the classes (its weight.view(-1, 1)), or one per element as it is."""
+    if weight is not None and weight.dim() == loss.dim() - 1:
+        return weight.unsqueeze(1)
+    return weight
+
+
 def weight_reduce_loss(
     loss: Tensor,
     weight: Optional[Tensor] = None,

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import _backends, _checks, _ops, reference
 from ._checks import AvgFactor
 from ._ops import gradient_pass, set_gradient_pass  # noqa: F401  (part of this module's API)
-from ._reduction import check_reduction, mean_of_sum, weight_reduce_loss
+from ._reduction import check_reduction, elementwise_weight, mean_of_sum, weight_reduce_loss
 
 
 def _accumulate_dtype(pred: Tensor) -> torch.dtype:
@@ -80,10 +80,7 @@ def _reduced_elementwise_loss(operator_loss, reference_loss, pred: Tensor, weigh
     """_reduced_loss for the elementwise losses (focal, varifocal): a loss of pred's shape,
     its weight of the anchor shape (broadcast over classes) or of pred's, its "mean" over
     every element (or sum / (avg_factor + eps))."""
-    if weight is not None and weight.dim() < pred.dim():
-        broadcast_weight = weight.unsqueeze(1)
-    else:
-        broadcast_weight = weight
+    broadcast_weight = elementwise_weight(weight, pred)
     if backend == "reference":
         return weight_reduce_loss(reference_loss(), broadcast_weight, reduction, avg_factor)
     kernel_weight = _kernel_weight(pred, weight)

@@ -25,7 +25,36 @@ def _reduction(default: str, override: Optional[str]) -> str:
     return override if override else default
 
 
-class QualityFocalLoss(nn.Module):
+class _ClassificationLoss(nn.Module):
+    """What the classification modules share: mmdetection's use_sigmoid (True only),
+    reduction and loss_weight, and activated and backend, checked when the model is built."""
+
+    def __init__(self, use_sigmoid: bool, reduction: str, loss_weight: float, activated: bool, backend: str) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if use_sigmoid is not True:
+            raise ValueError(f"{name}: only the sigmoid form (use_sigmoid=True) is supported")
+        _checks.check_module_reduction(reduction, name)
+        _checks.check_loss_weight(loss_weight, name)
+        _checks.check_flag(activated, "activated", name)
+        _checks.check_backend_name(backend, name)
+        self.use_sigmoid = use_sigmoid
+        self.reduction = reduction
+        self.loss_weight = loss_weight
+        self.activated = activated
+        self.backend = backend
+
+    def _options(self, weight: Optional[Tensor], avg_factor: AvgFactor, reduction_override: Optional[str]) -> dict:
+        """The functional API's keyword arguments every call shares."""
+        return dict(weight=weight, reduction=_reduction(self.reduction, reduction_override), avg_factor=avg_factor,
+                    activated=self.activated, backend=self.backend)
+
+    def _common_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, activated={self.activated}, "
+                f"backend={self.backend!r}")
+
+
+class QualityFocalLoss(_ClassificationLoss):
     """Quality Focal Loss (GFL), as mmdet.models.losses.QualityFocalLoss.
 
     forward(pred, target, weight=None, avg_factor=None, reduction_override=None), where
@@ -41,21 +70,9 @@ class QualityFocalLoss(nn.Module):
         activated: bool = False,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        name = "QualityFocalLoss"
-        if use_sigmoid is not True:
-            raise ValueError(f"{name}: only the sigmoid form (use_sigmoid=True) is supported")
-        _checks.check_exponent(beta, "beta", name)
-        _checks.check_module_reduction(reduction, name)
-        _checks.check_loss_weight(loss_weight, name)
-        _checks.check_flag(activated, "activated", name)
-        _checks.check_backend_name(backend, name)
-        self.use_sigmoid = use_sigmoid
+        super().__init__(use_sigmoid, reduction, loss_weight, activated, backend)
+        _checks.check_exponent(beta, "beta", "QualityFocalLoss")
         self.beta = beta
-        self.reduction = reduction
-        self.loss_weight = loss_weight
-        self.activated = activated
-        self.backend = backend
 
     def forward(
         self,
@@ -65,14 +82,7 @@ class QualityFocalLoss(nn.Module):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
-        options = dict(
-            beta=self.beta,
-            weight=weight,
-            reduction=_reduction(self.reduction, reduction_override),
-            avg_factor=avg_factor,
-            activated=self.activated,
-            backend=self.backend,
-        )
+        options = dict(beta=self.beta, **self._options(weight, avg_factor, reduction_override))
         if isinstance(target, Tensor):
             loss = functional.quality_focal_loss_dense(pred, target, **options)
         else:
@@ -83,15 +93,12 @@ class QualityFocalLoss(nn.Module):
         return self.loss_weight * loss
 
     def extra_repr(self) -> str:
-        return (
-            f"beta={self.beta}, reduction={self.reduction!r}, loss_weight={self.loss_weight}, "
-            f"activated={self.activated}, backend={self.backend!r}"
-        )
+        return f"beta={self.beta}, {self._common_repr()}"
 
 
 def _elementwise_weight(pred: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
-    """mmdetection's focal weights: the anchor shape or pred's, or (N * C,) for (N, C) pred
-    (FSAF flattens its per-class weights), viewed as pred's shape."""
+    """mmdetection's focal weights: the anchor shape or pred's as they are, or (N * C,) for
+    (N, C) pred (FSAF flattens its per-class weights) viewed as pred's shape."""
     if weight is not None and pred.dim() == 2 and weight.dim() == 1 and weight.shape[0] != pred.shape[0] and (
         weight.numel() == pred.numel()
     ):
@@ -99,7 +106,7 @@ def _elementwise_weight(pred: Tensor, weight: Optional[Tensor]) -> Optional[Tens
     return weight
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(_ClassificationLoss):
     """Sigmoid focal loss, as mmdet.models.losses.FocalLoss (use_sigmoid=True).
 
     forward(pred, target, weight=None, avg_factor=None, reduction_override=None), where
@@ -118,23 +125,11 @@ class FocalLoss(nn.Module):
         activated: bool = False,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        name = "FocalLoss"
-        if use_sigmoid is not True:
-            raise ValueError(f"{name}: only the sigmoid form (use_sigmoid=True) is supported")
-        _checks.check_exponent(gamma, "gamma", name)
-        _checks.check_alpha(alpha, name)
-        _checks.check_module_reduction(reduction, name)
-        _checks.check_loss_weight(loss_weight, name)
-        _checks.check_flag(activated, "activated", name)
-        _checks.check_backend_name(backend, name)
-        self.use_sigmoid = use_sigmoid
+        super().__init__(use_sigmoid, reduction, loss_weight, activated, backend)
+        _checks.check_exponent(gamma, "gamma", "FocalLoss")
+        _checks.check_alpha(alpha, "FocalLoss")
         self.gamma = gamma
         self.alpha = alpha
-        self.reduction = reduction
-        self.loss_weight = loss_weight
-        self.activated = activated
-        self.backend = backend
 
     def forward(
         self,
@@ -144,27 +139,15 @@ class FocalLoss(nn.Module):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
-        loss = functional.sigmoid_focal_loss(
-            pred,
-            target,
-            alpha=self.alpha,
-            gamma=self.gamma,
-            weight=_elementwise_weight(pred, weight),
-            reduction=_reduction(self.reduction, reduction_override),
-            avg_factor=avg_factor,
-            activated=self.activated,
-            backend=self.backend,
-        )
+        options = self._options(_elementwise_weight(pred, weight), avg_factor, reduction_override)
+        loss = functional.sigmoid_focal_loss(pred, target, alpha=self.alpha, gamma=self.gamma, **options)
         return self.loss_weight * loss
 
     def extra_repr(self) -> str:
-        return (
-            f"gamma={self.gamma}, alpha={self.alpha}, reduction={self.reduction!r}, loss_weight={self.loss_weight}, "
-            f"activated={self.activated}, backend={self.backend!r}"
-        )
+        return f"gamma={self.gamma}, alpha={self.alpha}, {self._common_repr()}"
 
 
-class VarifocalLoss(nn.Module):
+class VarifocalLoss(_ClassificationLoss):
     """Varifocal loss (VFNet), as mmdet.models.losses.VarifocalLoss (use_sigmoid=True).
 
     forward(pred, target, weight=None, avg_factor=None, reduction_override=None), where
@@ -185,27 +168,16 @@ class VarifocalLoss(nn.Module):
         activated: bool = False,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__(use_sigmoid, reduction, loss_weight, activated, backend)
         name = "VarifocalLoss"
-        if use_sigmoid is not True:
-            raise ValueError(f"{name}: only the sigmoid form (use_sigmoid=True) is supported")
         _checks.check_finite(alpha, "alpha", name)
         _checks.check_exponent(gamma, "gamma", name)
-        for flag_name, flag in (("iou_weighted", iou_weighted), ("detach_weight", detach_weight),
-                                ("activated", activated)):
-            _checks.check_flag(flag, flag_name, name)
-        _checks.check_module_reduction(reduction, name)
-        _checks.check_loss_weight(loss_weight, name)
-        _checks.check_backend_name(backend, name)
-        self.use_sigmoid = use_sigmoid
+        _checks.check_flag(iou_weighted, "iou_weighted", name)
+        _checks.check_flag(detach_weight, "detach_weight", name)
         self.alpha = alpha
         self.gamma = gamma
         self.iou_weighted = iou_weighted
-        self.reduction = reduction
-        self.loss_weight = loss_weight
         self.detach_weight = detach_weight
-        self.activated = activated
-        self.backend = backend
 
     def forward(
         self,
@@ -215,27 +187,16 @@ class VarifocalLoss(nn.Module):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        options = self._options(_elementwise_weight(pred, weight), avg_factor, reduction_override)
         loss = functional.varifocal_loss(
-            pred,
-            tuple(target) if isinstance(target, list) else target,
-            alpha=self.alpha,
-            gamma=self.gamma,
-            iou_weighted=self.iou_weighted,
-            detach_weight=self.detach_weight,
-            weight=_elementwise_weight(pred, weight),
-            reduction=_reduction(self.reduction, reduction_override),
-            avg_factor=avg_factor,
-            activated=self.activated,
-            backend=self.backend,
+            pred, tuple(target) if isinstance(target, list) else target, alpha=self.alpha, gamma=self.gamma,
+            iou_weighted=self.iou_weighted, detach_weight=self.detach_weight, **options,
         )
         return self.loss_weight * loss
 
     def extra_repr(self) -> str:
-        return (
-            f"alpha={self.alpha}, gamma={self.gamma}, iou_weighted={self.iou_weighted}, "
-            f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, detach_weight={self.detach_weight}, "
-            f"activated={self.activated}, backend={self.backend!r}"
-        )
+        return (f"alpha={self.alpha}, gamma={self.gamma}, iou_weighted={self.iou_weighted}, "
+                f"detach_weight={self.detach_weight}, {self._common_repr()}")
 
 
 class DistributionFocalLoss(nn.Module):

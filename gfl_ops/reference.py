@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._reduction import weight_reduce_loss
+from ._reduction import elementwise_weight, weight_reduce_loss
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -297,14 +297,6 @@ def quality_focal_loss_dense(
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 
-def _elementwise_weight(weight: Optional[Tensor], loss: Tensor) -> Optional[Tensor]:
-    """mmdetection's weight of an elementwise loss: one per anchor (the anchor shape, viewed
-    with a class dim of 1 to broadcast over classes) or one per element (pred's shape)."""
-    if weight is not None and weight.dim() == loss.dim() - 1:
-        return weight.unsqueeze(1)
-    return weight
-
-
 def sigmoid_focal_loss(
     pred: Tensor,
     target: Tensor,
@@ -320,7 +312,7 @@ def sigmoid_focal_loss(
     """sigmoid_focal_loss_elementwise, times weight, then weight_reduce_loss: "mean" averages
     over all N x C elements, or is sum / (avg_factor + eps) (mmdetection's FocalLoss)."""
     loss = sigmoid_focal_loss_elementwise(pred, target, alpha, gamma, activated, class_weight=class_weight)
-    return weight_reduce_loss(loss, _elementwise_weight(weight, loss), reduction, avg_factor)
+    return weight_reduce_loss(loss, elementwise_weight(weight, loss), reduction, avg_factor)
 
 
 def varifocal_loss(
@@ -342,7 +334,7 @@ def varifocal_loss(
     loss = varifocal_loss_elementwise(
         pred, target, score, alpha, gamma, iou_weighted, detach_weight, activated, class_weight=class_weight
     )
-    return weight_reduce_loss(loss, _elementwise_weight(weight, loss), reduction, avg_factor)
+    return weight_reduce_loss(loss, elementwise_weight(weight, loss), reduction, avg_factor)
 
 
 def distribution_focal_loss(

@@ -125,7 +125,7 @@ def test_peak_memory_counts_the_allocations_of_a_step():
 
 
 @pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
-@pytest.mark.parametrize("op", ["qfl", "dfl", "integral"])
+@pytest.mark.parametrize("op", ["qfl", "focal", "varifocal", "dfl", "integral"])
 def test_a_native_training_step_holds_one_buffer_of_preds_size(op, gradient_pass, set_gradient_pass):
     """Forward + backward holds the gradient (which becomes pred.grad without a copy): no
     second pred-sized buffer, and for a reduced loss no per-anchor loss vector either (the
@@ -136,7 +136,8 @@ def test_a_native_training_step_holds_one_buffer_of_preds_size(op, gradient_pass
     if "native" not in bench.available_providers(op, torch.device("cpu")):
         pytest.skip("the native CPU kernels are not built")
     set_gradient_pass("cpu", gradient_pass)
-    case = bench.Case(op, 4096, 17 if op != "qfl" else 80, "nc" if op == "qfl" else "rows", torch.float32)
+    classes = op in ("qfl", "focal", "varifocal")
+    case = bench.Case(op, 4096, 80 if classes else 17, "nc" if classes else "rows", torch.float32)
     inputs = bench.make_inputs(case, torch.device("cpu"))
     fn = bench.make_provider("native", case, torch.device("cpu"))
     bench.run_step(fn, inputs, "full")  # first call outside the measurement

@@ -287,3 +287,75 @@ def test_module_losses_are_differentiable_end_to_end():
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     for a, b in zip(g_ours, g_theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# FocalLoss and VarifocalLoss against mmdetection-style eager code (mmdet_style.focal_loss,
+# varifocal_loss: mmdetection 3.3.0's py_sigmoid_focal_loss and varifocal_loss)
+# --------------------------------------------------------------------------------------
+
+
+def _labels_and_weights(gen, n=24, c=7):
+    pred = torch.randn(n, c, generator=gen, dtype=torch.float64) * 2
+    label = torch.randint(0, c + 3, (n,), generator=gen)  # background: C and above
+    label[label > c] = c
+    return pred, label, torch.rand(n, generator=gen, dtype=torch.float64), torch.rand(n * c, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(), dict(avg_factor=5.0), dict(reduction_override="sum"),
+                                     dict(reduction_override="none")], ids=str)
+@pytest.mark.parametrize("weighting", ["none", "anchor", "flat_element"])
+def test_focal_loss_module_matches_mmdetection(backend, options, weighting):
+    gen = make_generator("nn-focal", options, weighting)
+    pred, label, anchor_weight, flat_weight = _labels_and_weights(gen)
+    weight = {"none": None, "anchor": anchor_weight, "flat_element": flat_weight}[weighting]
+    module = gfl_ops.nn.FocalLoss(gamma=2.0, alpha=0.25, loss_weight=0.5, backend=backend)
+    leaf, leaf_mm = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    loss = module(leaf, label, weight=weight, **options)
+    reduction = options.get("reduction_override", "mean")
+    mm_weight = None if weight is None else weight.view(pred.shape) if weighting == "flat_element" else weight
+    expected = 0.5 * mm.focal_loss(leaf_mm, label, alpha=0.25, gamma=2.0, weight=mm_weight, reduction=reduction,
+                                   avg_factor=options.get("avg_factor"))
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    (grad_mm,) = torch.autograd.grad(expected.sum(), leaf_mm)
+    torch.testing.assert_close(grad, grad_mm, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("iou_weighted", [True, False])
+@pytest.mark.parametrize("gamma", [2.0, 1.5])
+def test_varifocal_loss_module_matches_mmdetection(backend, iou_weighted, gamma):
+    gen = make_generator("nn-varifocal", iou_weighted, gamma)
+    pred = torch.randn(3, 2, 4, 5, generator=gen, dtype=torch.float64)  # a (B, C, H, W) head output, in place
+    target = torch.rand(pred.shape, generator=gen, dtype=torch.float64) * (torch.rand(pred.shape, generator=gen) < 0.3)
+    module = gfl_ops.nn.VarifocalLoss(alpha=0.75, gamma=gamma, iou_weighted=iou_weighted, backend=backend)
+    leaf, leaf_mm = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    loss = module(leaf, target, avg_factor=7.0)
+    expected = mm.varifocal_loss(leaf_mm, target, alpha=0.75, gamma=gamma, iou_weighted=iou_weighted, avg_factor=7.0)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    (grad_mm,) = torch.autograd.grad(expected, leaf_mm)
+    torch.testing.assert_close(grad, grad_mm, rtol=1e-10, atol=1e-12)
+
+
+def test_varifocal_loss_module_takes_label_score_pairs():
+    """(label, score), as a list or a tuple, equals the dense target built from them when no
+    positive has score 0 (where the two forms' positives rules differ)."""
+    gen = make_generator("nn-varifocal-pairs")
+    pred, label, score, _ = _labels_and_weights(gen)
+    score = score.clamp_min(0.05)
+    module = gfl_ops.nn.VarifocalLoss(detach_weight=True, backend="native")
+    dense = gfl_ops.reference.dense_target_from_labels(pred, label, score)
+    for target in ((label, score), [label, score]):
+        torch.testing.assert_close(module(pred, target), module(pred, dense), rtol=1e-12, atol=0)
+
+
+def test_focal_family_module_defaults_and_repr():
+    focal, varifocal = gfl_ops.nn.FocalLoss(), gfl_ops.nn.VarifocalLoss()
+    assert (focal.gamma, focal.alpha, focal.reduction, focal.loss_weight) == (2.0, 0.25, "mean", 1.0)
+    assert (varifocal.alpha, varifocal.gamma, varifocal.iou_weighted, varifocal.detach_weight) == (0.75, 2.0, True, False)
+    assert "gamma=2.0, alpha=0.25" in repr(focal) and "iou_weighted=True" in repr(varifocal)
+    with pytest.raises(ValueError, match="reduction_override must be None or one of"):
+        focal(torch.randn(2, 3), torch.tensor([0, 3]), reduction_override="avg")

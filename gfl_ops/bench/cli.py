@@ -38,7 +38,7 @@ def _parse_shapes(text: str) -> List[Tuple[int, int]]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gfl_ops bench",
-        description="Benchmark gfl_ops against the eager reference, torch.compile and mmdetection-style eager.",
+        description="Benchmark gfl_ops against the eager reference, torch.compile and the eager code users run today (mmdetection, torchvision, ultralytics).",
         epilog="On CPU the default set skips QFL N=358400 and 537600, DFL 262144 rows, qfl_prob's channel-first "
         "layout and bfloat16 (pass --full / --dtype fp32 bf16). GPU runs write benchmarks/results/<device>.json "
         "unless --json is given; CPU runs write JSON only to --json. Explicit options override what "

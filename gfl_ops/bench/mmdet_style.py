@@ -228,8 +228,9 @@ def focal_loss(
     pt = (1 - pred_sigmoid) * target + pred_sigmoid * (1 - target)
     focal_weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
     loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none") * focal_weight
-    if weight is not None:
-        weight = weight.reshape(-1, 1)
+    if weight is not None and weight.shape != loss.shape:
+        # (N,) per anchor, or (N * C,) per element flattened (FSAF)
+        weight = weight.view(-1, 1) if weight.size(0) == loss.size(0) else weight.view(loss.size(0), -1)
     return weight_reduce_loss(loss, weight, reduction, avg_factor)
 
 
