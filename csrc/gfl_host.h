@@ -157,8 +157,9 @@ std::tuple<at::Tensor, at::Tensor> class_loss_impl(const at::Tensor& pred, const
           target_reader,
           layout, strides[0], strides[1], strides[2], strides[3], strides[4],
           {static_cast<acc_t>(params.exponent), static_cast<acc_t>(params.alpha_positive),
-           static_cast<acc_t>(params.alpha_negative), params.focal_base, params.weights_positives,
-           params.iou_weighted, params.detach_weight}};
+           static_cast<acc_t>(params.alpha_negative), static_cast<acc_t>(params.focal_base),
+           static_cast<acc_t>(params.weights_positives), static_cast<acc_t>(params.iou_weighted),
+           static_cast<acc_t>(params.detach_weight)}};
       launch(std::integral_constant<math::Modulation, kModulation>{}, args, call.activated, call.compute_grad, walk,
              outputs.total_data<acc_t>());
     };
@@ -182,19 +183,19 @@ std::tuple<at::Tensor, at::Tensor> class_loss_impl(const at::Tensor& pred, const
 }
 
 // The modulation numbers of each loss (math::ModulationParams). QFL's: beta alone.
-inline math::ModulationParams<double> quality_params(double beta) { return {beta, 1.0, 1.0, false, false, false, false}; }
+inline math::ModulationParams<double> quality_params(double beta) { return {beta, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0}; }
 
 // Focal's: m = 1 - p_t, alpha_t = alpha t + (1 - alpha)(1 - t), or 1 when alpha < 0
 // (torchvision's rule).
 inline math::ModulationParams<double> focal_params(double alpha, double gamma) {
   const bool weighted = alpha >= 0;
-  return {gamma, weighted ? alpha : 1.0, weighted ? 1.0 - alpha : 1.0, true, false, false, false};
+  return {gamma, weighted ? alpha : 1.0, weighted ? 1.0 - alpha : 1.0, 1.0, 0.0, 0.0, 0.0};
 }
 
 // Varifocal's: m = p - t and alpha on the negatives; the positives weighted by t (or 1).
 inline math::ModulationParams<double> varifocal_params(double alpha, double gamma, bool iou_weighted,
                                                        bool detach_weight) {
-  return {gamma, alpha, alpha, false, true, iou_weighted, detach_weight};
+  return {gamma, alpha, alpha, 0.0, 1.0, iou_weighted ? 1.0 : 0.0, detach_weight ? 1.0 : 0.0};
 }
 
 // The target of the focal and varifocal operators: integer labels of the anchor shape (with

@@ -405,26 +405,28 @@ GFL_HOST_DEVICE BceParts<acc_t> bce_of_probability(acc_t p, acc_t t) {
 enum class Modulation { kQuality, kFocalFamily };
 
 // The numbers of the focal family's weight, one formula for focal and varifocal:
-//   m       = 1 - p_t = p (1 - t) + (1 - p) t    (dm/dp = 1 - 2t) when focal_base,
-//             p - t                              (dm/dp = 1)      otherwise
+//   m       = 1 - p_t = p (1 - t) + (1 - p) t    (dm/dp = 1 - 2t) with focal_base = 1,
+//             p - t                              (dm/dp = 1)      with focal_base = 0
 //   alpha_t = alpha_positive * t + alpha_negative * (1 - t)
-//   w       = positive_weight                    on a positive, when weights_positives
+//   w       = t (iou_weighted = 1) or 1 (0)      on a positive, with weights_positives = 1
 //           = alpha_t * |m|^exponent             on every other element
-//   dw/dp   = alpha_t * d|m|^exponent/dm * dm/dp, 0 for positives and when detached
-// focal:     focal_base, alphas (alpha, 1 - alpha) (or (1, 1) with the alpha weighting off),
-//            no positives; varifocal: alphas (alpha, alpha), positives weighted by t (or 1),
-//            detached for RT-DETR/D-FINE/DEIM. QFL's beta is `exponent` too. 1 - p_t is
-//            summed from p and 1 - p, both >= 0 for t in [0, 1]: no cancellation (p + t - 2pt
-//            would lose 1 - p's digits where p is near 1).
+//   dw/dp   = alpha_t * d|m|^exponent/dm * dm/dp, 0 for positives and with detach_weight = 1
+// focal:     focal_base 1, alphas (alpha, 1 - alpha) (or (1, 1) with the alpha weighting
+//            off), no positives; varifocal: focal_base 0, alphas (alpha, alpha), positives
+//            weighted, detached for RT-DETR/D-FINE/DEIM. QFL's beta is `exponent` too.
+// The switches are numbers, 0 or 1, used in arithmetic (a bool member read in the class loop
+// kept GCC from vectorising it: scalar code, 10x slower). 1 - p_t is summed from p and 1 - p,
+// both >= 0 for t in [0, 1]: no cancellation (p + t - 2pt would lose 1 - p's digits where p
+// is near 1).
 template <typename acc_t>
 struct ModulationParams {
   acc_t exponent;        // beta (QFL) or gamma
   acc_t alpha_positive;
   acc_t alpha_negative;
-  bool focal_base;       // m = 1 - p_t, else p - t
-  bool weights_positives;
-  bool iou_weighted;     // a positive's weight is t, else 1
-  bool detach_weight;
+  acc_t focal_base;         // 1: m = 1 - p_t; 0: m = p - t
+  acc_t weights_positives;  // 1: positives take positive_weight
+  acc_t iou_weighted;       // 1: a positive's weight is t; 0: 1
+  acc_t detach_weight;      // 1: w carries no gradient
 };
 
 // w and dw/dp of one element of probability p (and 1 - p, `complement`). `positive` is the
@@ -435,13 +437,14 @@ GFL_HOST_DEVICE LossAndGrad<acc_t> modulating_weight(acc_t p, acc_t complement, 
   if constexpr (kModulation == Modulation::kQuality) {
     return power_of_magnitude<kExponent>(p - t, params.exponent);
   } else {
-    const acc_t m = params.focal_base ? p * (acc_t(1) - t) + complement * t : p - t;
-    const acc_t slope = params.focal_base ? acc_t(1) - acc_t(2) * t : acc_t(1);  // dm/dp
+    const acc_t focal_t = params.focal_base * t;
+    const acc_t m = p * (acc_t(1) - focal_t) + complement * focal_t + (params.focal_base - acc_t(1)) * t;
+    const acc_t slope = acc_t(1) - acc_t(2) * focal_t;  // dm/dp
     const LossAndGrad<acc_t> power = power_of_magnitude<kExponent>(m, params.exponent);
     const acc_t alpha_t = params.alpha_positive * t + params.alpha_negative * (acc_t(1) - t);
-    const bool weighted_positive = params.weights_positives && positive;
-    const acc_t positive_weight = params.iou_weighted ? t : acc_t(1);
-    const bool constant = weighted_positive || params.detach_weight;
+    const bool weighted_positive = positive & (params.weights_positives != acc_t(0));
+    const acc_t positive_weight = params.iou_weighted * t + (acc_t(1) - params.iou_weighted);
+    const bool constant = weighted_positive | (params.detach_weight != acc_t(0));
     return {weighted_positive ? positive_weight : alpha_t * power.loss,
             constant ? acc_t(0) : alpha_t * power.grad * slope};
   }

@@ -242,3 +242,33 @@ def test_class_weight_scales_each_class():
         x, t = pred[:, c], target[:, c]  # QFL of class c alone: |sigma - t|^2 BCE
         term = (torch.sigmoid(x) - t) ** 2 * torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
         torch.testing.assert_close(qfl, 3.0 * term, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("mal_alpha", [None, 0.75])
+def test_deims_matchability_aware_loss_is_a_varifocal_configuration(mal_alpha):
+    """DEIM's matchability-aware loss (deim_criterion.py, loss_labels_mal, as DEIM writes it):
+
+        target_score = (onehot * ious) ** gamma
+        weight = mal_alpha * sigmoid(x).detach() ** gamma * (1 - onehot) + onehot   (alpha 1 if None)
+        loss = BCE_with_logits(x, target_score, weight=weight, reduction="none")
+
+    is varifocal_loss with the scores raised to gamma, iou_weighted=False and detach_weight=True."""
+    gen = make_generator("deim-mal", mal_alpha)
+    gamma = 1.5
+    logits = torch.randn(4, 9, 6, generator=gen, dtype=torch.float64)  # (B, queries, C)
+    label = torch.randint(0, 7, (4, 9), generator=gen)  # 6 = no object
+    ious = torch.rand(4, 9, generator=gen, dtype=torch.float64)
+    onehot = torch.nn.functional.one_hot(label, 7)[..., :6].double()
+    target_score = (onehot * ious[..., None]) ** gamma
+    pred_score = torch.sigmoid(logits).detach()
+    weight = (1.0 if mal_alpha is None else mal_alpha) * pred_score**gamma * (1 - onehot) + onehot
+    leaf = logits.clone().requires_grad_()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(leaf, target_score, weight=weight, reduction="none")
+    pred = logits.permute(0, 2, 1).clone().requires_grad_()  # classes in dimension 1
+    loss = gfl_ops.varifocal_loss(pred, (label, ious**gamma), alpha=1.0 if mal_alpha is None else mal_alpha,
+                                  gamma=gamma, iou_weighted=False, detach_weight=True, reduction="none",
+                                  backend="native")
+    torch.testing.assert_close(loss.permute(0, 2, 1), expected, rtol=1e-12, atol=1e-15)
+    (grad,) = torch.autograd.grad(loss.sum(), pred)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), leaf)
+    torch.testing.assert_close(grad.permute(0, 2, 1), grad_expected, rtol=1e-12, atol=1e-15)

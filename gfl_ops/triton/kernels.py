@@ -126,19 +126,21 @@ def modulating_weight(p, complement, t, positive, exponent, alpha_positive, alph
                       weights_positives, iou_weighted, detach_weight, MODULATION: tl.constexpr,
                       EXPONENT: tl.constexpr):
     """w and dw/dp. QFL: |p - t|^beta. The focal family (gfl_math.h's ModulationParams):
-    m = 1 - p_t = p (1 - t) + (1 - p) t (dm/dp = 1 - 2t) if focal_base, else p - t;
+    m = p (1 - f t) + (1 - p) f t + (f - 1) t with f = focal_base: 1 - p_t (dm/dp = 1 - 2t)
+    for f = 1, p - t (dm/dp = 1) for f = 0;
     alpha_t = alpha_positive t + alpha_negative (1 - t); w = (iou_weighted ? t : 1) on
     positives when weights_positives, alpha_t |m|^gamma on every other element; no gradient
     through w for positives or when detached."""
     if MODULATION == QUALITY:
         weight, dweight = power_of_magnitude(p - t, exponent, EXPONENT)
     else:
-        m = tl.where(focal_base != 0, p * (1.0 - t) + complement * t, p - t)
-        slope = tl.where(focal_base != 0, 1.0 - 2.0 * t, 1.0)
+        focal_t = focal_base * t
+        m = p * (1.0 - focal_t) + complement * focal_t + (focal_base - 1.0) * t
+        slope = 1.0 - 2.0 * focal_t
         power, dpower = power_of_magnitude(m, exponent, EXPONENT)
         alpha_t = alpha_positive * t + alpha_negative * (1.0 - t)
         weighted_positive = positive & (weights_positives != 0)
-        positive_weight = tl.where(iou_weighted != 0, t, 1.0)
+        positive_weight = iou_weighted * t + (1.0 - iou_weighted)
         weight = tl.where(weighted_positive, positive_weight, alpha_t * power)
         dweight = tl.where(weighted_positive | (detach_weight != 0), 0.0, alpha_t * dpower * slope)
     return weight, dweight

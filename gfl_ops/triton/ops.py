@@ -90,8 +90,8 @@ class _ClassLaunch:
                  focal_base: bool = False, weights_positives: bool = False, iou_weighted: bool = False,
                  detach_weight: bool = False):
         self.modulation = modulation
-        self.numbers = (float(exponent), float(alpha_positive), float(alpha_negative), int(focal_base),
-                        int(weights_positives), int(iou_weighted), int(detach_weight))
+        self.numbers = (float(exponent), float(alpha_positive), float(alpha_negative), float(focal_base),
+                        float(weights_positives), float(iou_weighted), float(detach_weight))
         self.exponent_kind = kernels.exponent_kind(exponent)
 
     def __call__(self, plan: Sequence[int], pred: Tensor, grad: Tensor, loss: Tensor, label: Optional[Tensor],
