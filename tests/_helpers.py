@@ -432,6 +432,18 @@ def check_parity(
 WEIGHTINGS = ("plain", "weight", "avg_float", "avg_tensor", "weight_avg_tensor", "weight_avg_float")
 
 
+def reduction_params(weightings=WEIGHTINGS, reductions=("none", "mean", "sum")):
+    """pytest params (dtype, reduction, weighting) over FLOAT_DTYPES, without "sum" with an
+    avg_factor (an error, tested in test_errors.py)."""
+    return [
+        pytest.param(dtype, reduction, weighting, id=f"{dtype_id(dtype)}-{reduction}-{weighting}")
+        for dtype in FLOAT_DTYPES
+        for reduction in reductions
+        for weighting in weightings
+        if not (reduction == "sum" and "avg" in weighting)
+    ]
+
+
 def weighting_kwargs(weighting: str, reduction: str, loss_shape, loss_dtype, gen, device) -> Optional[dict]:
     """weight / avg_factor keyword arguments; None for combinations that are invalid ('sum' + avg)."""
     kwargs: Dict[str, object] = {"reduction": reduction}

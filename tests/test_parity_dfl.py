@@ -17,6 +17,7 @@ from _helpers import (
     make_bin_pred,
     make_dfl_target,
     make_generator,
+    reduction_params,
     weighting_kwargs,
 )
 
@@ -54,18 +55,8 @@ def test_dfl_layouts_and_sizes(device, dtype, case):
     check_parity(dfl_call, pred, dict(target=target, reduction="none"), out_dtype=accumulate_dtype(dtype))
 
 
-def _reduction_params():
-    return [
-        pytest.param(dtype, reduction, weighting, id=f"{dtype_id(dtype)}-{reduction}-{weighting}")
-        for dtype in FLOAT_DTYPES
-        for reduction in REDUCTIONS
-        for weighting in WEIGHTINGS
-        if not (reduction == "sum" and "avg" in weighting)
-    ]
-
-
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,reduction,weighting", _reduction_params())
+@pytest.mark.parametrize("dtype,reduction,weighting", reduction_params(WEIGHTINGS, REDUCTIONS))
 def test_dfl_reductions_weights_avg_factor(device, dtype, reduction, weighting):
     gen = make_generator("dfl-reduction", dtype, reduction, weighting)
     rows, bins = 28, 17  # 7 anchors x 4 sides, GFL's reg_max = 16

@@ -26,6 +26,7 @@ from _helpers import (
     make_generator,
     make_labels,
     make_scores,
+    reduction_params,
 )
 
 EXPONENTS = (0.0, 1.0, 1.5, 2.0, 2.5)
@@ -110,21 +111,11 @@ def weighting_kwargs(weighting, reduction, pred, gen, device):
     return kwargs
 
 
-def _reduction_params():
-    return [
-        pytest.param(dtype, reduction, weighting, id=f"{dtype_id(dtype)}-{reduction}-{weighting}")
-        for dtype in FLOAT_DTYPES
-        for reduction in REDUCTIONS
-        for weighting in WEIGHTINGS
-        if not (reduction == "sum" and "avg" in weighting)
-    ]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["focal-labels", "focal-soft", "varifocal-label-score", "varifocal-dense"])
 @pytest.mark.parametrize("case", [("contiguous", 13, 80), ("channels_last", (2, 3, 5), 7), ("nchw", (2, 2, 3), 5)],
                          ids=class_case_id)
-@pytest.mark.parametrize("dtype,reduction,weighting", _reduction_params())
+@pytest.mark.parametrize("dtype,reduction,weighting", reduction_params(WEIGHTINGS, REDUCTIONS))
 def test_family_reductions_and_weights(device, form, case, dtype, reduction, weighting):
     layout, anchors, classes = case
     gen = make_generator("family-reduction", form, case, dtype, reduction, weighting)
