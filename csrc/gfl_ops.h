@@ -151,36 +151,28 @@ BinRows<scalar_t> make_bin_rows(const at::Tensor& pred, at::Tensor& grad, bool c
           compute_grad ? grad.stride(0) : 0, compute_grad ? grad.stride(1) : 0, pred.size(0), pred.size(1)};
 }
 
-// Whether an exponent's closed form is built for a loss and input kind (else: pow). Each
-// instantiation is a set of CPU walks compiled three times (target_clones) and of CUDA
-// kernels, so the closed forms are built where they are used: all of them for QFL on
-// logits (beta = 0: YOLOv8's soft-target BCE), 2 (GFL, RetinaNet, VFNet) everywhere.
-template <math::Modulation kModulation, bool kActivated>
+// Whether an exponent's closed form is built for an input kind and element I/O (else: pow). Each instantiation is a set of CPU walks compiled three times (target_clones) and of
+// CUDA kernels, so the closed forms are built where they are used: all of them on logits
+// (beta = 0: YOLOv8's soft-target BCE; gamma = 1.5: DEIM), 2 for probabilities and for the
+// focal family's element weights and losses of pred's shape (rare layouts of the work).
+template <bool kActivated, bool kElementIO>
 constexpr bool exponent_is_built(math::Exponent kind) {
-  return kind == math::Exponent::kTwo || kind == math::Exponent::kGeneral ||
-         (kModulation == math::Modulation::kQuality && !kActivated);
+  return kind == math::Exponent::kTwo || kind == math::Exponent::kGeneral || (!kActivated && !kElementIO);
 }
 
-// Calls f(math::ClassVariant<modulation, exponent kind, activated, compute_grad, element_io>{}):
-// runtime flags to template ones. Element I/O (a weight or loss of pred's shape) is built for
-// the focal family only.
-template <math::Modulation kModulation, bool kActivated, typename F>
-void dispatch_exponent(math::Exponent kind, bool compute_grad, bool element_io, const F& f) {
+// Calls f(math::ClassVariant<modulation, exponent kind, activated, compute_grad, kElementIO>{}):
+// the runtime exponent and compute_grad to template ones.
+template <math::Modulation kModulation, bool kActivated, bool kElementIO, typename F>
+void dispatch_exponent(math::Exponent kind, bool compute_grad, const F& f) {
   using math::Exponent;
   const auto with_outputs = [&](auto exponent) {
     constexpr Exponent kExponent = decltype(exponent)::value;
-    if constexpr (exponent_is_built<kModulation, kActivated>(kExponent)) {
-      constexpr bool kHasElementIO = kModulation == math::Modulation::kFocalFamily;
-      if (kHasElementIO && element_io) {
-        compute_grad ? f(math::ClassVariant<kModulation, kExponent, kActivated, true, kHasElementIO>{})
-                     : f(math::ClassVariant<kModulation, kExponent, kActivated, false, kHasElementIO>{});
-      } else {
-        compute_grad ? f(math::ClassVariant<kModulation, kExponent, kActivated, true>{})
-                     : f(math::ClassVariant<kModulation, kExponent, kActivated, false>{});
-      }
+    if constexpr (exponent_is_built<kActivated, kElementIO>(kExponent)) {
+      compute_grad ? f(math::ClassVariant<kModulation, kExponent, kActivated, true, kElementIO>{})
+                   : f(math::ClassVariant<kModulation, kExponent, kActivated, false, kElementIO>{});
     }
   };
-  switch (exponent_is_built<kModulation, kActivated>(kind) ? kind : Exponent::kGeneral) {
+  switch (exponent_is_built<kActivated, kElementIO>(kind) ? kind : Exponent::kGeneral) {
     case Exponent::kZero:
       return with_outputs(std::integral_constant<Exponent, Exponent::kZero>{});
     case Exponent::kOne:
@@ -194,14 +186,27 @@ void dispatch_exponent(math::Exponent kind, bool compute_grad, bool element_io, 
   }
 }
 
+// Element I/O (a weight or loss of pred's shape) to a template flag: the focal family's only.
+template <math::Modulation kModulation, bool kActivated, typename F>
+void dispatch_element_io(math::Exponent kind, bool compute_grad, bool element_io, const F& f) {
+  if constexpr (kModulation == math::Modulation::kFocalFamily) {
+    if (element_io) {
+      return dispatch_exponent<kModulation, kActivated, true>(kind, compute_grad, f);
+    }
+  }
+  dispatch_exponent<kModulation, kActivated, false>(kind, compute_grad, f);
+}
+
+// What the launchers call: f(math::ClassVariant<...>{}) of a call's activated, exponent,
+// compute_grad and element I/O.
 template <math::Modulation kModulation, typename acc_t, typename F>
 void dispatch_class_variant(bool activated, const math::ModulationParams<acc_t>& params, bool compute_grad,
                             bool element_io, const F& f) {
   const math::Exponent kind = math::exponent_kind(static_cast<double>(params.exponent));
   if (activated) {
-    dispatch_exponent<kModulation, true>(kind, compute_grad, element_io, f);
+    dispatch_element_io<kModulation, true>(kind, compute_grad, element_io, f);
   } else {
-    dispatch_exponent<kModulation, false>(kind, compute_grad, element_io, f);
+    dispatch_element_io<kModulation, false>(kind, compute_grad, element_io, f);
   }
 }
 

@@ -18,15 +18,18 @@ import gfl_ops
 
 TOOLS = ("nm", "objdump")
 
-# (walk, modulation, target): the walks of csrc/cpu/gfl_kernels_cpu.cpp for float32 pred,
-# beta / gamma = 2, with and without the gradient.
+# (walk, modulation, exponent, target): walks of csrc/cpu/gfl_kernels_cpu.cpp for float32
+# pred, with and without the gradient. Modulation 0: QFL, 1: the focal family; exponent
+# (gfl_math.h's Exponent) 3: 2, 2: 1.5, 0: 0.
 WALKS = [
-    ("class_rows<true,", 0, "gfl::math::DenseTarget<float, float>"),
-    ("class_rows<true,", 1, "gfl::math::DenseTarget<float, float>"),
-    ("class_rows<true,", 0, "gfl::math::LabelTarget<float, true>"),
-    ("class_rows<true,", 1, "gfl::math::LabelTarget<float, false>"),
-    ("class_planes<", 0, "gfl::math::LabelTarget<float, true>"),
-    ("class_planes<", 1, "gfl::math::LabelTarget<float, false>"),
+    ("class_rows<true,", 0, 3, "gfl::math::DenseTarget<float, float>"),
+    ("class_rows<true,", 1, 3, "gfl::math::DenseTarget<float, float>"),
+    ("class_rows<true,", 0, 3, "gfl::math::LabelTarget<float, true>"),
+    ("class_rows<true,", 1, 3, "gfl::math::LabelTarget<float, false>"),
+    ("class_planes<", 0, 3, "gfl::math::LabelTarget<float, true>"),
+    ("class_planes<", 1, 3, "gfl::math::LabelTarget<float, false>"),
+    ("class_rows<true,", 0, 0, "gfl::math::DenseTarget<float, float>"),
+    ("class_rows<true,", 1, 2, "gfl::math::LabelTarget<float, true>"),
 ]
 # Packed single-precision arithmetic with a 256-bit operand (AT&T syntax: any operand order).
 PACKED_AVX = re.compile(r"\bv(?:add|sub|mul|div|fn?m(?:add|sub)\d*|max|min)ps\b.*%ymm")
@@ -72,10 +75,11 @@ def _packed_instructions(path, address, size):
 
 
 @pytest.mark.parametrize("need_grad", ["true", "false"])
-@pytest.mark.parametrize("walk,modulation,target", WALKS, ids=lambda value: str(value).strip("<,"))
-def test_avx2_clone_of_each_class_walk_is_vectorised(extension, walk, modulation, target, need_grad):
+@pytest.mark.parametrize("walk,modulation,exponent,target", WALKS, ids=lambda value: str(value).strip("<,"))
+def test_avx2_clone_of_each_class_walk_is_vectorised(extension, walk, modulation, exponent, target, need_grad):
     path, symbols = extension
-    variant = f"gfl::math::ClassVariant<(gfl::math::Modulation){modulation}, (gfl::math::Exponent)3, false, {need_grad}, false>"
+    variant = (f"gfl::math::ClassVariant<(gfl::math::Modulation){modulation}, (gfl::math::Exponent){exponent}, false, "
+               f"{need_grad}, false>")
     found = [
         (name, location) for name, location in symbols.items()
         if walk in name and variant in name and f"float, float, {target} >" in name and "[clone .arch_x86_64_v3]" in name
