@@ -499,9 +499,6 @@ struct LabelTarget {
   }
 };
 
-template <typename acc_t>
-using LabelScoreTarget = LabelTarget<acc_t, true>;
-
 template <typename scalar_t, typename acc_t>
 struct DenseTarget {
   const scalar_t* values;  // laid out like pred, addressed through its own strides
