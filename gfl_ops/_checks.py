@@ -161,6 +161,22 @@ def check_weight(pred: Tensor, weight: Optional[Tensor], loss_shape: tuple, op: 
         raise TypeError(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")
 
 
+def broadcast_weight(pred: Tensor, weight: Optional[Tensor], loss_shape: tuple, op: str) -> Optional[Tensor]:
+    """A weight of the loss's shape, or one that broadcasts to it (expanded, not copied)."""
+    if weight is None:
+        return None
+    require_tensor(weight, "weight", op)
+    check_same_device(pred, weight, "weight", op)
+    try:
+        expanded = weight.expand(loss_shape)
+    except RuntimeError:
+        raise ValueError(f"{op}: weight must have the loss's shape {loss_shape} or broadcast to it, "
+                         f"got {tuple(weight.shape)}") from None
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")
+    return expanded
+
+
 def check_avg_factor(pred: Tensor, avg_factor: AvgFactor, op: str) -> None:
     """None, a number, or a one-element tensor on pred's device (or a CPU 0-dim tensor, which
     torch treats as a number): never read on the host."""
@@ -188,9 +204,10 @@ def check_label_and_score(pred: Tensor, label: Tensor, score: Tensor, op: str) -
 
 def check_bins(pred: Tensor, op: str) -> None:
     check_pred(pred, op)
-    if pred.dim() != 2:
-        raise ValueError(f"{op}: pred must be (M, n + 1) logits over bins 0..n, got shape {tuple(pred.shape)}")
-    if pred.shape[1] < 2:
+    if pred.dim() < 2:
+        raise ValueError(f"{op}: pred must be (..., n + 1) logits over bins 0..n in its last dimension, "
+                         f"at least 2-D, got shape {tuple(pred.shape)}")
+    if pred.shape[-1] < 2:
         raise ValueError(f"{op}: pred needs at least 2 bins, got shape {tuple(pred.shape)}")
 
 

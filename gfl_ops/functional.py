@@ -343,10 +343,15 @@ def distribution_focal_loss(
     """Distribution Focal Loss: cross-entropy on the two bins around a continuous target.
 
     Args:
-        pred: (M, n + 1) logits over bins 0..n (GFL: reg_max + 1 = 17 bins), any strides.
-        target: float (M) in [0, n]; target == n is valid.
-        weight: per-row weight, (M).
-        reduction, avg_factor, backend: as quality_focal_loss.
+        pred: (..., n + 1) logits over bins 0..n in the last dimension (GFL: reg_max + 1 =
+            17 bins; ultralytics: 16 bins): mmdetection's (M, n + 1) rows or ultralytics'
+            (M, 4, n + 1) sides. (M, n + 1) is read through its strides; other shapes
+            become rows of bins (a view when the leading dimensions merge, else a copy).
+        target: float of pred.shape[:-1], in [0, n]; target == n is valid.
+        weight: a weight of target's shape or one that broadcasts to it, e.g. ultralytics'
+            (M, 1) per box over its 4 sides.
+        reduction, avg_factor, backend: as quality_focal_loss; "mean" averages over the
+            target's elements.
         validate: whether a target outside [0, n] (or NaN) raises a ValueError. None (the
             default) checks CPU tensors only, where reading the target's range costs no
             device sync; True checks on every device (on CUDA a host sync per call: for
@@ -354,28 +359,36 @@ def distribution_focal_loss(
             [0, n] (NaN -> 0): nothing is read out of bounds whatever the target holds.
 
     Returns:
-        The loss, float32 for half pred (float64 for float64): 0-dim, or (M) for "none".
+        The loss, float32 for half pred (float64 for float64): 0-dim, or target's shape for
+        "none".
     """
     op = "distribution_focal_loss"
     _checks.check_bins(pred, op)
     _checks.require_tensor(target, "target", op)
     _checks.check_same_device(pred, target, "target", op)
-    if tuple(target.shape) != (pred.shape[0],):
-        raise ValueError(f"{op}: target must have shape ({pred.shape[0]},), got {tuple(target.shape)}")
+    if tuple(target.shape) != tuple(pred.shape[:-1]):
+        raise ValueError(f"{op}: target must have shape {tuple(pred.shape[:-1])} (pred's without its bins), "
+                         f"got {tuple(target.shape)}")
     if not target.dtype.is_floating_point:
         raise TypeError(f"{op}: target must be a floating-point tensor, got {target.dtype}")
     _checks.check_validate(validate, op)
-    _check_reduction_arguments(pred, weight, (pred.shape[0],), reduction, avg_factor, op)
-    _checks.validate_dfl_target_range(target, pred.shape[1] - 1, validate)
+    check_reduction(reduction, avg_factor)
+    weight = _checks.broadcast_weight(pred, weight, tuple(target.shape), op)
+    _checks.check_avg_factor(pred, avg_factor, op)
+    _checks.validate_dfl_target_range(target, pred.shape[-1] - 1, validate)
     chosen = _backends.resolve_backend(backend, pred.device, op)
     _checks.check_constant_targets(chosen, op, target=target)
-    return _reduced_loss(
+    rows = pred if pred.dim() == 2 else pred.reshape(-1, pred.shape[-1])
+    row_target = target.reshape(-1)
+    row_weight = None if weight is None else weight.reshape(-1)
+    loss = _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            pred, target.to(_accumulate_dtype(pred)), kernel_weight, kernel_reduction, chosen,
+            rows, row_target.to(_accumulate_dtype(pred)), kernel_weight, kernel_reduction, chosen,
         ),
-        lambda: reference.distribution_focal_loss_per_row(pred, target),
-        pred, weight, chosen, reduction, avg_factor, pred.shape[0],
+        lambda: reference.distribution_focal_loss_per_row(rows, row_target),
+        rows, row_weight, chosen, reduction, avg_factor, rows.shape[0],
     )
+    return loss.view(target.shape) if reduction == "none" else loss
 
 
 def distribution_integral(pred: Tensor, *, backend: str = "auto") -> Tensor:

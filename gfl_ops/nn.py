@@ -203,7 +203,9 @@ class DistributionFocalLoss(nn.Module):
     """Distribution Focal Loss (GFL), as mmdet.models.losses.DistributionFocalLoss.
 
     forward(pred, target, weight=None, avg_factor=None, reduction_override=None) with pred
-    (M, n + 1) logits and target (M) in [0, n]. validate: as distribution_focal_loss (None:
+    (M, n + 1) logits (or (..., n + 1)) and target (M) (pred.shape[:-1]) in [0, n]: n + 1 =
+    reg_max + 1 bins, mmdetection's convention (ultralytics': DFLoss). validate: as
+    distribution_focal_loss (None:
     a target outside [0, n] raises on CPU tensors, and is clamped without a device sync on
     CUDA; True: raises everywhere).
     """
@@ -249,11 +251,54 @@ class DistributionFocalLoss(nn.Module):
         return f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, backend={self.backend!r}"
 
 
+class DFLoss(nn.Module):
+    """Distribution Focal Loss with ultralytics' conventions, as ultralytics.utils.loss.DFLoss.
+
+    num_bins is the number of bins (ultralytics calls it reg_max: 16 for YOLOv8, bins
+    0..15), required, so that neither framework's meaning is assumed. forward(pred_dist,
+    target): pred_dist (M, 4, num_bins) or (M * 4, num_bins) logits, target (M, 4) distances
+    clamped into [0, num_bins - 1.01] as ultralytics does (without modifying target) ->
+    (M, 1), the mean over the 4 sides. ultralytics' BboxLoss reads `reg_max` (= num_bins).
+    """
+
+    def __init__(self, num_bins: int, backend: str = "auto") -> None:
+        super().__init__()
+        if not (isinstance(num_bins, int) and not isinstance(num_bins, bool)):
+            raise TypeError(f"DFLoss: num_bins must be an int, got {num_bins!r}")
+        if num_bins < 2:
+            raise ValueError(f"DFLoss: num_bins must be >= 2, got {num_bins}")
+        _checks.check_backend_name(backend, "DFLoss")
+        self.num_bins = num_bins
+        self.backend = backend
+
+    @property
+    def reg_max(self) -> int:
+        """ultralytics' name for the number of bins."""
+        return self.num_bins
+
+    def forward(self, pred_dist: Tensor, target: Tensor) -> Tensor:
+        _checks.require_tensor(target, "target", "DFLoss")
+        if pred_dist.shape[-1] != self.num_bins:
+            raise ValueError(f"DFLoss: the last dimension of pred_dist must hold num_bins = {self.num_bins} bins, "
+                             f"got shape {tuple(pred_dist.shape)}")
+        sides = pred_dist.view(*target.shape, self.num_bins) if pred_dist.dim() == 2 and target.dim() > 1 else pred_dist
+        # ultralytics keeps the upper bin's weight above 0.01: target <= num_bins - 1 - 0.01.
+        clamped = target.clamp(0, self.num_bins - 1 - 0.01)
+        loss = functional.distribution_focal_loss(sides, clamped, reduction="none", validate=False,
+                                                  backend=self.backend)
+        return loss.mean(-1, keepdim=True)
+
+    def extra_repr(self) -> str:
+        return f"num_bins={self.num_bins}, backend={self.backend!r}"
+
+
 class Integral(nn.Module):
     """GFL's distribution decode, as mmdet.models.dense_heads.gfl_head.Integral.
 
     forward(x): x (N, 4 * (reg_max + 1)) logits -> (N, 4) expected distances
-    sum_k softmax(x)_k * k, differentiable.
+    sum_k softmax(x)_k * k over reg_max + 1 bins (mmdetection's convention), differentiable.
+    The `project` buffer (0..reg_max) is mmdetection's, kept so that its checkpoints load
+    strictly; the kernels use the bin indices, which are its values.
     """
 
     def __init__(self, reg_max: int = 16, backend: str = "auto") -> None:
@@ -265,6 +310,7 @@ class Integral(nn.Module):
         _checks.check_backend_name(backend, "Integral")
         self.reg_max = reg_max
         self.backend = backend
+        self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1))
 
     def forward(self, x: Tensor) -> Tensor:
         bins = self.reg_max + 1

@@ -245,18 +245,19 @@ def varifocal_loss_elementwise(
 
 
 def distribution_focal_loss_per_row(pred: Tensor, target: Tensor) -> Tensor:
-    """lse(z) - w_l * z_i - w_r * z_{i+1} with i = min(floor(y), n - 1); y is clamped to [0, n]."""
+    """lse(z) - w_l * z_i - w_r * z_{i+1} over the last dimension (bins), i = min(floor(y), n - 1);
+    y is clamped to [0, n]. pred (..., n + 1), target (...) -> (...)."""
     dtype = accumulate_dtype(pred.dtype)
     z = pred.to(dtype)
-    last_bin = z.shape[1] - 1
+    last_bin = z.shape[-1] - 1
     y = torch.nan_to_num(target.to(dtype), nan=0.0).clamp(0, last_bin)
     left = y.floor().clamp(max=last_bin - 1)
     weight_left = (left + 1) - y
     weight_right = 1 - weight_left
-    log_softmax = z.log_softmax(dim=1)
-    left_index = left.long().unsqueeze(1)
-    log_p_left = log_softmax.gather(1, left_index).squeeze(1)
-    log_p_right = log_softmax.gather(1, left_index + 1).squeeze(1)
+    log_softmax = z.log_softmax(dim=-1)
+    left_index = left.long().unsqueeze(-1)
+    log_p_left = log_softmax.gather(-1, left_index).squeeze(-1)
+    log_p_right = log_softmax.gather(-1, left_index + 1).squeeze(-1)
     return -(weight_left * log_p_left + weight_right * log_p_right)
 
 

@@ -99,14 +99,17 @@ def test_quality_focal_loss_dense_bad_input(name):
 
 
 DFL_BAD = {
-    "pred_3d": (lambda a: a.update(pred=a["pred"][None]), ValueError, "pred must be (M, n + 1) logits over bins 0..n"),
+    "pred_1d": (lambda a: a.update(pred=a["pred"][0]), ValueError, "pred must be (..., n + 1) logits over bins 0..n"),
+    "pred_3d_target_2d_mismatch": (lambda a: a.update(pred=a["pred"][None]), ValueError,
+                                   "target must have shape (1, 5) (pred's without its bins)"),
     "one_bin": (lambda a: a.update(pred=a["pred"][:, :1]), ValueError, "pred needs at least 2 bins"),
     "integer_pred": (lambda a: a.update(pred=a["pred"].long()), TypeError, "pred must be float16"),
     "target_shape": (lambda a: a.update(target=a["target"][:-1]), ValueError, "target must have shape (5,)"),
     "target_2d": (lambda a: a.update(target=a["target"][:, None]), ValueError, "target must have shape (5,)"),
     "target_integer": (lambda a: a.update(target=a["target"].long()), TypeError, "target must be a floating-point tensor"),
     "target_on_meta": (lambda a: a.update(target=a["target"].to(META)), ValueError, "target is on meta but pred is on cpu"),
-    "weight_shape": (lambda a: a.update(weight=torch.ones(4)), ValueError, "weight must have the loss's shape (5,)"),
+    "weight_shape": (lambda a: a.update(weight=torch.ones(4)), ValueError,
+                     "weight must have the loss's shape (5,) or broadcast to it"),
     "weight_on_meta": (lambda a: a.update(weight=torch.ones(5, device=META)), ValueError, "weight is on meta"),
     "invalid_reduction": (lambda a: a.update(reduction="batchmean"), ValueError, "reduction must be one of"),
     "sum_with_avg_factor": (lambda a: a.update(reduction="sum", avg_factor=4.0), ValueError, "avg_factor can not be used"),

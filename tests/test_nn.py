@@ -359,3 +359,21 @@ def test_focal_family_module_defaults_and_repr():
     assert "gamma=2.0, alpha=0.25" in repr(focal) and "iou_weighted=True" in repr(varifocal)
     with pytest.raises(ValueError, match="reduction_override must be None or one of"):
         focal(torch.randn(2, 3), torch.tensor([0, 3]), reduction_override="avg")
+
+
+def test_integral_keeps_mmdetections_project_buffer():
+    """A stock GFLHead checkpoint holds integral.project: the module must have it to load strictly."""
+    integral = gfl_ops.nn.Integral(reg_max=7)
+    state = integral.state_dict()
+    assert list(state) == ["project"]
+    torch.testing.assert_close(state["project"], torch.arange(8, dtype=torch.float32))
+    integral.load_state_dict({"project": torch.linspace(0, 7, 8)}, strict=True)
+
+
+def test_dfloss_names_its_bins_and_checks_them():
+    with pytest.raises(TypeError):
+        gfl_ops.nn.DFLoss()
+    with pytest.raises(ValueError, match="num_bins must be >= 2"):
+        gfl_ops.nn.DFLoss(num_bins=1)
+    with pytest.raises(ValueError, match="must hold num_bins = 16 bins"):
+        gfl_ops.nn.DFLoss(num_bins=16)(torch.randn(8, 17), torch.rand(2, 4))

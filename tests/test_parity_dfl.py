@@ -67,6 +67,26 @@ def test_dfl_reductions_weights_avg_factor(device, dtype, reduction, weighting):
     assert out.shape == ((rows,) if reduction == "none" else ())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "bins_strided"])
+@pytest.mark.parametrize("dtype,reduction,weighting", reduction_params(["none", "broadcast"], REDUCTIONS))
+def test_dfl_sides_of_boxes_with_a_weight_per_box(device, layout, dtype, reduction, weighting):
+    """ultralytics' shapes: pred (M, 4, n + 1) (its gathered foreground: contiguous; or a
+    view whose leading dimensions do not merge, read through a copy), target (M, 4), a
+    weight (M, 1) broadcast over the 4 sides."""
+    gen = make_generator("dfl-sides", dtype, reduction, weighting, layout)
+    boxes, bins = 9, 16
+    head = torch.randn(boxes, bins, 4, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    pred = head.transpose(1, 2) if layout == "bins_strided" else head.transpose(1, 2).contiguous()
+    target = make_dfl_target(boxes * 4, bins, accumulate_dtype(dtype), gen, device).view(boxes, 4)
+    kwargs = dict(reduction=reduction)
+    if weighting == "broadcast":
+        kwargs["weight"] = torch.rand(boxes, 1, generator=gen, dtype=torch.float64).to(device, accumulate_dtype(dtype))
+    out, _ = check_parity(dfl_call, pred, dict(target=target, **kwargs), out_dtype=accumulate_dtype(dtype),
+                          check_layout=layout == "contiguous")
+    assert out.shape == ((boxes, 4) if reduction == "none" else ())
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("bins", [2, 8, 17])
 def test_dfl_target_edges(dtype, bins):

@@ -1,0 +1,173 @@
+"""gfl_ops' fused losses in mmdetection 3.x.
+
+Importing this module (in Python, or from a config with
+``custom_imports = dict(imports=["gfl_ops.integrations.mmdet"], allow_failed_imports=False)``)
+registers in mmdetection's MODELS registry:
+
+    FusedQualityFocalLoss, FusedDistributionFocalLoss, FusedFocalLoss, FusedVarifocalLoss,
+    FusedIntegral
+
+each a subclass of mmdetection's class of the stock name, so heads that route on
+``isinstance(self.loss_cls, QualityFocalLoss)`` (DETR, DINO, Grounding DINO) treat it as
+theirs. A config then names them: ``loss_cls=dict(type="FusedQualityFocalLoss", beta=2.0)``.
+
+To make an unchanged config train with them, opt in to the stock names:
+``use_fused_losses()`` (or import gfl_ops.integrations.mmdet.stock_names from the config's
+custom_imports): "QualityFocalLoss", "DistributionFocalLoss", "FocalLoss" and
+"VarifocalLoss" then build the fused classes, and GFLHead (and LDHead, built on it) build
+a FusedIntegral; ``restore_stock_losses()`` undoes both. ``swap_integral(model)`` puts a
+FusedIntegral into a model built before.
+
+Differences from mmdetection's classes, by design:
+- the loss of float16/bfloat16 pred is float32 (mmdetection's is pred's dtype);
+- the "mean" of an empty input is 0 (mmdetection's is NaN);
+- arguments are checked (gfl_ops' errors, which name the argument); a bad
+  reduction_override raises ReductionOverrideError, both a ValueError (gfl_ops' rule)
+  and an AssertionError (what mmdetection raises and its tests expect).
+As mmdetection, a float64 weight (or DFL target) promotes the loss to float64.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from mmdet.models.dense_heads import gfl_head as _gfl_head
+from mmdet.models.losses import DistributionFocalLoss, FocalLoss, QualityFocalLoss, VarifocalLoss
+from mmdet.registry import MODELS
+from torch import Tensor
+
+from ... import _checks, nn as gfl_nn
+from ..._reduction import REDUCTIONS
+
+__all__ = [
+    "FusedDistributionFocalLoss",
+    "FusedFocalLoss",
+    "FusedIntegral",
+    "FusedQualityFocalLoss",
+    "FusedVarifocalLoss",
+    "ReductionOverrideError",
+    "restore_stock_losses",
+    "swap_integral",
+    "use_fused_losses",
+    "using_fused_losses",
+]
+
+
+class ReductionOverrideError(ValueError, AssertionError):
+    """A reduction_override outside (None, "none", "mean", "sum")."""
+
+
+def _check_reduction_override(override, name: str) -> None:
+    if override is not None and override not in REDUCTIONS:
+        raise ReductionOverrideError(f"{name}: reduction_override must be None or one of {REDUCTIONS}, got {override!r}")
+
+
+def _promoted(loss: Tensor, *others: Optional[Tensor]) -> Tensor:
+    """The loss in the dtype mmdetection's arithmetic would give it: promoted with the
+    floating-point tensors it multiplies (a float64 weight makes a float64 loss)."""
+    dtype = loss.dtype
+    for other in others:
+        if isinstance(other, Tensor) and other.dtype.is_floating_point:
+            dtype = torch.promote_types(dtype, other.dtype)
+    return loss if dtype == loss.dtype else loss.to(dtype)
+
+
+class FusedQualityFocalLoss(gfl_nn.QualityFocalLoss, QualityFocalLoss):
+    """gfl_ops.nn.QualityFocalLoss as an mmdetection QualityFocalLoss (same constructor,
+    plus backend)."""
+
+    def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
+        _check_reduction_override(reduction_override, type(self).__name__)
+        loss = super().forward(pred, target, weight, avg_factor, reduction_override)
+        return _promoted(loss, weight)
+
+
+class FusedFocalLoss(gfl_nn.FocalLoss, FocalLoss):
+    """gfl_ops.nn.FocalLoss as an mmdetection FocalLoss (use_sigmoid=True only)."""
+
+    def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
+        _check_reduction_override(reduction_override, type(self).__name__)
+        loss = super().forward(pred, target, weight, avg_factor, reduction_override)
+        return _promoted(loss, weight)
+
+
+class FusedVarifocalLoss(gfl_nn.VarifocalLoss, VarifocalLoss):
+    """gfl_ops.nn.VarifocalLoss as an mmdetection VarifocalLoss (use_sigmoid=True only)."""
+
+    def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
+        _check_reduction_override(reduction_override, type(self).__name__)
+        loss = super().forward(pred, target, weight, avg_factor, reduction_override)
+        return _promoted(loss, weight)
+
+
+class FusedDistributionFocalLoss(gfl_nn.DistributionFocalLoss, DistributionFocalLoss):
+    """gfl_ops.nn.DistributionFocalLoss as an mmdetection DistributionFocalLoss: reg_max + 1
+    bins in pred's last dimension."""
+
+    def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
+        _check_reduction_override(reduction_override, type(self).__name__)
+        loss = super().forward(pred, target, weight, avg_factor, reduction_override)
+        return _promoted(loss, target, weight)
+
+
+class FusedIntegral(_gfl_head.Integral):
+    """mmdetection's Integral (its `project` buffer, so its checkpoints load strictly) on
+    the fused distribution integral: x (N, 4 * (reg_max + 1)) -> (N, 4)."""
+
+    def __init__(self, reg_max: int = 16, backend: str = "auto") -> None:
+        checked = gfl_nn.Integral(reg_max, backend)  # gfl_ops' argument checks
+        super().__init__(checked.reg_max)
+        self.backend = backend
+
+    forward = gfl_nn.Integral.forward
+    extra_repr = gfl_nn.Integral.extra_repr
+
+
+_FUSED = {
+    "QualityFocalLoss": FusedQualityFocalLoss,
+    "DistributionFocalLoss": FusedDistributionFocalLoss,
+    "FocalLoss": FusedFocalLoss,
+    "VarifocalLoss": FusedVarifocalLoss,
+}
+_STOCK = {"QualityFocalLoss": QualityFocalLoss, "DistributionFocalLoss": DistributionFocalLoss,
+          "FocalLoss": FocalLoss, "VarifocalLoss": VarifocalLoss, "Integral": _gfl_head.Integral}
+
+for _stock_name, _fused_class in _FUSED.items():
+    MODELS.register_module(name=f"Fused{_stock_name}", module=_fused_class, force=True)
+MODELS.register_module(name="FusedIntegral", module=FusedIntegral, force=True)
+
+
+def use_fused_losses() -> None:
+    """Make the stock names build the fused classes (QualityFocalLoss, DistributionFocalLoss,
+    FocalLoss, VarifocalLoss), and GFLHead (LDHead) build a FusedIntegral: an unchanged
+    config trains on the fused kernels. Models built before keep what they hold."""
+    for stock_name, fused_class in _FUSED.items():
+        MODELS.register_module(name=stock_name, module=fused_class, force=True)
+    _gfl_head.Integral = FusedIntegral
+
+
+def restore_stock_losses() -> None:
+    """Undo use_fused_losses(): the stock names build mmdetection's own classes again."""
+    for stock_name in _FUSED:
+        MODELS.register_module(name=stock_name, module=_STOCK[stock_name], force=True)
+    _gfl_head.Integral = _STOCK["Integral"]
+
+
+def using_fused_losses() -> bool:
+    """Whether the stock names build the fused classes now."""
+    return MODELS.get("QualityFocalLoss") is FusedQualityFocalLoss
+
+
+def swap_integral(model: torch.nn.Module, backend: str = "auto") -> int:
+    """Replace every mmdetection Integral inside model by a FusedIntegral of the same
+    reg_max (its project buffer moved over, on its device); returns how many it replaced."""
+    _checks.check_backend_name(backend, "swap_integral")
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, _STOCK["Integral"]) and not isinstance(child, FusedIntegral):
+                fused = FusedIntegral(child.reg_max, backend)
+                fused.project = child.project
+                setattr(parent, child_name, fused)
+                replaced += 1
+    return replaced
