@@ -8,7 +8,7 @@ TORCH_CUDA_ARCH_LIST ?= 9.0
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
 # mmcv 2.1.0 (what mmdetection 3.3.0 accepts) from its sdist, pinned by hash, built in about
-# 10 s without its compiled ops; the tests stand in for mmcv.ops (tests/_frameworks).
+# 10 s without its compiled ops; the tests stand in for mmcv.ops (gfl_ops/bench/mmcv_ops_standin.py).
 MMCV_SDIST = https://files.pythonhosted.org/packages/a7/19/f97f0fd4d432113a232e75f965335be6b7bb6557ae9faf8051e9a012cadd/mmcv-2.1.0.tar.gz\#sha256=d387bcab66b467479b6660310e23746cfc79c6e57acf04094680adb499a5cd3f
 
 .PHONY: install frameworks test bench verify clean

@@ -2,7 +2,7 @@
 
 Run by .ci/run (make test installs the frameworks); skipped, with the reason, where
 mmdetection is absent. mmcv built without its compiled ops gets a stand-in for mmcv.ops
-(tests/_frameworks/mmcv_ops_standin.py): mmdetection imports it for NMS and other ops that
+(gfl_ops/bench/mmcv_ops_standin.py): mmdetection imports it for NMS and other ops that
 the losses never call.
 
 Parity: each head (GFLHead, TOODHead in both its phases) and the whole GFL detector of
@@ -20,7 +20,8 @@ import os
 import pytest
 import torch
 
-from _frameworks import import_framework, mmcv_ops_standin
+from _frameworks import import_framework
+from gfl_ops.bench import mmcv_ops_standin
 
 mmcv_ops_standin.install()
 mmdet = import_framework("mmdet")

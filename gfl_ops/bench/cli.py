@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--half", action="store_true", help="native in fp32, fp16 and bf16 at QFL 134400x80 and DFL 65536x17, "
         "full mode: each half-precision row's x fp32 against the half-precision target")
     add("--full", action="store_true", help="every shape, also on CPU")
+    add("--frameworks", action="store_true", help="instead: mmdetection's GFLHead and ultralytics' YOLOv8 loss "
+        "steps, stock vs fused (needs make frameworks; options: --device --repeats --warmup --json)")
     add("--qfl-shapes", type=_parse_shapes, metavar="NxC,...", help="override the QFL shapes")
     add("--dfl-shapes", type=_parse_shapes, metavar="MxBINS,...", help="override the DFL/integral shapes")
     add("--repeats", type=int, help="timed rounds (default 10 on CUDA, 7 on CPU and with --quick)")
@@ -190,6 +192,10 @@ def _write_json(document: dict, path: Optional[Path], device: torch.device) -> N
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--frameworks" in argv:
+        from . import frameworks
+
+        return frameworks.main(argv)
     args = parse_args(argv)
     if args.from_json is not None:
         return _report_saved(args)

@@ -72,42 +72,36 @@ def _promoted(loss: Tensor, *others: Optional[Tensor]) -> Tensor:
     return loss if dtype == loss.dtype else loss.to(dtype)
 
 
-class FusedQualityFocalLoss(gfl_nn.QualityFocalLoss, QualityFocalLoss):
+class _StockContract:
+    """What the fused classes add to gfl_ops.nn's forward for mmdetection: its
+    reduction_override error and its dtype promotion (DFL: by the target too)."""
+
+    _promotes_with_target = False
+
+    def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
+        _check_reduction_override(reduction_override, type(self).__name__)
+        loss = super().forward(pred, target, weight, avg_factor, reduction_override)
+        return _promoted(loss, weight, target if self._promotes_with_target else None)
+
+
+class FusedQualityFocalLoss(_StockContract, gfl_nn.QualityFocalLoss, QualityFocalLoss):
     """gfl_ops.nn.QualityFocalLoss as an mmdetection QualityFocalLoss (same constructor,
     plus backend)."""
 
-    def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
-        _check_reduction_override(reduction_override, type(self).__name__)
-        loss = super().forward(pred, target, weight, avg_factor, reduction_override)
-        return _promoted(loss, weight)
 
-
-class FusedFocalLoss(gfl_nn.FocalLoss, FocalLoss):
+class FusedFocalLoss(_StockContract, gfl_nn.FocalLoss, FocalLoss):
     """gfl_ops.nn.FocalLoss as an mmdetection FocalLoss (use_sigmoid=True only)."""
 
-    def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
-        _check_reduction_override(reduction_override, type(self).__name__)
-        loss = super().forward(pred, target, weight, avg_factor, reduction_override)
-        return _promoted(loss, weight)
 
-
-class FusedVarifocalLoss(gfl_nn.VarifocalLoss, VarifocalLoss):
+class FusedVarifocalLoss(_StockContract, gfl_nn.VarifocalLoss, VarifocalLoss):
     """gfl_ops.nn.VarifocalLoss as an mmdetection VarifocalLoss (use_sigmoid=True only)."""
 
-    def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
-        _check_reduction_override(reduction_override, type(self).__name__)
-        loss = super().forward(pred, target, weight, avg_factor, reduction_override)
-        return _promoted(loss, weight)
 
-
-class FusedDistributionFocalLoss(gfl_nn.DistributionFocalLoss, DistributionFocalLoss):
+class FusedDistributionFocalLoss(_StockContract, gfl_nn.DistributionFocalLoss, DistributionFocalLoss):
     """gfl_ops.nn.DistributionFocalLoss as an mmdetection DistributionFocalLoss: reg_max + 1
     bins in pred's last dimension."""
 
-    def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
-        _check_reduction_override(reduction_override, type(self).__name__)
-        loss = super().forward(pred, target, weight, avg_factor, reduction_override)
-        return _promoted(loss, target, weight)
+    _promotes_with_target = True
 
 
 class FusedIntegral(_gfl_head.Integral):

@@ -1,4 +1,6 @@
-"""A test-only stand-in for mmcv.ops, for mmcv built without its compiled ops (MMCV_WITH_OPS=0).
+"""A stand-in for mmcv.ops, for mmcv built without its compiled ops (MMCV_WITH_OPS=0), used
+only by the framework tests (tests/test_framework_mmdet.py) and the framework benchmark
+(gfl_ops/bench/frameworks.py); the adapters never install it.
 
 mmdetection imports mmcv.ops at import time (NMS, RoIAlign, deformable convolution, ...)
 for its post-processing and other heads; the loss code these tests run never calls any of
