@@ -327,3 +327,33 @@ def test_contract_distribution_focal_loss_reductions_and_avg_factor(loss_class):
         torch.testing.assert_close(loss_class()(*args, **kwargs), reference(*args, **kwargs), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError):
         loss_class()(pred, target, avg_factor=10, reduction_override="sum")
+
+
+def test_detr_head_routes_the_fused_qfl_as_its_quality_focal_loss():
+    """DETRHead (as DINO and Grounding DINO) gives (labels, IoU scores) only to a loss that is
+    an mmdetection QualityFocalLoss: the fused one gets them, and matches stock."""
+    config = dict(
+        type="DETRHead", num_classes=5, embed_dims=16,
+        loss_cls=dict(type="QualityFocalLoss", use_sigmoid=True, beta=2.0, loss_weight=1.0),
+        train_cfg=dict(assigner=dict(type="HungarianAssigner", match_costs=[
+            dict(type="FocalLossCost", weight=2.0),
+            dict(type="BBoxL1Cost", weight=5.0, box_format="xywh"),
+            dict(type="IoUCost", iou_mode="giou", weight=2.0)])),
+    )  # fmt: skip
+    stock, fused = build_pair(config, torch.float32)
+    assert isinstance(fused.loss_cls, QualityFocalLoss)
+    instances, metas = ground_truth(2, 256, 5, torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 30, 5, generator=generator)
+    boxes = torch.rand(2, 30, 4, generator=generator) * 0.5 + 0.25
+
+    def compute(head):
+        leaves = [scores.clone().requires_grad_(), boxes.clone().requires_grad_()]
+        losses = head.loss_by_feat_single(*leaves, instances, metas)
+        sum(losses).backward()
+        return [loss.detach() for loss in losses], [leaf.grad for leaf in leaves]
+
+    (stock_losses, stock_grads), (fused_losses, fused_grads) = compute(stock), compute(fused)
+    for fused_value, stock_value in zip(fused_losses + fused_grads, stock_losses + stock_grads):
+        torch.testing.assert_close(fused_value, stock_value, rtol=2e-5, atol=1e-7)
+    assert stock_grads[0].abs().sum() > 0
