@@ -132,10 +132,14 @@ def test_empty_foreground_keeps_the_box_branch_in_the_graph():
     assert stock_loss[0] == 0 and stock_loss[2] == 0
 
 
-def test_yolov10n_end_to_end_loss_matches_stock():
-    """YOLOv10's E2EDetectLoss: two v8DetectionLoss (one-to-many, one-to-one), both patched."""
-    model = build_model("yolov10n.yaml", torch.float32)
-    assert isinstance(model.init_criterion(), (ultralytics_loss.E2EDetectLoss, ultralytics_loss.E2ELoss))
+@pytest.mark.parametrize("config,criterion,bins", [
+    ("yolov10n.yaml", ultralytics_loss.E2ELoss, 16),  # one-to-many and one-to-one v8DetectionLoss
+    ("yolo11n.yaml", ultralytics_loss.v8DetectionLoss, 16),
+    ("yolo26n.yaml", ultralytics_loss.E2ELoss, 1),  # reg_max = 1: L1 boxes (stock), fused BCE
+])  # fmt: skip
+def test_other_yolo_families_match_stock(config, criterion, bins):
+    model = build_model(config, torch.float32)
+    assert type(model.init_criterion()) is criterion and model.model[-1].reg_max == bins
     assert_patched_matches_stock(model, synthetic_batch(2, 192, torch.float32), torch.float32)
 
 

@@ -6,7 +6,7 @@
     gfl_ultralytics.unpatch()    # the stock method again, the same function object
 
 patch() replaces one method, v8DetectionLoss.get_assigned_targets_and_loss, which the
-detection, segmentation and pose losses and the end-to-end (YOLOv10, YOLO26) losses call.
+detection, segmentation and pose losses and the end-to-end losses (E2ELoss: YOLOv10, YOLO26) call.
 The replacement computes what ultralytics computes:
 
 - classification: BCE with logits of the (B, nc, A) scores the head returns, read in place
