@@ -211,6 +211,14 @@ def check_bins(pred: Tensor, op: str) -> None:
         raise ValueError(f"{op}: pred needs at least 2 bins, got shape {tuple(pred.shape)}")
 
 
+def check_count(value, name: str, minimum: int, op: str) -> None:
+    """An int (not a bool) of at least `minimum`: a number of bins, or reg_max."""
+    if not (isinstance(value, int) and not isinstance(value, bool)):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+
+
 def check_flag(value, name: str, op: str) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be True or False, got {value!r}")

@@ -263,10 +263,7 @@ class DFLoss(nn.Module):
 
     def __init__(self, num_bins: int, backend: str = "auto") -> None:
         super().__init__()
-        if not (isinstance(num_bins, int) and not isinstance(num_bins, bool)):
-            raise TypeError(f"DFLoss: num_bins must be an int, got {num_bins!r}")
-        if num_bins < 2:
-            raise ValueError(f"DFLoss: num_bins must be >= 2, got {num_bins}")
+        _checks.check_count(num_bins, "num_bins", 2, "DFLoss")
         _checks.check_backend_name(backend, "DFLoss")
         self.num_bins = num_bins
         self.backend = backend
@@ -303,10 +300,7 @@ class Integral(nn.Module):
 
     def __init__(self, reg_max: int = 16, backend: str = "auto") -> None:
         super().__init__()
-        if not (isinstance(reg_max, int) and not isinstance(reg_max, bool)):
-            raise TypeError(f"Integral: reg_max must be an int, got {reg_max!r}")
-        if reg_max < 1:
-            raise ValueError(f"Integral: reg_max must be >= 1, got {reg_max}")
+        _checks.check_count(reg_max, "reg_max", 1, "Integral")
         _checks.check_backend_name(backend, "Integral")
         self.reg_max = reg_max
         self.backend = backend
