@@ -163,7 +163,7 @@ def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     ]  # fmt: skip
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "median ms" in printed and "native x" in printed
+    assert "median ms" in printed and "native x" in printed and "H200 floor us" in printed
 
     document = json.loads(json_path.read_text())
     assert {"device", "versions", "date", "git_commit", "config", "rows"} <= set(document)
@@ -188,6 +188,10 @@ def test_quick_run_writes_the_documented_json(tmp_path, capsys):
             assert key in row
         assert row["median_ms"] > 0 and row["repeats"] == 2
         assert math.isfinite(row["native_speedup"]) and row["bandwidth_fraction"] > 0
+        # the roofline: the byte model at 3.0 and 4.3 TB/s; no fraction of it on a CPU
+        assert row["floor_ms_h100"] == pytest.approx(row["bytes_model"] / 3.0e9)
+        assert row["floor_ms_h200"] == pytest.approx(row["bytes_model"] / 4.3e9)
+        assert row["floor_fraction"] is None
         if row["provider"] == "native":
             assert row["native_speedup"] == 1.0
     if plot_path.exists():  # matplotlib installed
@@ -325,3 +329,31 @@ def test_saved_results_are_read_back(path, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "median ms" in printed and "Headline targets" in printed
     assert "plot written" in printed or "matplotlib is not installed" in printed
+
+
+@pytest.mark.parametrize("path", sorted((RESULTS / "frameworks").glob("*.json")), ids=lambda path: path.name)
+def test_saved_framework_results_hold_each_step(path):
+    """python -m gfl_ops bench --frameworks --json: a row per framework step, its medians."""
+    import json
+
+    from gfl_ops.bench import frameworks
+
+    document = json.loads(path.read_text())
+    assert document["environment"]["device"]["name"]
+    rows = document["framework_steps"]
+    assert [row["step"] for row in rows] == list(frameworks.FRAMEWORK_STEPS)
+    for row in rows:
+        assert row["stock_s"] > 0 and row["fused_s"] > 0 and row["assignment_s"] > 0
+        assert row["speedup"] == pytest.approx(row["stock_s"] / row["fused_s"])
+
+
+def test_roofline_floor_and_fraction():
+    from gfl_ops.bench import roofline
+
+    assert roofline.floor_ms(3_000_000_000, "H100") == pytest.approx(1.0)  # 3 GB at 3.0 TB/s
+    assert roofline.floor_ms(8_600_000_000, "H200") == pytest.approx(2.0)  # 8.6 GB at 4.3 TB/s
+    assert roofline.gpu_kind("NVIDIA H100 80GB HBM3") == "H100"
+    assert roofline.gpu_kind("NVIDIA H200") == "H200"
+    assert roofline.gpu_kind("AMD EPYC") is None and roofline.gpu_kind("NVIDIA A100-SXM4-80GB") is None
+    assert roofline.floor_fraction(4_300_000_000, 2.0, "NVIDIA H200") == pytest.approx(0.5)
+    assert roofline.floor_fraction(4_300_000_000, 2.0, "AMD EPYC") is None

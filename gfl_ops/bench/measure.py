@@ -1,12 +1,14 @@
-"""Timing and memory: a step's milliseconds, its peak extra bytes, and the copy that is the
-bandwidth yardstick."""
+"""Timing and memory: a step's milliseconds, its peak extra bytes, the copy that is the
+bandwidth yardstick, and the device's name."""
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -94,3 +96,15 @@ def make_copy(num_bytes: int, device: torch.device) -> Callable[[], object]:
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch of dst's pages outside the timing
     return lambda: dst.copy_(src)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

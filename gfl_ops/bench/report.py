@@ -12,6 +12,7 @@ from .providers import PROVIDERS
 _HEADER = (
     "op", "mode", "shape", "dtype", "provider",
     "median ms", "min ms", "native x", "peak MB", "x pred", "GB/s", "% copy",
+    "H100 floor us", "H200 floor us", "% floor",
 )  # fmt: skip
 _RATIO_HEADER = "x fp32"
 _LEGEND = (
@@ -19,7 +20,10 @@ _LEGEND = (
     "native x: the provider's median time / native's (how many times faster native is). "
     "peak MB: peak bytes allocated during the step beyond those before it (pred.grad "
     "included); x pred: that over pred's size. GB/s: the byte model (bytes_moved) over "
-    "the time; % copy: that over a dst.copy_(src) moving as many bytes, timed in the same rounds."
+    "the time; % copy: that over a dst.copy_(src) moving as many bytes, timed in the same rounds. "
+    "H100/H200 floor us: the byte model at each GPU's measured copy bandwidth (3.0, 4.3 TB/s: "
+    "gfl_ops/bench/roofline.py), the fastest the step could run there; % floor: that floor over "
+    "the median, on an H100 or H200 only."
 )
 _RATIO_LEGEND = (
     " x fp32: the median over the float32 row of the same provider and shape in this run "
@@ -29,6 +33,10 @@ _RATIO_LEGEND = (
 
 def _format(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
+
+
+def _microseconds(milliseconds):
+    return None if milliseconds is None else 1e3 * milliseconds
 
 
 def _cells(row: dict, ratio_column: bool) -> tuple:
@@ -45,6 +53,9 @@ def _cells(row: dict, ratio_column: bool) -> tuple:
         _format(row["peak_extra_over_pred"], ".2f"),
         _format(row["achieved_gbps"], ".2f"),
         _format(None if fraction is None else 100 * fraction, ".1f"),
+        _format(_microseconds(row.get("floor_ms_h100")), ".1f"),
+        _format(_microseconds(row.get("floor_ms_h200")), ".1f"),
+        _format(None if row.get("floor_fraction") is None else 100 * row["floor_fraction"], ".1f"),
     )
     return cells + (_format(row.get("fp32_ratio"), ".2f"),) if ratio_column else cells
 

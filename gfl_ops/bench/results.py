@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .cases import BETA, CHANNEL_FIRST_BATCH, POSITIVE_FRACTION
+from .measure import device_name
 from .runner import Settings, add_fp32_ratios
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # gfl_ops/
@@ -40,18 +41,6 @@ def load_average() -> Optional[List[float]]:
         return [round(value, 2) for value in os.getloadavg()]
     except OSError:
         return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device) -> dict:

@@ -17,8 +17,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from . import roofline
 from .cases import Case, Inputs, dtype_name
-from .measure import Timer, make_copy, peak_extra_bytes
+from .measure import Timer, device_name, make_copy, peak_extra_bytes
 from .ops import bytes_moved, make_inputs
 from .providers import clear_grad, make_provider, run_step, select_providers
 
@@ -143,10 +144,12 @@ def _case_fields(case: Case, mode: str, provider: str, num_bytes: int, copy_ms: 
         bytes_model=num_bytes,
         copy_ms=copy_ms,
         copy_gbps=num_bytes / copy_ms / 1e6,
+        **roofline.floor_fields(num_bytes),
     )
 
 
-def _measured_fields(row: dict, samples: List[float], peak: Optional[int], native_ms: Optional[float]) -> dict:
+def _measured_fields(row: dict, samples: List[float], peak: Optional[int], native_ms: Optional[float],
+                     device: str) -> dict:
     median = statistics.median(samples)
     return dict(
         median_ms=median,
@@ -159,6 +162,7 @@ def _measured_fields(row: dict, samples: List[float], peak: Optional[int], nativ
         peak_extra_over_pred=None if peak is None else peak / row["pred_bytes"],
         achieved_gbps=row["bytes_model"] / median / 1e6,
         bandwidth_fraction=row["copy_ms"] / median,
+        floor_fraction=roofline.floor_fraction(row["bytes_model"], median, device),
     )
 
 
@@ -176,10 +180,11 @@ def _benchmark_mode(prepared: _Prepared, mode: str, settings: Settings) -> List[
     peaks = _peaks(prepared, list(times), mode, settings.device) if settings.measure_memory else {}
     native_ms = statistics.median(times["native"]) if "native" in times else None
     rows = []
+    device = device_name(settings.device)
     for name in prepared.names:
         row = _case_fields(prepared.case, mode, name, num_bytes, statistics.median(copy_times))
         if name in times:
-            row.update(_measured_fields(row, times[name], peaks.get(name), native_ms))
+            row.update(_measured_fields(row, times[name], peaks.get(name), native_ms, device))
             row.update(first_call_s=prepared.first_call_s.get(name), error=None)
         else:
             row.update(error=errors.get(name, "not run"))
