@@ -76,7 +76,7 @@ def _labels(pred: Tensor, gen) -> Tuple[Tensor, Tensor]:
     return label.to(pred.device), score.to(pred.device)
 
 
-def _qfl_case(layout: str, anchors: int, classes: int, activated: bool) -> Case:
+def _qfl_case(layout: str, anchors: int, classes: int, activated: bool, beta: float = 2.0) -> Case:
     def build(dtype, device, gen):
         pred = _class_pred(layout, anchors, classes, dtype, device, gen, activated)
         label, score = _labels(pred, gen)
@@ -85,34 +85,36 @@ def _qfl_case(layout: str, anchors: int, classes: int, activated: bool) -> Case:
         def call(p: Tensor, backend: str) -> Tensor:
             acc = reference.accumulate_dtype(p.dtype)
             return functional.quality_focal_loss(
-                p, label, score.to(acc), weight=weight.to(acc), reduction="none", activated=activated,
+                p, label, score.to(acc), weight=weight.to(acc), beta=beta, reduction="none", activated=activated,
                 backend=backend,
             )
 
         return pred, call
 
     name = "qfl_prob" if activated else "qfl"
-    return Case(name, f"{layout} {anchors}x{classes}", build)
+    return Case(name, f"{layout} {anchors}x{classes} beta={beta}", build)
 
 
-def _qfl_dense_case(layout: str, anchors: int, classes: int) -> Case:
+def _qfl_dense_case(layout: str, anchors: int, classes: int, beta: float = 2.0) -> Case:
     def build(dtype, device, gen):
         pred = _class_pred(layout, anchors, classes, dtype, device, gen)
         soft = torch.rand(pred.shape, generator=gen, dtype=torch.float64)
         target = torch.where(torch.rand(pred.shape, generator=gen) < 0.2, soft, 0.0).to(device)
 
         def call(p: Tensor, backend: str) -> Tensor:
-            return functional.quality_focal_loss_dense(p, target.to(p.dtype), reduction="none", backend=backend)
+            return functional.quality_focal_loss_dense(p, target.to(p.dtype), beta=beta, reduction="none",
+                                                       backend=backend)
 
         return pred, call
 
-    return Case("qfl_dense", f"{layout} {anchors}x{classes}", build)
+    return Case("qfl_dense", f"{layout} {anchors}x{classes} beta={beta}", build)
 
 
-def _focal_case(layout: str, anchors: int, classes: int, dense: bool, gamma: float) -> Case:
-    """Sigmoid focal loss against labels or a soft target, with an anchor weight."""
+def _focal_case(layout: str, anchors: int, classes: int, dense: bool, gamma: float, activated: bool = False) -> Case:
+    """Sigmoid focal loss against labels or a soft target, with an anchor weight; on logits
+    or (activated) probabilities."""
     def build(dtype, device, gen):
-        pred = _class_pred(layout, anchors, classes, dtype, device, gen)
+        pred = _class_pred(layout, anchors, classes, dtype, device, gen, activated)
         label, _ = _labels(pred, gen)
         soft = torch.rand(pred.shape, generator=gen, dtype=torch.float64).to(device)
         weight = torch.rand(label.shape, generator=gen, dtype=torch.float64).to(device)
@@ -121,12 +123,13 @@ def _focal_case(layout: str, anchors: int, classes: int, dense: bool, gamma: flo
             acc = reference.accumulate_dtype(p.dtype)
             return functional.sigmoid_focal_loss(
                 p, soft.to(p.dtype) if dense else label, gamma=gamma, weight=weight.to(acc), reduction="none",
-                backend=backend,
+                activated=activated, backend=backend,
             )
 
         return pred, call
 
-    return Case("focal", f"{layout} {anchors}x{classes} {'soft' if dense else 'labels'} gamma={gamma}", build)
+    form = f"{'soft' if dense else 'labels'} gamma={gamma}{' probabilities' if activated else ''}"
+    return Case("focal", f"{layout} {anchors}x{classes} {form}", build)
 
 
 def _varifocal_case(layout: str, anchors: int, classes: int, dense: bool, detach_weight: bool) -> Case:
@@ -184,17 +187,25 @@ def _integral_case(layout: str, rows: int, bins: int) -> Case:
 
 
 def cases() -> List[Case]:
-    """Shapes small enough for gradcheck, odd sizes, every layout the kernels walk differently."""
+    """Shapes small enough for gradcheck, odd sizes, every layout the kernels walk
+    differently; exponents with a closed form (0, 1, 1.5, 2) and one that takes pow (2.5),
+    on logits and on probabilities (the GPU's device maths differs on each)."""
     return [
         _qfl_case("rows", 24, 80, activated=False),
         _qfl_case("nchw", 24, 7, activated=False),
         _qfl_case("channels_last", 24, 13, activated=False),
         _qfl_case("sliced", 9, 37, activated=False),
+        _qfl_case("rows", 20, 11, activated=False, beta=1.5),
+        _qfl_case("nchw", 16, 6, activated=False, beta=2.5),
         _qfl_case("rows", 12, 19, activated=True),
+        _qfl_case("rows", 12, 9, activated=True, beta=1.5),
         _qfl_dense_case("rows", 12, 21),
         _qfl_dense_case("nchw", 16, 5),
+        _qfl_dense_case("rows", 14, 10, beta=0.0),
+        _qfl_dense_case("nchw", 12, 4, beta=1.0),
         _focal_case("rows", 24, 80, dense=False, gamma=2.0),
         _focal_case("nchw", 16, 7, dense=True, gamma=1.5),
+        _focal_case("rows", 12, 9, dense=False, gamma=2.0, activated=True),
         _varifocal_case("rows", 24, 13, dense=True, detach_weight=False),
         _varifocal_case("channels_last", 16, 9, dense=False, detach_weight=True),
         _dfl_case("rows", 40, 17),
