@@ -50,8 +50,17 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 // On the host the float versions are branch-free polynomials (Cephes-style range
 // reduction) so that the compiler vectorises whole kernel loops with them; libm calls
 // would keep the loops scalar. They are accurate to a few ulp and propagate NaN. On the
-// device, and for double everywhere, the standard functions are used.
+// device, and for double everywhere, the standard functions are used. GFL_DEVICE_MATH
+// selects the device's branch; the CUDA emulator's host build defines
+// GFL_HOST_USES_DEVICE_MATH to take it too (expf, log1pf, logf, powf, sqrtf from libm),
+// so that the emulated suite checks the formulas a GPU runs.
 // ---------------------------------------------------------------------------------------
+
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__) || defined(GFL_HOST_USES_DEVICE_MATH)
+#define GFL_DEVICE_MATH 1
+#else
+#define GFL_DEVICE_MATH 0
+#endif
 
 GFL_HOST_DEVICE float select(bool condition, float if_true, float if_false) {
   return condition ? if_true : if_false;
@@ -71,7 +80,7 @@ GFL_HOST_DEVICE int32_t float_to_bits(float value) {
 
 // exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2 / 2, exp(r) by a degree-7 polynomial.
 GFL_HOST_DEVICE float exp_(float x) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#if GFL_DEVICE_MATH
   return expf(x);
 #else
   const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
@@ -107,7 +116,7 @@ GFL_HOST_DEVICE float two_atanh_series(float s) {
 // log1p(t) for t in [0, 1] (the range of exp(-|x|)): log(1 + t) = 2 atanh(t / (2 + t)),
 // exact for tiny t where 1 + t would round.
 GFL_HOST_DEVICE float log1p_unit(float t) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#if GFL_DEVICE_MATH
   return log1pf(t);
 #else
   return two_atanh_series(t / (2.0f + t));
@@ -142,7 +151,7 @@ constexpr float kLn2Low = -2.12194440e-4f;
 #endif
 
 GFL_HOST_DEVICE float log_(float x) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#if GFL_DEVICE_MATH
   return logf(x);
 #else
   const LogParts parts = log_parts(x);
@@ -158,7 +167,7 @@ GFL_HOST_DEVICE float log_(float x) {
 // computes log1p(-p)): 2 atanh(-p / (2 - p)) for p <= 1/2 (|s| <= 1/3), and log(1 - p)
 // above, where 1 - p is exact.
 GFL_HOST_DEVICE float log_one_minus(float p) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#if GFL_DEVICE_MATH
   return log1pf(-p);
 #else
   return select(p <= 0.5f, two_atanh_series(-p / (2.0f - p)), log_(1.0f - p));
@@ -173,7 +182,7 @@ GFL_HOST_DEVICE float log_one_minus(float p) {
 // product can overflow there (beta near FLT_MAX) and the two-sum turn inf - inf into NaN:
 // there exp of the plain beta * log x is taken.
 GFL_HOST_DEVICE float pow_(float x, float beta) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#if GFL_DEVICE_MATH
   return powf(x, beta);
 #else
   const LogParts parts = log_parts(x);
@@ -328,7 +337,7 @@ inline Exponent exponent_kind(double exponent) {
 }
 
 GFL_HOST_DEVICE float sqrt_(float x) {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#if GFL_DEVICE_MATH
   return sqrtf(x);
 #else
   return std::sqrt(x);  // one instruction, vectorised (the build sets -fno-math-errno)

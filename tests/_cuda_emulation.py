@@ -11,7 +11,12 @@ the CPU ones. route_native_operators() sends gfl_ops's backend="native" there, s
 functional API, and every test written for it, drives the CUDA code path end to end.
 
 GFL_CUDA_MAX_BLOCKS=3 caps the grids at three blocks, so that small test inputs exercise
-the grid-stride loops and the per-block sums of reduction "sum".
+the grid-stride loops and the per-block sums of reduction "sum". GFL_HOST_USES_DEVICE_MATH
+makes gfl_math.h take its device branch (expf, log1pf, logf, powf, sqrtf, here libm's, in
+place of the host's polynomials): the emulated suite's parity tests, every exponent and
+probabilities included, check the formulas that a GPU runs. What they cannot check is
+CUDA's own implementations of those functions (within the ulp bounds of the CUDA Math
+API, where libm is at least as accurate).
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ def load():
             "-Wno-unknown-pragmas",  # gfl_math.h's `omp simd` hints, for the CPU kernels
             f"-DGFL_CUDA_MAX_BLOCKS={MAX_BLOCKS}",
             f"-DGFL_OPS_NAMESPACE={NAMESPACE}",
+            "-DGFL_HOST_USES_DEVICE_MATH",  # gfl_math.h's device branch (see above)
         ],
         is_python_module=False,
     )
