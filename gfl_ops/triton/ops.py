@@ -19,10 +19,12 @@ from . import kernels
 
 # ---------------------------------------------------------------------------------------
 # Launch configuration: one table, by row length. Short rows (C = 80 classes, 17 bins) are
-# packed many to a program; about 4096 elements per program.
+# packed many to a program; about 2048 elements per program, 4 warps. At 4096 elements
+# (8 warps) the QFL and DFL kernels compiled to about 150 registers a thread for sm_90,
+# one resident program per SM; at 2048, 96 to 155, three to five (machine_code.py).
 # ---------------------------------------------------------------------------------------
 
-_ELEMENTS_PER_PROGRAM = 4096
+_ELEMENTS_PER_PROGRAM = 2048
 _MAX_BLOCK_CLASSES = 128
 
 
