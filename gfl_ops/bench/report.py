@@ -21,7 +21,7 @@ _LEGEND = (
     "peak MB: peak bytes allocated during the step beyond those before it (pred.grad "
     "included); x pred: that over pred's size. GB/s: the byte model (bytes_moved) over "
     "the time; % copy: that over a dst.copy_(src) moving as many bytes, timed in the same rounds. "
-    "H100/H200 floor us: the byte model at each GPU's measured copy bandwidth (3.0, 4.3 TB/s: "
+    "H100/H200 floor us: the byte model at the copy bandwidth each GPU reaches (3.0, 4.3 TB/s: "
     "gfl_ops/bench/roofline.py), the fastest the step could run there; % floor: that floor over "
     "the median, on an H100 or H200 only."
 )

@@ -2,10 +2,11 @@
 over a GPU's measured copy bandwidth. A fused loss step reads and writes little more than
 pred and its gradient, so it is bandwidth-bound: the floor is the fastest it could run.
 
-The bandwidths are copy speeds (dst.copy_(src), read + write) measured on each GPU, not the
-datasheet peaks: about 3.0 TB/s on an H100 SXM (80 GB HBM3) and 4.3 TB/s on an H200 (141
-GB HBM3e). On a GPU of one of these kinds the row also gets the fraction of its floor that
-it reached.
+The bandwidths are the copy speeds (dst.copy_(src), read + write) these GPUs reach, not
+their datasheet peaks: about 3.0 TB/s on an H100 SXM (80 GB HBM3) and 4.3 TB/s on an H200
+(141 GB HBM3e). They are not yet this project's own measurement: a GPU run's copy
+yardstick (the benchmark's % copy column) should replace them. On a GPU of one of these
+kinds the row also gets the fraction of its floor that it reached.
 """
 from __future__ import annotations
 
