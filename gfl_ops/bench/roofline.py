@@ -1,5 +1,5 @@
 """The memory floor of a case: the bytes its step must move (ops.bytes_moved, the byte model)
-over a GPU's measured copy bandwidth. A fused loss step reads and writes little more than
+over a GPU's copy bandwidth. A fused loss step reads and writes little more than
 pred and its gradient, so it is bandwidth-bound: the floor is the fastest it could run.
 
 The bandwidths are the copy speeds (dst.copy_(src), read + write) these GPUs reach, not
