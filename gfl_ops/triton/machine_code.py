@@ -259,6 +259,7 @@ def inspect_cubin(cubin: bytes) -> dict:
     for kind, suffix in _WIDTH.findall(sass):
         bits = next((part for part in suffix.split(".") if part in ("64", "128", "U8", "S8", "U16", "S16")), "32")
         widths[kind][bits] = widths[kind].get(bits, 0) + 1
+    # Spilled registers live in the stack frame (STACK), local arrays in LOCAL.
     return dict(registers=int(fields["REG"]), local_bytes=int(fields["LOCAL"]), stack_bytes=int(fields["STACK"]),
                 shared_bytes=int(fields["SHARED"]), loads=widths["LDG"], stores=widths["STG"])
 

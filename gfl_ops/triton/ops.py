@@ -19,23 +19,28 @@ from . import kernels
 
 # ---------------------------------------------------------------------------------------
 # Launch configuration: one table, by row length. Short rows (C = 80 classes, 17 bins) are
-# packed many to a program; about 2048 elements per program, 4 warps. At 4096 elements
-# (8 warps) the QFL and DFL kernels compiled to about 150 registers a thread for sm_90,
-# one resident program per SM; at 2048, 96 to 155, three to five (machine_code.py).
+# packed many to a program; about 2048 elements per program (1024 in float64), 4 warps.
+# At 4096 elements (8 warps) the QFL and DFL kernels compiled to about 150 registers a
+# thread for sm_90, one resident program per SM; at 2048, 96 to 155, three to five; float64
+# at 2048 took all 255 and spilled to the stack (machine_code.py).
 # ---------------------------------------------------------------------------------------
 
 _ELEMENTS_PER_PROGRAM = 2048
 _MAX_BLOCK_CLASSES = 128
 
 
-def _class_blocks(num_classes: int) -> Tuple[int, int]:
+def _elements_per_program(pred: Tensor) -> int:
+    return _ELEMENTS_PER_PROGRAM // 2 if pred.dtype == torch.float64 else _ELEMENTS_PER_PROGRAM
+
+
+def _class_blocks(num_classes: int, pred: Tensor) -> Tuple[int, int]:
     block_classes = min(triton.next_power_of_2(num_classes), _MAX_BLOCK_CLASSES)
-    return max(1, _ELEMENTS_PER_PROGRAM // block_classes), block_classes
+    return max(1, _elements_per_program(pred) // block_classes), block_classes
 
 
-def _bin_blocks(num_bins: int) -> Tuple[int, int]:
+def _bin_blocks(num_bins: int, pred: Tensor) -> Tuple[int, int]:
     block_bins = triton.next_power_of_2(num_bins)
-    return max(1, _ELEMENTS_PER_PROGRAM // block_bins), block_bins
+    return max(1, _elements_per_program(pred) // block_bins), block_bins
 
 
 def _num_warps(elements: int) -> int:
@@ -100,7 +105,7 @@ class _ClassLaunch:
                  score: Optional[Tensor], target: Optional[Tensor], weight: Optional[Tensor],
                  class_weight: Optional[Tensor], activated: bool, compute_grad: bool) -> None:
         num_anchors, num_classes, inner_size, outer_sizes, strides = _class_layout(plan)
-        block_anchors, block_classes = _class_blocks(num_classes)
+        block_anchors, block_classes = _class_blocks(num_classes, pred)
         programs = triton.cdiv(num_anchors, block_anchors)
         element_weight = weight is not None and weight.dim() == pred.dim()
         per_element = loss.dim() == pred.dim()
@@ -189,16 +194,16 @@ def varifocal_loss(pred: Tensor, target: Tensor, score: Optional[Tensor], weight
 # ---------------------------------------------------------------------------------------
 
 
-def _bin_programs(plan: Sequence[int]) -> int:
+def _bin_programs(plan: Sequence[int], pred: Tensor) -> int:
     """Programs of a launch over the plan's rows (plan[0] rows of plan[1] bins)."""
-    return triton.cdiv(plan[0], _bin_blocks(plan[1])[0])
+    return triton.cdiv(plan[0], _bin_blocks(plan[1], pred)[0])
 
 
 def _launch_bin_rows(kernel, plan: Sequence[int], pred: Tensor, grad: Tensor, outputs: List[Tensor],
                      compute_grad: bool, **constants) -> None:
     num_rows, num_bins, pred_row_stride, pred_bin_stride, grad_row_stride, grad_bin_stride = plan
-    block_rows, block_bins = _bin_blocks(num_bins)
-    kernel[(_bin_programs(plan),)](
+    block_rows, block_bins = _bin_blocks(num_bins, pred)
+    kernel[(_bin_programs(plan, pred),)](
         pred, grad if compute_grad else pred, *outputs,
         num_rows, num_bins, pred_row_stride, pred_bin_stride, grad_row_stride, grad_bin_stride,
         ACC_DTYPE=_acc_dtype(pred), NEED_GRAD=compute_grad, BLOCK_ROWS=block_rows, BLOCK_BINS=block_bins,
@@ -210,7 +215,7 @@ def distribution_focal_loss(pred: Tensor, target: Tensor, weight: Optional[Tenso
                             compute_grad: bool) -> Tuple[Tensor, Tensor]:
     loss, grad, plan = torch.ops.gfl_ops._distribution_focal_loss_plan(pred, target, weight, reduction, compute_grad)
     if plan:
-        sink = _LossSink(loss, _bin_programs(plan))
+        sink = _LossSink(loss, _bin_programs(plan, pred))
         _launch_bin_rows(
             kernels.dfl_kernel, plan, pred, grad,
             [sink.target, target.contiguous(), sink.target if weight is None else weight.contiguous()],
