@@ -21,8 +21,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import re
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -33,12 +31,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from ..bench import cubin as cubin_tools
 from . import kernels, ops
 
 ARCHITECTURES = (80, 90)
 KERNEL_NAMES = ("class_kernel", "dfl_kernel", "integral_kernel")
 DEFAULT_TABLE = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "machine-code" / "triton.json"
-_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 # The register budget. An SM holds 65,536 32-bit registers, 2,048 threads and 32 programs
 # (thread blocks). A variant must let at least two of its programs be resident on an SM:
@@ -242,26 +240,14 @@ def variant_key(launch: _Launch) -> str:
     return json.dumps([launch.kernel.__name__, constexprs, attrs, options["num_warps"], types], sort_keys=True)
 
 
-_WIDTH = re.compile(r"\b(LDG|STG)\.E((?:\.[A-Z0-9]+)*)")
-
-
 def inspect_cubin(cubin: bytes) -> dict:
-    """Registers, local (spill) bytes, shared bytes and global access widths of a cubin."""
+    """Registers, stack (spill) and local bytes, shared bytes and global access widths."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.cubin")
         Path(path).write_bytes(cubin)
-        usage = subprocess.run([str(_CUOBJDUMP), "--dump-resource-usage", path], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([str(_CUOBJDUMP), "--dump-sass", path], capture_output=True, text=True,
-                              check=True).stdout
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    widths: Dict[str, Dict[str, int]] = {"LDG": {}, "STG": {}}
-    for kind, suffix in _WIDTH.findall(sass):
-        bits = next((part for part in suffix.split(".") if part in ("64", "128", "U8", "S8", "U16", "S16")), "32")
-        widths[kind][bits] = widths[kind].get(bits, 0) + 1
-    # Spilled registers live in the stack frame (STACK), local arrays in LOCAL.
-    return dict(registers=int(fields["REG"]), local_bytes=int(fields["LOCAL"]), stack_bytes=int(fields["STACK"]),
-                shared_bytes=int(fields["SHARED"]), loads=widths["LDG"], stores=widths["STG"])
+        (usage,) = cubin_tools.resources(path).values()
+        (sass,) = cubin_tools.sass_by_kernel(path).values()
+    return dict(usage, **cubin_tools.access_widths(sass))
 
 
 def compile_variant(launch: _Launch, arch: int) -> dict:
