@@ -15,8 +15,8 @@
 // them up: see launch_loss_kernel). All offsets are 64-bit; grids stride over the work,
 // so any N x C fits.
 //
-// Two compilers build this header: nvcc (gfl_kernels_cuda.cu, which registers the
-// operators) and, on machines without a GPU, the host compiler under a CUDA emulator
+// Two compilers build this header: nvcc (gfl_cuda_*.cu, which register the operators)
+// and, on machines without a GPU, the host compiler under a CUDA emulator
 // (tests/cuda_emulation/), which runs these very kernels on the CPU in CI. The includer
 // provides cudaStream_t, the CUDA keywords and built-ins, and
 //
@@ -96,9 +96,23 @@ __device__ __forceinline__ Vector<T, kSize> load_vector(const T* pointer) {
   return *reinterpret_cast<const Vector<T, kSize>*>(pointer);
 }
 
+// A 16-byte vector is stored by one st.global.v4.b32 of its four 32-bit words. Assigned as
+// a struct, nvcc split the store into kSize scalar STG.E in every rows kernel (the element
+// values are computed one by one in the loop before it, and the loads stay LDG.E.128): the
+// SASS check in tests/test_cuda_machine_code.py holds it to one STG.E.128. No "memory"
+// clobber: a kernel never reads back what it stores.
 template <int kSize, typename T>
 __device__ __forceinline__ void store_vector(T* pointer, const Vector<T, kSize>& vector) {
   GFL_ASSERT_ALIGNED(pointer, sizeof(Vector<T, kSize>));
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(Vector<T, kSize>) == 16) {
+    uint32_t words[4];
+    memcpy(words, &vector, sizeof(words));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(pointer), "r"(words[0]), "r"(words[1]),
+                 "r"(words[2]), "r"(words[3]));
+    return;
+  }
+#endif
   *reinterpret_cast<Vector<T, kSize>*>(pointer) = vector;
 }
 

@@ -8,7 +8,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 _WIDTH = re.compile(r"\b(LDG|STG)\.E((?:\.[A-Z0-9]+)*)")
 _RESOURCES = re.compile(r"Function ([^:\s]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -55,3 +55,34 @@ def sass_by_kernel(path: str) -> Dict[str, str]:
         name, _, body = block.partition("\n")
         kernels[name.strip()] = body
     return kernels
+
+
+def _elf_sections(dump: str) -> List[Tuple[str, str]]:
+    """(architecture, listing) of each ELF of a fat binary's cuobjdump output (a library
+    holds one per translation unit and architecture)."""
+    sections = []
+    for section in re.split(r"\n\s*Fatbin elf code:\s*\n=+\n", "\n" + dump)[1:]:
+        arch = re.search(r"arch = (sm_\w+)", section)
+        sections.append((arch.group(1) if arch else "unknown", section))
+    return sections
+
+
+def library_resources(path: str) -> Dict[Tuple[str, str], dict]:
+    """(architecture, mangled kernel name) -> resources, over every ELF of a library; a
+    kernel instantiated in several translation units is listed once."""
+    found = {}
+    for arch, section in _elf_sections(run("--dump-resource-usage", path)):
+        for name, reg, stack, shared, local in _RESOURCES.findall(section):
+            found.setdefault((arch, name), dict(registers=int(reg), stack_bytes=int(stack), shared_bytes=int(shared),
+                                                local_bytes=int(local)))
+    return found
+
+
+def library_sass(path: str) -> Dict[Tuple[str, str], str]:
+    """(architecture, mangled kernel name) -> its SASS, over every ELF of a library."""
+    found = {}
+    for arch, section in _elf_sections(run("--dump-sass", path)):
+        for block in re.split(r"\n\s*Function : ", section)[1:]:
+            name, _, body = block.partition("\n")
+            found.setdefault((arch, name.strip()), body)
+    return found
