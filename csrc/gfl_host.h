@@ -373,15 +373,38 @@ struct NativeKernels {
   }
 };
 
-// Registers NativeKernels<Device> as the kernels of one dispatch key (in TORCH_LIBRARY_IMPL).
+// Registration of NativeKernels<Device> as the kernels of one dispatch key (in
+// TORCH_LIBRARY_IMPL), in three parts that share no kernel, so that each can be its own
+// translation unit: the devices' kernels compile in parallel (the CPU's and CUDA's are
+// each a few thousand template instantiations).
+//
+// QFL's two operators (Modulation::kQuality).
 template <typename Device>
-void register_native_kernels(torch::Library& m) {
+void register_quality_kernels(torch::Library& m) {
   m.impl("_quality_focal_loss_native", &NativeKernels<Device>::quality_focal_loss);
   m.impl("_quality_focal_loss_dense_native", &NativeKernels<Device>::quality_focal_loss_dense);
+}
+
+// Focal and varifocal (Modulation::kFocalFamily).
+template <typename Device>
+void register_focal_family_kernels(torch::Library& m) {
   m.impl("_sigmoid_focal_loss_native", &NativeKernels<Device>::sigmoid_focal_loss);
   m.impl("_varifocal_loss_native", &NativeKernels<Device>::varifocal_loss);
+}
+
+// DFL and the integral.
+template <typename Device>
+void register_box_kernels(torch::Library& m) {
   m.impl("_distribution_focal_loss_native", &NativeKernels<Device>::distribution_focal_loss);
   m.impl("_distribution_integral_native", &NativeKernels<Device>::distribution_integral);
+}
+
+// All three, in one translation unit.
+template <typename Device>
+void register_native_kernels(torch::Library& m) {
+  register_quality_kernels<Device>(m);
+  register_focal_family_kernels<Device>(m);
+  register_box_kernels<Device>(m);
 }
 
 // A Guard for devices that need none (the CPU).

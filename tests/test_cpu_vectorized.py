@@ -18,7 +18,7 @@ import gfl_ops
 
 TOOLS = ("nm", "objdump")
 
-# (walk, modulation, exponent, target): walks of csrc/cpu/gfl_kernels_cpu.cpp for float32
+# (walk, modulation, exponent, target): walks of csrc/cpu/gfl_kernels_cpu.h for float32
 # pred, with and without the gradient. Modulation 0: QFL, 1: the focal family; exponent
 # (gfl_math.h's Exponent) 3: 2, 2: 1.5, 0: 0.
 WALKS = [

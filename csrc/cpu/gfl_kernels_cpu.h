@@ -8,6 +8,12 @@
 // run in a fixed order for a given machine, and the sum of reduction "sum" in fixed chunks
 // (parallel_walk), so results are the same bits run after run, whatever the number of
 // threads.
+//
+// Included by the three translation units that register them (gfl_cpu_quality.cpp,
+// gfl_cpu_focal_family.cpp, gfl_cpu_boxes.cpp: see register_native_kernels in gfl_host.h);
+// everything here is in an anonymous namespace, each unit instantiating what it registers.
+#pragma once
+
 #include "../gfl_host.h"
 #include "../gfl_math.h"
 #include "../gfl_ops.h"
@@ -497,9 +503,4 @@ struct CpuDevice {
 };
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(gfl_ops, CPU, m) {
-  register_native_kernels<CpuDevice>(m);
-}
-
 }  // namespace gfl

@@ -1,5 +1,10 @@
-// The CUDA kernels of the gfl_ops operators: those of gfl_kernels.cuh launched on the
-// current stream of pred's device, a device guard around every call.
+// The CUDA device of the gfl_ops operators: the kernels of gfl_kernels.cuh launched on the
+// current stream of pred's device, a device guard around every call. Included by the three
+// translation units that register them (gfl_cuda_quality.cu, gfl_cuda_focal_family.cu,
+// gfl_cuda_boxes.cu: see register_native_kernels in gfl_host.h), which nvcc compiles in
+// parallel.
+#pragma once
+
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -37,9 +42,4 @@ struct CudaDevice {
 };
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(gfl_ops, CUDA, m) {
-  register_native_kernels<CudaDevice>(m);
-}
-
 }  // namespace gfl

@@ -1,0 +1,10 @@
+// The CPU kernels of focal and varifocal (gfl_kernels_cpu.h).
+#include "gfl_kernels_cpu.h"
+
+namespace gfl {
+
+TORCH_LIBRARY_IMPL(gfl_ops, CPU, m) {
+  register_focal_family_kernels<CpuDevice>(m);
+}
+
+}  // namespace gfl

@@ -1,0 +1,10 @@
+// The CUDA kernels of QFL's two operators (gfl_cuda_device.cuh).
+#include "gfl_cuda_device.cuh"
+
+namespace gfl {
+
+TORCH_LIBRARY_IMPL(gfl_ops, CUDA, m) {
+  register_quality_kernels<CudaDevice>(m);
+}
+
+}  // namespace gfl
