@@ -77,6 +77,7 @@ setup(
     version="0.1.0",
     description="Fused CPU/CUDA/Triton kernels for Generalized Focal Loss (QFL, DFL)",
     packages=find_packages(include=["gfl_ops", "gfl_ops.*"]),
+    package_data={"gfl_ops": ["tuning.json"]},  # backend="auto"'s table, where one was measured
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

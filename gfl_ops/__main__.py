@@ -1,10 +1,12 @@
 """python -m gfl_ops <command>: `bench` runs the benchmark, `verify` checks the gradients of
-every available backend on this device (python -m gfl_ops <command> --help)."""
+every available backend on this device, `tune` writes the table backend="auto" reads from
+bench results (python -m gfl_ops <command> --help)."""
 import sys
 
 COMMANDS = {
     "bench": "compare gfl_ops with the eager reference, torch.compile and mmdetection-style eager",
     "verify": "gradcheck and low-precision parity of every available backend on this device",
+    "tune": "the tuning table of backend='auto' (native or triton, the gradient pass) from bench results",
 }
 
 
@@ -21,6 +23,10 @@ def main(argv=None) -> int:
         from . import verify
 
         return verify.main(argv[1:])
+    if argv[0] == "tune":
+        from . import _tuning
+
+        return _tuning.main(argv[1:])
     from . import bench
 
     return bench.main(argv[1:])

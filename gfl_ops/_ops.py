@@ -14,6 +14,7 @@ and opcheck for both layers.
 """
 from __future__ import annotations
 
+import os
 from typing import List
 
 import torch
@@ -92,9 +93,20 @@ def gradient_pass(device_type: str) -> str:
     return torch.ops.gfl_ops._gradient_pass(device_type)
 
 
+# The device types whose gradient pass was chosen, by set_gradient_pass or by
+# GFL_OPS_GRADIENT_PASS at load: the tuning table (_backends.py) does not override them.
+GRADIENT_PASS_CHOSEN = {"cpu", "cuda"} if "GFL_OPS_GRADIENT_PASS" in os.environ else set()
+
+
 def set_gradient_pass(device_type: str, gradient_pass: str) -> None:
     """Sets the gradient pass of `device_type` ("cpu" or "cuda"): "forward" or "backward".
     GFL_OPS_GRADIENT_PASS=forward|backward in the environment sets every device at import."""
+    apply_gradient_pass(device_type, gradient_pass)
+    GRADIENT_PASS_CHOSEN.add(device_type)
+
+
+def apply_gradient_pass(device_type: str, gradient_pass: str) -> None:
+    """set_gradient_pass without counting as the user's choice (the tuning table's)."""
     for namespace in NAMESPACES:
         getattr(torch.ops, namespace)._set_gradient_pass(device_type, gradient_pass)
 

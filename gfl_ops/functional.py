@@ -141,7 +141,7 @@ def quality_focal_loss(
     _checks.check_flag(activated, "activated", op)
     _checks.check_class_weight(pred, class_weight, op)
     _check_reduction_arguments(pred, weight, tuple(label.shape), reduction, avg_factor, op)
-    chosen = _backends.resolve_backend(backend, pred.device, op)
+    chosen = _backends.resolve_backend(backend, pred.device, op, pred.dtype)
     _checks.check_constant_targets(chosen, op, score=score, class_weight=class_weight)
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
@@ -188,7 +188,7 @@ def quality_focal_loss_dense(
     _checks.check_flag(activated, "activated", op)
     _checks.check_class_weight(pred, class_weight, op)
     _check_reduction_arguments(pred, weight, _ops.anchor_shape(pred), reduction, avg_factor, op)
-    chosen = _backends.resolve_backend(backend, pred.device, op)
+    chosen = _backends.resolve_backend(backend, pred.device, op, pred.dtype)
     _checks.check_constant_targets(chosen, op, target=target, class_weight=class_weight)
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
@@ -242,7 +242,7 @@ def sigmoid_focal_loss(
     _checks.check_flag(activated, "activated", op)
     _checks.check_class_weight(pred, class_weight, op)
     _check_elementwise_reduction_arguments(pred, weight, reduction, avg_factor, op)
-    chosen = _backends.resolve_backend(backend, pred.device, op)
+    chosen = _backends.resolve_backend(backend, pred.device, op, pred.dtype)
     _checks.check_constant_targets(chosen, op, target=target, class_weight=class_weight)
     kernel_target = _dense_target_for_kernel(pred, target) if dense else target.long()
     return _reduced_elementwise_loss(
@@ -299,7 +299,7 @@ def varifocal_loss(
         _checks.check_flag(flag, name, op)
     _checks.check_class_weight(pred, class_weight, op)
     _check_elementwise_reduction_arguments(pred, weight, reduction, avg_factor, op)
-    chosen = _backends.resolve_backend(backend, pred.device, op)
+    chosen = _backends.resolve_backend(backend, pred.device, op, pred.dtype)
     targets = dict(target=dense_target) if dense_target is not None else dict(score=score)
     _checks.check_constant_targets(chosen, op, class_weight=class_weight, **targets)
     if dense_target is not None:
@@ -376,7 +376,7 @@ def distribution_focal_loss(
     weight = _checks.broadcast_weight(pred, weight, tuple(target.shape), op)
     _checks.check_avg_factor(pred, avg_factor, op)
     _checks.validate_dfl_target_range(target, pred.shape[-1] - 1, validate)
-    chosen = _backends.resolve_backend(backend, pred.device, op)
+    chosen = _backends.resolve_backend(backend, pred.device, op, pred.dtype)
     _checks.check_constant_targets(chosen, op, target=target)
     rows = pred if pred.dim() == 2 else pred.reshape(-1, pred.shape[-1])
     row_target = target.reshape(-1)
@@ -405,7 +405,7 @@ def distribution_integral(pred: Tensor, *, backend: str = "auto") -> Tensor:
     _checks.check_pred(pred, op)
     if pred.dim() < 1 or pred.shape[-1] < 2:
         raise ValueError(f"{op}: the last dimension of pred must hold at least 2 bins, got shape {tuple(pred.shape)}")
-    chosen = _backends.resolve_backend(backend, pred.device, op)
+    chosen = _backends.resolve_backend(backend, pred.device, op, pred.dtype)
     if chosen == "reference":
         return reference.distribution_integral(pred)
     # (M, n + 1) is read through its strides; other shapes become rows of bins (a view

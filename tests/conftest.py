@@ -9,6 +9,10 @@ from hypothesis import HealthCheck, settings
 # The helper module lives next to the tests (tests/ is not a package).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# backend="auto" in its fixed order, whatever tuning table this machine has (gfl_ops/_tuning.py;
+# tests/test_tuning.py sets its tables itself). Before gfl_ops is imported, which reads it.
+os.environ["GFL_OPS_TUNING"] = ""
+
 import _cuda_emulation  # noqa: E402
 
 # A run whose backend="native" is the CUDA kernels, emulated on CPU tensors
