@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
-# A GPU session's work (device time is short; see /work/.library/device/METHOD.md): build
-# for this GPU, run the whole test suite (the CUDA cases run there), compute-sanitizer over
-# the CUDA kernels (memcheck, and racecheck on the shared-memory sums), `python -m gfl_ops
-# verify` and the benchmark's headline cases on CUDA. Logs and results JSON/PNG go to $OUT
-# (default /tmp/gfl_ops_gpu); a summary is printed last. From the repository root, in two
-# device calls of under 10 minutes each (the build is incremental while build/ is kept):
+# The whole GPU check in one command of under 9 minutes (budgeted for an H200 machine with
+# 16 cores, torch 2.11, CUDA 13.0, Python 3.12), from the repository root:
 #
-#     STEPS="build test sanitize" bash benchmarks/gpu_session.sh
-#     STEPS="build verify bench" bash benchmarks/gpu_session.sh
-#     STEPS="build bench_all" BENCH_ARGS="--ops qfl" bash benchmarks/gpu_session.sh   # the default set, in parts
+#     bash benchmarks/gpu_session.sh            # results and logs in $OUT (default /tmp/gfl_ops_gpu)
 #
-# Then copy $OUT/<gpu>.json and .png to benchmarks/results/, quote them in the README and
-# add the run to benchmarks/README.md's Runs (`python -m gfl_ops bench --from-json
-# benchmarks/results/<gpu>.json` prints its table and targets again, on any machine).
+# Steps, in order of what a short lease must not miss:
+#   build      gfl_ops._C in place for this GPU (sm_90; the kernels' six units in parallel),
+#              and the CUDA machine-code table of that build (cuda.json)
+#   test       the suite's CUDA cases (pytest -k cuda: parity, errors, reductions, compile)
+#   sanitize   compute-sanitizer memcheck, then racecheck, over benchmarks/gpu_workload.py
+#              (every operator, layout and dtype, native and Triton, forward and backward)
+#   sync       the same workload with torch.cuda.set_sync_debug_mode("error"): no host sync
+#   verify     python -m gfl_ops verify --device cuda (gradcheck, low-precision parity)
+#   bench      the headline cases with every provider (native, triton, reference,
+#              torch.compile, the eager peers), then the native provider with the gradient in
+#              the forward pass; results JSON/PNG in $OUT
+# Every step runs under what is left of BUDGET seconds (default 500: the device call's
+# start and the copy of $OUT back fit in the rest); a step that would have less than
+# MIN_STEP seconds is skipped and said so. The summary ($OUT/summary.txt) is printed last.
+#
+# Without a GPU, DEVICE=cpu runs the same plumbing on the CPU (no sanitizer, no sync mode,
+# small benchmark shapes): `DEVICE=cpu STEPS="test verify bench" bash benchmarks/gpu_session.sh`.
+#
+# Then copy $OUT/<gpu>*.json and .png to benchmarks/results/, $OUT/cuda.json to
+# benchmarks/results/machine-code/, quote them in the README, add the run to
+# benchmarks/README.md's Runs, and derive the auto backend's table:
+# `python -m gfl_ops tune $OUT/<gpu>.json --gradient-in-forward $OUT/<gpu>-gradient-in-forward.json`.
 set -uo pipefail
 
 OUT=${OUT:-/tmp/gfl_ops_gpu}
 PYTHON=${PYTHON:-python3}
-STEPS=${STEPS:-"build test sanitize verify bench"}
-STEP_TIMEOUT=${STEP_TIMEOUT:-480}  # seconds per step: a hung step must not eat the lease
+DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-"build test sanitize sync verify bench"}
+BUDGET=${BUDGET:-500}
+MIN_STEP=${MIN_STEP:-20}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 mkdir -p "$OUT"
@@ -28,76 +43,77 @@ SUMMARY="$OUT/summary.txt"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
-# Runs "$@" with its output in $OUT/$name.log; notes the exit status and the log's last line.
+# run_step NAME CAP COMMAND...: the command, its output in $OUT/NAME.log, under at most CAP
+# seconds and what is left of the budget; notes its exit status and its log's last line.
 run_step() {
-  local name=$1
-  shift
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET - SECONDS))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < MIN_STEP)); then
+    note "$name: skipped, ${left} s of the budget left"
+    return 124
+  fi
   local started=$SECONDS
-  timeout "$STEP_TIMEOUT" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local status=$?
-  note "$name: exit $status in $((SECONDS - started)) s; $(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1 | cut -c1-200)"
+  note "$name: exit $status in $((SECONDS - started)) s (limit $limit s); $(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1 | cut -c1-200)"
   return $status
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-note "gpu: $(tail -n 1 "$OUT/gpu.txt")"
+if [[ $DEVICE == cuda ]]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+  note "gpu: $(tail -n 1 "$OUT/gpu.txt")"
+  name=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))" 2>/dev/null)
+  QFL_SHAPES=${QFL_SHAPES:-134400x80,537600x80}
+  DFL_SHAPES=${DFL_SHAPES:-65536x17,262144x17}
+else
+  name=cpu-plumbing
+  QFL_SHAPES=${QFL_SHAPES:-2048x80}
+  DFL_SHAPES=${DFL_SHAPES:-4096x17}
+fi
 
 if wants build; then
   # In place (gfl_ops/_C*.so): the repository root is on sys.path for pytest and -m gfl_ops.
-  run_step build "$PYTHON" setup.py build_ext --inplace || { tail -n 40 "$OUT/build.log"; exit 1; }
-  # The compiler's resource report: registers, shared memory, spills per kernel.
-  cuobjdump --dump-resource-usage gfl_ops/_C*.so > "$OUT/resource_usage.txt" 2>&1
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} run_step build 300 "$PYTHON" setup.py build_ext --inplace \
+    || { tail -n 40 "$OUT/build.log"; exit 1; }
+  run_step machine_code 60 "$PYTHON" -m gfl_ops.bench.cuda_machine_code --json "$OUT/cuda.json"
 fi
 
 if wants test; then
-  run_step test "$PYTHON" -m pytest -q -rs tests
+  # Not the emulator's tests (their build takes minutes, and a GPU runs the real kernels) nor
+  # the machine-code ones (CI runs them on the same sm_90 build; the step above wrote the table).
+  run_step test 150 "$PYTHON" -m pytest -q -rs -x -p no:cacheprovider -k cuda tests \
+    --ignore tests/test_cuda_emulation.py --ignore tests/test_cuda_machine_code.py
 fi
 
-if wants sanitize; then
-  # memcheck: every CUDA case of the parity, bad-input and reduction tests; racecheck on the
-  # kernels with shared-memory block sums (reduction "sum").
-  run_step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PYTHON" -m pytest -q -x -k cuda tests/test_parity_qfl.py tests/test_parity_dfl.py tests/test_errors.py
-  run_step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 "$PYTHON" - <<'EOF'
-import torch
-import gfl_ops
+if wants sanitize && [[ $DEVICE == cuda ]]; then
+  run_step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PYTHON" benchmarks/gpu_workload.py
+  # racecheck: the shared-memory block sums of reduction "sum" (one backend is enough)
+  run_step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    "$PYTHON" benchmarks/gpu_workload.py --backends native
+fi
 
-pred = torch.randn(5000, 80, device="cuda", requires_grad=True)
-label = torch.randint(0, 90, (5000,), device="cuda")
-gfl_ops.quality_focal_loss(pred, label, torch.rand(5000, device="cuda"), backend="native").backward()
-bins = torch.randn(20000, 17, device="cuda", requires_grad=True)
-gfl_ops.distribution_focal_loss(bins, torch.rand(20000, device="cuda") * 16, backend="native").backward()
-torch.cuda.synchronize()
-print("racecheck workload done")
-EOF
+if wants sync && [[ $DEVICE == cuda ]]; then
+  run_step sync 60 "$PYTHON" benchmarks/gpu_workload.py --sync-debug
 fi
 
 if wants verify; then
-  run_step verify "$PYTHON" -m gfl_ops verify --device cuda
+  run_step verify 60 "$PYTHON" -m gfl_ops verify --device "$DEVICE"
 fi
 
-name=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))" 2>/dev/null)
 if wants bench; then
-  # The CUDA issue's headline cases: every provider (torch.compile compiles each shape once).
-  run_step bench "$PYTHON" -m gfl_ops bench --device cuda --ops qfl dfl --modes full \
-    --qfl-shapes 134400x80,537600x80 --dfl-shapes 65536x17,262144x17 --json "$OUT/$name.json" --plot "$OUT/$name.png"
+  # Every provider; torch.compile compiles each shape once.
+  run_step bench 150 "$PYTHON" -m gfl_ops bench --device "$DEVICE" --ops qfl dfl --modes full \
+    --qfl-shapes "$QFL_SHAPES" --dfl-shapes "$DFL_SHAPES" --json "$OUT/$name.json" --plot "$OUT/$name.png"
   sed -n '/^Headline targets/,$p' "$OUT/bench.log" | tee -a "$SUMMARY"
-  # The other place for the gradient (the gradient pass, csrc/gfl_ops.cpp; CUDA's default is
-  # "backward"): the same headline cases with the gradient written in the forward pass.
-  GFL_OPS_GRADIENT_PASS=forward run_step bench_gradient_in_forward "$PYTHON" -m gfl_ops bench --device cuda \
-    --ops qfl dfl --modes full --providers native --layouts nc --qfl-shapes 134400x80,537600x80 \
-    --dfl-shapes 65536x17,262144x17 --json "$OUT/$name-gradient-in-forward.json"
+  # The other place for the gradient (csrc/gfl_ops.cpp's gradient pass; CUDA's default is
+  # "backward"): the native provider with the gradient written in the forward pass.
+  GFL_OPS_GRADIENT_PASS=forward run_step bench_gradient_in_forward 60 "$PYTHON" -m gfl_ops bench \
+    --device "$DEVICE" --ops qfl dfl --modes full --providers native --layouts nc --qfl-shapes "$QFL_SHAPES" \
+    --dfl-shapes "$DFL_SHAPES" --json "$OUT/$name-gradient-in-forward.json"
   grep -E '^(qfl|dfl) ' "$OUT/bench_gradient_in_forward.log" | tee -a "$SUMMARY"
 fi
 
-if wants bench_all; then
-  # BENCH_ARGS splits it over calls, e.g. BENCH_ARGS="--ops qfl qfl_prob", then "--ops qfl_dense dfl integral".
-  # shellcheck disable=SC2086
-  run_step bench_all "$PYTHON" -m gfl_ops bench --device cuda ${BENCH_ARGS:-} --json "$OUT/$name-all.json" \
-    --plot "$OUT/$name-all.png"
-  sed -n '/^Headline targets/,$p' "$OUT/bench_all.log" | tee -a "$SUMMARY"
-fi
-
-echo
-echo "== summary ($OUT/summary.txt)"
-cat "$SUMMARY"
+note "total: $SECONDS s of a $BUDGET s budget"
