@@ -36,6 +36,7 @@ BUDGET=${BUDGET:-500}
 MIN_STEP=${MIN_STEP:-20}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -88,10 +89,10 @@ if wants test; then
 fi
 
 if wants sanitize && [[ $DEVICE == cuda ]]; then
-  run_step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  run_step memcheck 100 "$SANITIZER" --tool memcheck --error-exitcode 1 \
     "$PYTHON" benchmarks/gpu_workload.py
   # racecheck: the shared-memory block sums of reduction "sum" (one backend is enough)
-  run_step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 \
+  run_step racecheck 60 "$SANITIZER" --tool racecheck --error-exitcode 1 \
     "$PYTHON" benchmarks/gpu_workload.py --backends native
 fi
 
