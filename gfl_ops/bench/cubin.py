@@ -33,10 +33,14 @@ def run(*arguments: str) -> str:
     return subprocess.run([cuobjdump(), *arguments], capture_output=True, text=True, check=True).stdout
 
 
+def _parse_resources(listing: str) -> Dict[str, dict]:
+    return {name: dict(registers=int(reg), stack_bytes=int(stack), shared_bytes=int(shared), local_bytes=int(local))
+            for name, reg, stack, shared, local in _RESOURCES.findall(listing)}
+
+
 def resources(path: str) -> Dict[str, dict]:
     """Mangled kernel name -> registers, stack_bytes, shared_bytes, local_bytes."""
-    return {name: dict(registers=int(reg), stack_bytes=int(stack), shared_bytes=int(shared), local_bytes=int(local))
-            for name, reg, stack, shared, local in _RESOURCES.findall(run("--dump-resource-usage", path))}
+    return _parse_resources(run("--dump-resource-usage", path))
 
 
 def access_widths(sass: str) -> Dict[str, Dict[str, int]]:
@@ -48,13 +52,17 @@ def access_widths(sass: str) -> Dict[str, Dict[str, int]]:
     return {"loads": widths["LDG"], "stores": widths["STG"]}
 
 
-def sass_by_kernel(path: str) -> Dict[str, str]:
-    """Mangled kernel name -> its SASS."""
+def _parse_sass(listing: str) -> Dict[str, str]:
     kernels = {}
-    for block in re.split(r"\n\s*Function : ", run("--dump-sass", path))[1:]:
+    for block in re.split(r"\n\s*Function : ", listing)[1:]:
         name, _, body = block.partition("\n")
         kernels[name.strip()] = body
     return kernels
+
+
+def sass_by_kernel(path: str) -> Dict[str, str]:
+    """Mangled kernel name -> its SASS."""
+    return _parse_sass(run("--dump-sass", path))
 
 
 def _elf_sections(dump: str) -> List[Tuple[str, str]]:
@@ -67,22 +75,21 @@ def _elf_sections(dump: str) -> List[Tuple[str, str]]:
     return sections
 
 
-def library_resources(path: str) -> Dict[Tuple[str, str], dict]:
-    """(architecture, mangled kernel name) -> resources, over every ELF of a library; a
-    kernel instantiated in several translation units is listed once."""
+def _per_architecture(listing: str, parse) -> Dict[Tuple[str, str], object]:
+    """(architecture, mangled kernel name) -> parse's value, over every ELF of a library's
+    listing; a kernel instantiated in several translation units is listed once."""
     found = {}
-    for arch, section in _elf_sections(run("--dump-resource-usage", path)):
-        for name, reg, stack, shared, local in _RESOURCES.findall(section):
-            found.setdefault((arch, name), dict(registers=int(reg), stack_bytes=int(stack), shared_bytes=int(shared),
-                                                local_bytes=int(local)))
+    for arch, section in _elf_sections(listing):
+        for name, value in parse(section).items():
+            found.setdefault((arch, name), value)
     return found
+
+
+def library_resources(path: str) -> Dict[Tuple[str, str], dict]:
+    """(architecture, mangled kernel name) -> resources (see resources), every ELF of a library."""
+    return _per_architecture(run("--dump-resource-usage", path), _parse_resources)
 
 
 def library_sass(path: str) -> Dict[Tuple[str, str], str]:
-    """(architecture, mangled kernel name) -> its SASS, over every ELF of a library."""
-    found = {}
-    for arch, section in _elf_sections(run("--dump-sass", path)):
-        for block in re.split(r"\n\s*Function : ", section)[1:]:
-            name, _, body = block.partition("\n")
-            found.setdefault((arch, name.strip()), body)
-    return found
+    """(architecture, mangled kernel name) -> its SASS, every ELF of a library."""
+    return _per_architecture(run("--dump-sass", path), _parse_sass)

@@ -116,9 +116,10 @@ def write(rows: List[dict], path: Path) -> None:
     """The table as JSON, one kernel a line (a rebuild's diff reads kernel by kernel)."""
     header = dict(torch=torch.__version__, threads=THREADS, register_budget=REGISTER_BUDGET,
                   max_call_frame_bytes=MAX_CALL_FRAME_BYTES)
-    lines = [json.dumps(row, sort_keys=True) for row in rows]
+    fields = ", ".join(f"{json.dumps(key)}: {json.dumps(value)}" for key, value in header.items())
+    kernels = ",\n".join(json.dumps(row, sort_keys=True) for row in rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(header)[:-1] + ', "kernels": [\n' + ",\n".join(lines) + "\n]}\n")
+    path.write_text("{" + fields + ', "kernels": [\n' + kernels + "\n]}\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
