@@ -13,9 +13,12 @@ MMCV_SDIST = https://files.pythonhosted.org/packages/a7/19/f97f0fd4d432113a232e7
 
 .PHONY: install frameworks test bench verify clean
 
+# --use-pep517: with the setuptools<81 that `make frameworks` installs, pip would otherwise
+# redo the editable install through `setup.py develop`, which runs pip again with build
+# isolation, where torch is missing: a second `make test` in one environment failed.
 install:
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
-	$(PYTHON) -m pip install -q --no-build-isolation -e .
+	$(PYTHON) -m pip install -q --no-build-isolation --use-pep517 -e .
 
 # mmdetection, mmengine, mmcv and ultralytics, for tests/test_framework_*.py.
 frameworks:
