@@ -195,7 +195,7 @@ def test_compiled_autograd_traces_the_native_backward():
 
 
 @pytest.mark.parametrize("gradient_pass", ["forward", "backward"])
-def test_compiled_losses_with_dynamic_shapes(monkeypatch, set_gradient_pass, gradient_pass):
+def test_compiled_losses_with_dynamic_shapes(set_gradient_pass, gradient_pass):
     """torch.compile(dynamic=True, fullgraph=True): symbolic sizes (and floats) through the
     argument checks, the fake kernels and both backward formulas; no recompilation for a new N."""
     set_gradient_pass("cpu", gradient_pass)
@@ -210,27 +210,28 @@ def test_compiled_losses_with_dynamic_shapes(monkeypatch, set_gradient_pass, gra
         varifocal = gfl_ops.varifocal_loss(pred, (label, score), reduction="none", backend="native")
         return qfl + 0.25 * dfl + focal + (varifocal * varifocal.detach()).mean()
 
-    # No on-disk compile caches: an entry cached by a static compile of the same graph
-    # elsewhere in the suite specialises the sizes when it is reused.
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     backend = RecordingBackend()
     compiled = torch.compile(loss_fn, dynamic=True, fullgraph=True, backend=backend)
     graphs_of_the_first_size = None
-    # Every N x 80 above 4096: Inductor's CPU reduction of varifocal's N x C loss guards on
-    # that size (need_use_acc_helper), a recompilation of its own, not of the operators.
-    for n in (64, 80, 96):
-        pred = torch.randn(n, 80, generator=gen, requires_grad=True)
-        bins = torch.randn(n, 17, generator=gen, requires_grad=True)
-        args = (torch.randint(0, 90, (n,), generator=gen), torch.rand(n, generator=gen))
-        target = torch.rand(n, generator=gen) * 16
-        grads = []
-        for fn in (compiled, loss_fn):
-            fn(pred, *args, bins, target).backward()
-            grads.append((pred.grad, bins.grad))
-            pred.grad = bins.grad = None
-        for got, expected in zip(*grads):
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-        graphs_of_the_first_size = graphs_of_the_first_size or backend.graphs
+    # No on-disk compile caches: an entry cached by a static compile of the same graph
+    # elsewhere in the suite specialises the sizes when it is reused. The config modules'
+    # own patch() restores each setting (pytest 9.2's monkeypatch undoes with delattr,
+    # after which torch's config modules hide the setting from every later test).
+    with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+        # Every N x 80 above 4096: Inductor's CPU reduction of varifocal's N x C loss guards
+        # on that size (need_use_acc_helper), a recompilation of its own, not of the operators.
+        for n in (64, 80, 96):
+            pred = torch.randn(n, 80, generator=gen, requires_grad=True)
+            bins = torch.randn(n, 17, generator=gen, requires_grad=True)
+            args = (torch.randint(0, 90, (n,), generator=gen), torch.rand(n, generator=gen))
+            target = torch.rand(n, generator=gen) * 16
+            grads = []
+            for fn in (compiled, loss_fn):
+                fn(pred, *args, bins, target).backward()
+                grads.append((pred.grad, bins.grad))
+                pred.grad = bins.grad = None
+            for got, expected in zip(*grads):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            graphs_of_the_first_size = graphs_of_the_first_size or backend.graphs
     assert backend.graphs == graphs_of_the_first_size, "recompiled for a new N"
     torch._dynamo.reset()

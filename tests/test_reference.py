@@ -375,16 +375,17 @@ def test_compiled_modulating_factor_with_a_symbolic_beta(monkeypatch, tmp_path):
     default; in a fresh folder). Python's 0.0 ** beta there gave every beta the result of
     the first."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
     d = torch.tensor([0.0, 0.25, -0.5, 0.75, -1.0, 0.0, 2.0])
     compiled = torch.compile(
         lambda t, beta: reference.modulating_factor(t, beta).sum(), fullgraph=True, dynamic=True, backend="inductor"
     )
-    for beta in (2.0, 0.5, 0.0):
-        value, grad = value_and_grad(lambda t: compiled(t, beta), d)
-        expected_value, expected_grad = value_and_grad(lambda t: reference.modulating_factor(t, beta).sum(), d)
-        torch.testing.assert_close(value, expected_value, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
+    # The config's own patch(), which restores the setting (monkeypatch would delete it).
+    with torch._inductor.config.patch(fx_graph_cache=True):
+        for beta in (2.0, 0.5, 0.0):
+            value, grad = value_and_grad(lambda t: compiled(t, beta), d)
+            expected_value, expected_grad = value_and_grad(lambda t: reference.modulating_factor(t, beta).sum(), d)
+            torch.testing.assert_close(value, expected_value, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("activated", [True, False], ids=["activated", "logits"])
