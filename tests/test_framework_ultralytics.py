@@ -8,9 +8,11 @@ and every loss term and every parameter's gradient are compared.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
+import threading
 import types
 
 import pytest
@@ -168,6 +170,77 @@ def test_patch_refuses_an_untested_release_or_changed_code(monkeypatch):
     with pytest.raises(RuntimeError, match="BboxLoss.forward differ"):
         fused_ultralytics.patch()
     assert not fused_ultralytics.is_patched()
+
+
+@pytest.mark.parametrize("mirrored", ["BboxLoss.forward", "v8DetectionLoss.get_assigned_targets_and_loss"])
+def test_patch_refuses_a_wrapped_mirrored_function(monkeypatch, mirrored):
+    """A functools.wraps wrapper shows the wrapped function's source to inspect.getsource:
+    patch() must refuse it rather than accept the digest and skip the wrapper."""
+    owner, attribute = mirrored.split(".")
+    owner_class = getattr(ultralytics_loss, owner)
+    original = owner_class.__dict__[attribute]
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner_class, attribute, wrapper)
+    with pytest.raises(RuntimeError, match=f"{mirrored} is wrapped"):
+        fused_ultralytics.patch()
+    assert not fused_ultralytics.is_patched()
+    assert owner_class.__dict__[attribute] is wrapper
+
+
+def test_unpatch_restores_the_method_that_was_in_place_before_patch(monkeypatch):
+    """A third party's copy of the stock method (same code, another object) installed before
+    patch() is what unpatch() puts back, not ultralytics' original."""
+    stock = ultralytics_loss.v8DetectionLoss.get_assigned_targets_and_loss
+    third_party = types.FunctionType(stock.__code__, stock.__globals__, stock.__name__, stock.__defaults__,
+                                     stock.__closure__)
+    monkeypatch.setattr(ultralytics_loss.v8DetectionLoss, "get_assigned_targets_and_loss", third_party)
+    fused_ultralytics.patch()
+    assert fused_ultralytics.is_patched()
+    fused_ultralytics.unpatch()
+    assert ultralytics_loss.v8DetectionLoss.get_assigned_targets_and_loss is third_party
+    with fused_ultralytics.patched():
+        assert fused_ultralytics.is_patched()
+    assert ultralytics_loss.v8DetectionLoss.get_assigned_targets_and_loss is third_party
+
+
+def test_overlapping_patched_blocks_in_two_threads_unpatch_when_the_last_exits():
+    """Thread A opens a block, B opens one, A exits: B must still run patched; the stock
+    method returns when B exits."""
+    stock = ultralytics_loss.v8DetectionLoss.get_assigned_targets_and_loss
+    a_entered, b_entered, a_exited = threading.Event(), threading.Event(), threading.Event()
+    seen_by_b = []
+
+    def thread_a():
+        with fused_ultralytics.patched():
+            a_entered.set()
+            b_entered.wait(10)
+        a_exited.set()
+
+    def thread_b():
+        a_entered.wait(10)
+        with fused_ultralytics.patched():
+            b_entered.set()
+            a_exited.wait(10)
+            seen_by_b.append(fused_ultralytics.is_patched())
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen_by_b == [True], "the first block's exit unpatched the second, still open"
+    assert ultralytics_loss.v8DetectionLoss.get_assigned_targets_and_loss is stock
+
+
+def test_a_block_inside_an_explicit_patch_leaves_it_patched():
+    fused_ultralytics.patch()
+    with fused_ultralytics.patched():
+        pass
+    assert fused_ultralytics.is_patched()
 
 
 def write_synthetic_dataset(root, images: int = 8, size: int = 64) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import threading
 from typing import Iterator
 
 import torch
@@ -52,15 +53,38 @@ TESTED_SOURCES = {
     },
 }
 
-_STOCK = {"get_assigned_targets_and_loss": _loss.v8DetectionLoss.get_assigned_targets_and_loss}
+_PATCHED_CLASS = _loss.v8DetectionLoss
+_PATCHED_METHOD = "get_assigned_targets_and_loss"
+
+
+class _PatchState:
+    """What patch() replaced, and the with patched() blocks open in any thread; guarded by
+    `lock`. The method in place before patch() comes back when unpatched, and a block's exit
+    unpatches only when it is the last open one and the method was not patched before the
+    first of them opened."""
+
+    lock = threading.Lock()
+    method_before_patch = None
+    open_blocks = 0
+    patched_before_the_blocks = False
+
 
 # ultralytics keeps the upper bin's interpolation weight above 0.01 (DFLoss).
 _UPPER_BIN_MARGIN = 0.01
 
 
 def _source_digest(qualified_name: str) -> str:
+    """The SHA-256 of the function's source; refuses a wrapped function, whose own source
+    inspect.getsource would not read (it follows functools.wraps' __wrapped__), so that a
+    wrapper's behaviour can neither pass the check nor be silently skipped by the fused loss."""
     owner, attribute = qualified_name.split(".")
     function = inspect.getattr_static(getattr(_loss, owner), attribute)
+    if hasattr(function, "__wrapped__"):
+        raise RuntimeError(
+            f"gfl_ops.integrations.ultralytics: ultralytics' {qualified_name} is wrapped (by "
+            f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', '?')}); the fused loss "
+            "reproduces the unwrapped code and would skip the wrapper: remove the wrapper before patch()"
+        )
     return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
 
 
@@ -158,32 +182,52 @@ def _fused_assigned_targets_and_loss(self, preds: dict, batch: dict, **assign_kw
 
 
 def is_patched() -> bool:
-    return _loss.v8DetectionLoss.get_assigned_targets_and_loss is _fused_assigned_targets_and_loss
+    return _PATCHED_CLASS.__dict__.get(_PATCHED_METHOD) is _fused_assigned_targets_and_loss
+
+
+def _patch_locked() -> None:
+    if is_patched():
+        return
+    _check_tested_release()
+    _PatchState.method_before_patch = _PATCHED_CLASS.__dict__[_PATCHED_METHOD]
+    setattr(_PATCHED_CLASS, _PATCHED_METHOD, _fused_assigned_targets_and_loss)
+
+
+def _unpatch_locked() -> None:
+    if is_patched():
+        setattr(_PATCHED_CLASS, _PATCHED_METHOD, _PatchState.method_before_patch)
 
 
 def patch() -> None:
     """Make every v8DetectionLoss (built before or after) compute with the fused kernels.
 
-    Raises RuntimeError on an ultralytics release whose code differs from the tested ones.
-    Calling it twice is harmless."""
-    if is_patched():
-        return
-    _check_tested_release()
-    _loss.v8DetectionLoss.get_assigned_targets_and_loss = _fused_assigned_targets_and_loss
+    Raises RuntimeError on an ultralytics release whose code differs from the tested ones,
+    or whose mirrored functions are wrapped. Calling it twice is harmless."""
+    with _PatchState.lock:
+        _patch_locked()
 
 
 def unpatch() -> None:
-    """Restore ultralytics' own method (the same function object). Harmless when not patched."""
-    _loss.v8DetectionLoss.get_assigned_targets_and_loss = _STOCK["get_assigned_targets_and_loss"]
+    """Put back the method that was in place before patch() (the same object: ultralytics'
+    own, or whatever a third party had installed). Harmless when not patched."""
+    with _PatchState.lock:
+        _unpatch_locked()
 
 
 @contextlib.contextmanager
 def patched() -> Iterator[None]:
-    """patch() for the duration of a with block, then unpatch() (if it was not patched before)."""
-    was_patched = is_patched()
-    patch()
+    """patch() for the duration of a with block. Blocks may overlap, in one thread or
+    several: the method is restored when the last open block exits, and not at all if it was
+    patched before the first of them opened."""
+    with _PatchState.lock:
+        if _PatchState.open_blocks == 0:
+            _PatchState.patched_before_the_blocks = is_patched()
+        _patch_locked()
+        _PatchState.open_blocks += 1
     try:
         yield
     finally:
-        if not was_patched:
-            unpatch()
+        with _PatchState.lock:
+            _PatchState.open_blocks -= 1
+            if _PatchState.open_blocks == 0 and not _PatchState.patched_before_the_blocks:
+                _unpatch_locked()
