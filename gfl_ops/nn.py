@@ -97,13 +97,31 @@ class QualityFocalLoss(_ClassificationLoss):
 
 
 def _elementwise_weight(pred: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
-    """mmdetection's focal weights: the anchor shape or pred's as they are, or (N * C,) for
-    (N, C) pred (FSAF flattens its per-class weights) viewed as pred's shape."""
-    if weight is not None and pred.dim() == 2 and weight.dim() == 1 and weight.shape[0] != pred.shape[0] and (
-        weight.numel() == pred.numel()
-    ):
+    """mmdetection's focal weights (py_sigmoid_focal_loss): pred's shape or the anchor shape
+    as they are; for (N, C) pred also (N, 1), one per anchor, and (N * C,) flattened per
+    class (FSAF), viewed as pred's shape."""
+    if weight is None or pred.dim() != 2 or weight.shape == pred.shape or weight.dim() == 0:
+        return weight
+    if weight.shape[0] == pred.shape[0] and weight.numel() == pred.shape[0]:
+        return weight.reshape(pred.shape[0])
+    if weight.dim() == 1 and weight.numel() == pred.numel():
         return weight.view(pred.shape)
     return weight
+
+
+def _as_one_class_rows(pred: Tensor, target):
+    """mmdetection's elementwise losses also take a 1-D pred whose target has its shape
+    (GroundingDINOHead masks its (B, Q, C) scores, labels and weights down to vectors): each
+    element becomes an anchor of one class, (N,) -> (N, 1), its weight an anchor weight.
+    Returns pred, target and whether they were vectors."""
+    if pred.dim() != 1 or not isinstance(target, Tensor) or target.dim() != 1:
+        return pred, target, False
+    return pred.unsqueeze(1), target.unsqueeze(1), True
+
+
+def _as_vector(loss: Tensor, was_vector: bool) -> Tensor:
+    """The elementwise loss of a 1-D pred back to pred's shape ((N, 1) -> (N,))."""
+    return loss.view(-1) if was_vector and loss.dim() == 2 else loss
 
 
 class FocalLoss(_ClassificationLoss):
@@ -111,8 +129,10 @@ class FocalLoss(_ClassificationLoss):
 
     forward(pred, target, weight=None, avg_factor=None, reduction_override=None), where
     target is integer labels of the anchor shape (C and other values outside [0, C) are
-    background) or a float target of pred's shape; weight of the anchor shape, pred's, or
-    (N * C,) for (N, C) pred. alpha=None (or negative) switches the alpha weighting off.
+    background) or a target of pred's shape (float, or a one-hot of any real dtype); weight
+    of the anchor shape, pred's, or (N, 1) or (N * C,) for (N, C) pred. A 1-D pred with a
+    target of its shape is one class per element (GroundingDINOHead). alpha=None (or
+    negative) switches the alpha weighting off.
     """
 
     def __init__(
@@ -139,9 +159,10 @@ class FocalLoss(_ClassificationLoss):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        pred, target, was_vector = _as_one_class_rows(pred, target)
         options = self._options(_elementwise_weight(pred, weight), avg_factor, reduction_override)
         loss = functional.sigmoid_focal_loss(pred, target, alpha=self.alpha, gamma=self.gamma, **options)
-        return self.loss_weight * loss
+        return self.loss_weight * _as_vector(loss, was_vector)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, alpha={self.alpha}, {self._common_repr()}"
@@ -187,12 +208,13 @@ class VarifocalLoss(_ClassificationLoss):
         avg_factor: AvgFactor = None,
         reduction_override: Optional[str] = None,
     ) -> Tensor:
+        pred, target, was_vector = _as_one_class_rows(pred, target)
         options = self._options(_elementwise_weight(pred, weight), avg_factor, reduction_override)
         loss = functional.varifocal_loss(
             pred, tuple(target) if isinstance(target, list) else target, alpha=self.alpha, gamma=self.gamma,
             iou_weighted=self.iou_weighted, detach_weight=self.detach_weight, **options,
         )
-        return self.loss_weight * loss
+        return self.loss_weight * _as_vector(loss, was_vector)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, gamma={self.gamma}, iou_weighted={self.iou_weighted}, "

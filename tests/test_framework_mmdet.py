@@ -329,6 +329,52 @@ def test_contract_distribution_focal_loss_reductions_and_avg_factor(loss_class):
         loss_class()(pred, target, avg_factor=10, reduction_override="sum")
 
 
+def stock_and_fused_values_and_gradients(name: str, pred: torch.Tensor, *args, **kwargs):
+    """The stock class's and the fused class's loss and gradient with respect to pred."""
+    results = []
+    for loss_class in (STOCK_CLASSES[name], getattr(fused_mmdet, f"Fused{name}")):
+        leaf = pred.detach().clone().requires_grad_()
+        loss = loss_class()(leaf, *args, **kwargs)
+        loss.sum().backward()
+        results.append((loss.detach(), leaf.grad))
+    return results
+
+
+@pytest.mark.parametrize("options", [dict(avg_factor=3.0), dict(reduction_override="none"),
+                                     dict(reduction_override="sum")], ids=["mean", "none", "sum"])
+def test_grounding_dino_vector_focal_loss_matches_stock(options):
+    """GroundingDINOHead.loss_by_feat_single masks its (B, Q, C) scores, one-hot labels and
+    weights down to vectors and calls FocalLoss on them (one-hot form: pred.dim() ==
+    target.dim())."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 6, 5, generator=generator)
+    text_mask = torch.rand(2, 6, 5, generator=generator) < 0.7
+    labels = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 6), generator=generator), 5)
+    label_weights = torch.rand(2, 6, generator=generator)[..., None].repeat(1, 1, 5)
+    pred = torch.masked_select(scores, text_mask)
+    arguments = (torch.masked_select(labels, text_mask), torch.masked_select(label_weights, text_mask))
+    (stock, stock_grad), (fused, fused_grad) = stock_and_fused_values_and_gradients(
+        "FocalLoss", pred, *arguments, **options)
+    assert fused.shape == stock.shape
+    torch.testing.assert_close(fused, stock, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused_grad, stock_grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["FocalLoss", "VarifocalLoss"])
+def test_anchor_weight_of_shape_n_by_1_matches_stock(name):
+    """Both stock classes view an (N, 1) weight as one per anchor."""
+    generator = torch.Generator().manual_seed(4)
+    pred = torch.randn(7, 4, generator=generator)
+    if name == "FocalLoss":
+        target = torch.randint(0, 5, (7,), generator=generator)
+    else:
+        target = torch.rand(7, 4, generator=generator) * (torch.rand(7, 4, generator=generator) < 0.3)
+    weight = torch.rand(7, 1, generator=generator)
+    (stock, stock_grad), (fused, fused_grad) = stock_and_fused_values_and_gradients(name, pred, target, weight)
+    torch.testing.assert_close(fused, stock, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused_grad, stock_grad, rtol=1e-6, atol=1e-7)
+
+
 def test_detr_head_routes_the_fused_qfl_as_its_quality_focal_loss():
     """DETRHead (as DINO and Grounding DINO) gives (labels, IoU scores) only to a loss that is
     an mmdetection QualityFocalLoss: the fused one gets them, and matches stock."""
