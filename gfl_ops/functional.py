@@ -283,8 +283,9 @@ def varifocal_loss(
         alpha: the negatives' weight, a finite number.
         gamma: the exponent of |p - t| on negatives, a number >= 0.
         iou_weighted: a positive's weight is t (True) or 1 (False).
-        detach_weight: the weight carries no gradient (RT-DETR, D-FINE, DEIM); False is
-            mmdetection's and ultralytics' (the negatives' weight is differentiated).
+        detach_weight: the weight carries no gradient (the official RT-DETR, D-FINE and
+            DEIM criteria); False is mmdetection's and ultralytics' (its RT-DETR port
+            included): the negatives' weight is differentiated.
         weight, class_weight, reduction, avg_factor, backend: as sigmoid_focal_loss.
 
     Returns:

@@ -174,7 +174,9 @@ class VarifocalLoss(_ClassificationLoss):
     forward(pred, target, weight=None, avg_factor=None, reduction_override=None), where
     target is a dense IoU-aware target of pred's shape (mmdetection) or a (label, score)
     pair as QualityFocalLoss takes it (RT-DETR, ultralytics). detach_weight=True is the
-    RT-DETR/D-FINE/DEIM form; activated=True takes probabilities (PP-YOLOE).
+    form of the official RT-DETR, D-FINE and DEIM criteria; False differentiates the weight,
+    as mmdetection and ultralytics (its RT-DETR port included, models/utils/loss.py) do.
+    activated=True takes probabilities (PP-YOLOE).
     """
 
     def __init__(

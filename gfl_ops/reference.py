@@ -225,8 +225,9 @@ def varifocal_loss_elementwise(
       (RT-DETR, ultralytics, PP-YOLOE): the labelled class is positive whatever its score,
       t = score there and 0 elsewhere; a label outside [0, C) matches no class.
     |p - t|^gamma is modulating_factor(p - t, gamma). detach_weight=True: w is a constant
-    (RT-DETR, D-FINE, DEIM, a torch port of PP-YOLOE: no gradient through w); False: w is
-    differentiated (mmdetection, ultralytics, PP-YOLOE in Paddle).
+    (the official RT-DETR, D-FINE and DEIM criteria, a torch port of PP-YOLOE: no gradient
+    through w); False: w is differentiated (mmdetection, ultralytics with its RT-DETR port,
+    PP-YOLOE in Paddle).
     """
     dtype = accumulate_dtype(pred.dtype)
     x = pred.to(dtype)

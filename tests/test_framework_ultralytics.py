@@ -25,6 +25,7 @@ import_framework("ultralytics")
 from ultralytics.nn.tasks import DetectionModel  
 from ultralytics.utils import loss as ultralytics_loss  
 
+import gfl_ops
 import gfl_ops.integrations.ultralytics as fused_ultralytics
 from gfl_ops import nn as gfl_ops_nn
 
@@ -241,6 +242,32 @@ def test_a_block_inside_an_explicit_patch_leaves_it_patched():
     with fused_ultralytics.patched():
         pass
     assert fused_ultralytics.is_patched()
+
+
+def test_rtdetr_varifocal_loss_is_the_differentiated_weight_form():
+    """ultralytics' RT-DETR criterion (DETRLoss with vfl) differentiates its varifocal
+    weight: gfl_ops' detach_weight=False matches it, values and gradients; the detached form
+    (the official RT-DETR, D-FINE and DEIM criteria) does not."""
+    batch, queries, classes = 2, 6, 5
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(batch, queries, classes, generator=generator)
+    labels = torch.randint(0, classes + 1, (batch, queries), generator=generator)  # classes: background
+    scores = torch.rand(batch, queries, generator=generator)
+    one_hot = torch.nn.functional.one_hot(labels, classes + 1)[..., :-1]
+    stock_pred = logits.clone().requires_grad_()
+    stock = ultralytics_loss.VarifocalLoss()(stock_pred, scores[..., None] * one_hot, one_hot)
+    stock.backward()
+    gradients = {}
+    for detach_weight in (False, True):
+        pred = logits.clone().requires_grad_()
+        elementwise = gfl_ops.varifocal_loss(pred.view(-1, classes), (labels.view(-1), scores.view(-1)),
+                                             detach_weight=detach_weight, reduction="none")
+        loss = elementwise.view(batch, queries, classes).mean(1).sum()
+        loss.backward()
+        gradients[detach_weight] = pred.grad
+        torch.testing.assert_close(loss, stock, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gradients[False], stock_pred.grad, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(gradients[True], stock_pred.grad, rtol=1e-2, atol=1e-4)
 
 
 def write_synthetic_dataset(root, images: int = 8, size: int = 64) -> str:
