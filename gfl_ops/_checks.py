@@ -22,13 +22,25 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def require_tensor(value, name: str, op: str) -> None:
+    """A dense (strided) torch.Tensor: the kernels read memory through strides, which sparse
+    and other layouts do not have."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {value.layout}")
 
 
 def is_number(value) -> bool:
     """A real number: int, float, numpy scalars, symbolic numbers under torch.compile; not a bool."""
     return isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+
+
+def _comparable(value):
+    """A numpy scalar as a Python float, so that comparing it with float32's max does not
+    first cast that max to the scalar's type (numpy.float16: an overflow warning, and inf)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        return float(value)
+    return value
 
 
 def check_pred(pred: Tensor, op: str) -> None:
@@ -54,7 +66,7 @@ def check_exponent(value, name: str, op: str) -> None:
     """A finite number >= 0 that float32 holds (the kernels' maths type). Comparisons rather
     than math.isfinite, which torch.compile(dynamic=True) cannot trace for a float it made
     symbolic; NaN fails the first comparison."""
-    if not (is_number(value) and 0 <= value <= _FLOAT32_MAX):
+    if not (is_number(value) and 0 <= _comparable(value) <= _FLOAT32_MAX):
         raise ValueError(f"{op}: {name} must be a finite number >= 0 (at most float32's {_FLOAT32_MAX:.4g}), got {value!r}")
 
 
@@ -64,7 +76,7 @@ def _anchor_shape(pred: Tensor) -> tuple:
 
 def check_finite(value, name: str, op: str) -> float:
     """A finite number (comparisons, which torch.compile traces; NaN fails them)."""
-    if not (is_number(value) and -_FLOAT32_MAX <= value <= _FLOAT32_MAX):
+    if not (is_number(value) and -_FLOAT32_MAX <= _comparable(value) <= _FLOAT32_MAX):
         raise ValueError(f"{op}: {name} must be a finite number, got {value!r}")
     return value
 
@@ -184,6 +196,7 @@ def check_avg_factor(pred: Tensor, avg_factor: AvgFactor, op: str) -> None:
         return
     if not isinstance(avg_factor, Tensor):
         raise TypeError(f"{op}: avg_factor must be a number or a tensor, got {type(avg_factor).__name__}")
+    require_tensor(avg_factor, "avg_factor", op)
     if avg_factor.numel() != 1:
         raise ValueError(f"{op}: avg_factor must be a number or a 1-element tensor, got shape {tuple(avg_factor.shape)}")
     if avg_factor.dtype == torch.bool or avg_factor.dtype.is_complex:

@@ -4,6 +4,13 @@ The reference applies them to its per-anchor losses (weight_reduce_loss). The co
 backends apply the weight and the sum inside their operators, and take the mean of that
 sum with the same mean_of_sum, so a loss differs between backends only in how its values
 are computed and added up.
+
+The dtype of every loss, whichever backend computes it, is pred's computation dtype:
+float32 for float16, bfloat16 and float32 pred, float64 for float64 pred. A weight or
+avg_factor of another dtype (a float64 weight of float32 pred) is read in that dtype and
+does not promote the loss; a weight that requires grad gets its gradient in its own dtype.
+(mmdetection's arithmetic promotes instead: its adapter, gfl_ops.integrations.mmdet, does
+that on top.)
 """
 from __future__ import annotations
 
@@ -29,9 +36,11 @@ def mean_of_sum(total: Tensor, count: int, avg_factor: Optional[Union[float, Ten
     avg_factor may be a one-element tensor: it is never read on the host."""
     if avg_factor is None:
         return total / max(count, 1)
-    if isinstance(avg_factor, Tensor):
-        avg_factor = avg_factor.reshape(())  # a (1,) tensor too gives a 0-dim loss
-    return total / (avg_factor + _FLOAT32_EPS)
+    if not isinstance(avg_factor, Tensor):
+        return total / (avg_factor + _FLOAT32_EPS)
+    # eps added in avg_factor's dtype, as mmdetection does; a (1,) tensor too gives a 0-dim
+    # loss, and in the loss's dtype (the module's rule).
+    return total / (avg_factor.reshape(()) + _FLOAT32_EPS).to(total.dtype)
 
 
 def elementwise_weight(weight: Optional[Tensor], loss: Tensor) -> Optional[Tensor]:
@@ -49,10 +58,11 @@ def weight_reduce_loss(
     reduction: str = "mean",
     avg_factor: Optional[Union[float, Tensor]] = None,
 ) -> Tensor:
-    """loss * weight, then "none" | "sum" | "mean" (sum / (avg_factor + eps) with avg_factor)."""
+    """loss * weight, then "none" | "sum" | "mean" (sum / (avg_factor + eps) with avg_factor).
+    The weight is read in the loss's dtype (the module's rule)."""
     check_reduction(reduction, avg_factor)
     if weight is not None:
-        loss = loss * weight
+        loss = loss * weight.to(loss.dtype)
     if reduction == "none":
         return loss
     if reduction == "sum":

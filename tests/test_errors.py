@@ -450,3 +450,55 @@ def test_public_operator_names_a_bad_backend():
         OPS.quality_focal_loss(P, L, S, None, None, 2.0, False, "none", "cuda")
     with pytest.raises(ValueError, match='distribution_integral: backend must be "native" or "triton"'):
         OPS.distribution_integral(P, "auto")
+
+
+SPARSE_CALLS = {
+    "pred": lambda p, l, s, w: gfl_ops.quality_focal_loss(p.to_sparse(), l, s),
+    "label": lambda p, l, s, w: gfl_ops.quality_focal_loss(p, l.to_sparse(), s),
+    "score": lambda p, l, s, w: gfl_ops.quality_focal_loss(p, l, s.to_sparse()),
+    "weight": lambda p, l, s, w: gfl_ops.sigmoid_focal_loss(p, l, weight=w.to_sparse()),
+    "target": lambda p, l, s, w: gfl_ops.sigmoid_focal_loss(p, torch.rand(p.shape).to_sparse()),
+    "avg_factor": lambda p, l, s, w: gfl_ops.sigmoid_focal_loss(p, l, avg_factor=torch.ones(1).to_sparse()),
+}
+
+
+@pytest.mark.parametrize("argument", sorted(SPARSE_CALLS))
+def test_sparse_tensors_are_refused_naming_the_argument(argument):
+    """A sparse tensor reached the dispatcher (NotImplementedError ... SparseCPU); it is
+    refused before any kernel, naming the argument."""
+    pred, label, score = _qfl_args()
+    with pytest.raises(TypeError, match=f": {argument} must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"):
+        SPARSE_CALLS[argument](pred, label.clamp(0, 3), score, torch.rand(6))
+
+
+@pytest.mark.parametrize("exponent", ["gamma", "alpha"])
+def test_numpy_half_arguments_raise_no_warning(exponent, recwarn):
+    """Comparing numpy.float16(2) with float32's max cast that max to float16 (overflow)."""
+    import numpy as np
+
+    pred, label, _ = _qfl_args()
+    value = np.float16(2.0 if exponent == "gamma" else 0.25)
+    loss = gfl_ops.sigmoid_focal_loss(pred, label.clamp(0, 3), **{exponent: value}, backend="reference")
+    expected = gfl_ops.sigmoid_focal_loss(pred, label.clamp(0, 3), **{exponent: float(value)}, backend="reference")
+    assert [str(w.message) for w in recwarn] == []
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("weight_requires_grad", [False, True], ids=["constant_weight", "weight_requires_grad"])
+def test_float64_weight_and_avg_factor_do_not_promote_a_float32_loss(backend, weight_requires_grad):
+    """One rule for every backend: the loss has pred's computation dtype (float32 here); the
+    weight's gradient comes back in the weight's dtype."""
+    pred, label, score = _qfl_args()
+    weight = torch.rand(6, dtype=torch.float64, requires_grad=weight_requires_grad)
+    avg_factor = torch.tensor(3.0, dtype=torch.float64)
+    losses = [
+        gfl_ops.quality_focal_loss(pred, label, score, weight=weight, avg_factor=avg_factor, backend=backend),
+        gfl_ops.sigmoid_focal_loss(pred, label, weight=weight, avg_factor=avg_factor, backend=backend),
+        gfl_ops.varifocal_loss(pred, (label, score), weight=weight, reduction="none", backend=backend),
+        gfl_ops.distribution_focal_loss(*_dfl_args(m=6), weight=weight, backend=backend),
+    ]
+    assert [loss.dtype for loss in losses] == [torch.float32] * len(losses)
+    if weight_requires_grad:
+        sum(loss.sum() for loss in losses).backward()
+        assert weight.grad.dtype == torch.float64
