@@ -238,6 +238,38 @@ def test_config_custom_imports_opt_in():
     assert importlib.import_module("gfl_ops.integrations.mmdet.stock_names")
 
 
+def test_config_opt_in_works_again_after_a_restore():
+    """A second config in the same process asks for the fused losses by the same import
+    after restore_stock_losses(): it must get them, not the cached module's nothing."""
+    from mmengine.utils import import_modules_from_strings
+
+    for _ in range(2):
+        import_modules_from_strings(["gfl_ops.integrations.mmdet.stock_names"])
+        assert fused_mmdet.using_fused_losses()
+        assert isinstance(MODELS.build(dict(type="FocalLoss")), fused_mmdet.FusedFocalLoss)
+        fused_mmdet.restore_stock_losses()
+        assert not fused_mmdet.using_fused_losses()
+        assert type(MODELS.build(dict(type="FocalLoss"))) is FocalLoss
+
+
+def test_restore_after_a_reload_of_the_adapter_restores_everything():
+    """use_fused_losses(), importlib.reload of the adapter, restore_stock_losses(): GFLHead's
+    Integral was left the old module's FusedIntegral while using_fused_losses() said False."""
+    import importlib
+
+    from mmdet.models.dense_heads import gfl_head
+
+    stock_integral = gfl_head.Integral
+    fused_mmdet.use_fused_losses()
+    importlib.reload(fused_mmdet)
+    assert fused_mmdet.using_fused_losses()
+    fused_mmdet.restore_stock_losses()
+    assert gfl_head.Integral is stock_integral
+    assert not fused_mmdet.using_fused_losses()
+    for stock_name, stock_class in STOCK_CLASSES.items():
+        assert MODELS.get(stock_name) is stock_class
+
+
 def test_stock_gfl_checkpoint_loads_into_fused_head_and_swap_integral():
     config = head_config("gfl/gfl_r50_fpn_1x_coco.py")
     stock, fused = build_pair(config, torch.float32)  # strict load inside

@@ -28,6 +28,7 @@ As mmdetection, a float64 weight (or DFL target) promotes the loss to float64.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -124,7 +125,19 @@ _FUSED = {
     "VarifocalLoss": FusedVarifocalLoss,
 }
 _STOCK = {"QualityFocalLoss": QualityFocalLoss, "DistributionFocalLoss": DistributionFocalLoss,
-          "FocalLoss": FocalLoss, "VarifocalLoss": VarifocalLoss, "Integral": _gfl_head.Integral}
+          "FocalLoss": FocalLoss, "VarifocalLoss": VarifocalLoss}
+# The module whose import opts in from a config's custom_imports.
+_STOCK_NAMES_MODULE = f"{__name__}.stock_names"
+
+
+def _stock_integral() -> type:
+    """mmdetection's own Integral, found through whatever gfl_head.Integral holds now: every
+    FusedIntegral (of this module, or of an earlier copy of it before a reload) subclasses it."""
+    for cls in _gfl_head.Integral.__mro__:
+        if cls.__module__ == _gfl_head.__name__ and cls.__name__ == "Integral":
+            return cls
+    raise RuntimeError(f"mmdetection's gfl_head.Integral ({_gfl_head.Integral!r}) is not its Integral")
+
 
 for _stock_name, _fused_class in _FUSED.items():
     MODELS.register_module(name=f"Fused{_stock_name}", module=_fused_class, force=True)
@@ -141,15 +154,25 @@ def use_fused_losses() -> None:
 
 
 def restore_stock_losses() -> None:
-    """Undo use_fused_losses(): the stock names build mmdetection's own classes again."""
-    for stock_name in _FUSED:
-        MODELS.register_module(name=stock_name, module=_STOCK[stock_name], force=True)
-    _gfl_head.Integral = _STOCK["Integral"]
+    """Undo use_fused_losses(): the stock names build mmdetection's own classes again and
+    GFLHead its own Integral. The opt-in by import is undone too: a later config whose
+    custom_imports names gfl_ops.integrations.mmdet.stock_names opts in again (Python would
+    otherwise find that module imported and not run it)."""
+    for stock_name, stock_class in _STOCK.items():
+        MODELS.register_module(name=stock_name, module=stock_class, force=True)
+    _gfl_head.Integral = _stock_integral()
+    sys.modules.pop(_STOCK_NAMES_MODULE, None)
+    sys.modules[__name__].__dict__.pop("stock_names", None)
+
+
+def _is_fused(cls) -> bool:
+    """A class of this adapter (by module and name, so that a copy from before a reload counts)."""
+    return getattr(cls, "__module__", None) == __name__ and getattr(cls, "__name__", "").startswith("Fused")
 
 
 def using_fused_losses() -> bool:
-    """Whether the stock names build the fused classes now."""
-    return MODELS.get("QualityFocalLoss") is FusedQualityFocalLoss
+    """Whether the stock names build the fused classes now, and GFLHead a FusedIntegral."""
+    return _is_fused(MODELS.get("QualityFocalLoss")) and _is_fused(_gfl_head.Integral)
 
 
 def swap_integral(model: torch.nn.Module, backend: str = "auto") -> int:
@@ -159,7 +182,7 @@ def swap_integral(model: torch.nn.Module, backend: str = "auto") -> int:
     replaced = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, _STOCK["Integral"]) and not isinstance(child, FusedIntegral):
+            if isinstance(child, _stock_integral()) and not isinstance(child, FusedIntegral):
                 fused = FusedIntegral(child.reg_max, backend)
                 fused.project = child.project
                 setattr(parent, child_name, fused)
