@@ -112,10 +112,9 @@ def _check_entry(entry: object, where: str) -> None:
     for operator, by_dtype in entry["backends"].items():
         if operator not in OPERATORS:
             raise ValueError(f"{where}: unknown operator {operator!r} (operators: {OPERATORS})")
-        if (
-            not isinstance(by_dtype, dict)
-            or not set(by_dtype) <= set(DTYPE_NAMES.values())
-            or not set(by_dtype.values()) <= set(KERNEL_BACKENDS)
+        if not isinstance(by_dtype, dict) or not all(
+            dtype in DTYPE_NAMES.values() and isinstance(backend, str) and backend in KERNEL_BACKENDS
+            for dtype, backend in by_dtype.items()
         ):
             raise ValueError(
                 f"{where}: backends of {operator} must map dtype names {tuple(DTYPE_NAMES.values())} "
@@ -199,6 +198,25 @@ def _bench_names(op: str, dtype: str) -> Tuple[str, str]:
     return OP_SPECS[op].operator, DTYPE_NAMES[DTYPES[dtype]]
 
 
+def _check_row(row: object, where: str) -> None:
+    """A bench row with every field, a known op and dtype, and (when it ran without error) a
+    median time that is a finite number above 0: the ratios divide by it and take its log."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object, got {row!r}")
+    missing = [field for field in ROW_FIELDS if field not in row]
+    if missing:
+        raise ValueError(f"{where}: lacks {missing}: {row}")
+    try:
+        _bench_names(row["op"], row["dtype"])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    median = row["median_ms"]
+    if row["error"] is None and not (
+        isinstance(median, (int, float)) and not isinstance(median, bool) and 0 < median < math.inf
+    ):
+        raise ValueError(f"{where}: median_ms must be a finite number of milliseconds above 0, got {median!r}")
+
+
 def read_results(path: str, role: str = "results") -> Results:
     """A bench --json file of a CUDA device. `role`, "results" or "gradient-in-forward", is
     the argument it came from: a ValueError names it, the file and the problem."""
@@ -216,14 +234,8 @@ def read_results(path: str, role: str = "results") -> Results:
         raise ValueError(
             f"{where}: measured on {device.get('type')!r}; tuning covers CUDA devices (Triton runs on CUDA only)"
         )
-    for row in rows:
-        missing = [field for field in ROW_FIELDS if field not in row]
-        if missing:
-            raise ValueError(f"{where}: a row lacks {missing}: {row}")
-        try:
-            _bench_names(row["op"], row["dtype"])
-        except ValueError as error:
-            raise ValueError(f"{where}: a row of {error}") from None
+    for index, row in enumerate(rows):
+        _check_row(row, f"{where}, row {index}")
     gradient_pass = "forward" if role == "gradient-in-forward" else CUDA_DEFAULT_GRADIENT_PASS
     source = dict(
         file=str(path), gradient_pass=gradient_pass, date=document.get("date"), git_commit=document.get("git_commit")

@@ -102,11 +102,14 @@ def test_derived_table_reads_back(default_run, forward_run, tmp_path):
     ([_row("qfl", "fp32", "native", 1.0), _row("qfl", "fp32", "triton", 1.0)], "cpu", "measured on 'cpu'"),
     ([_row("nonsense", "fp32", "native", 1.0)], "cuda", "unknown op 'nonsense'"),
     ([_row("qfl", "int8", "native", 1.0)], "cuda", "unknown dtype 'int8'"),
-    ([dict(op="qfl", mode="full")], "cuda", "a row lacks"),
+    ([dict(op="qfl", mode="full")], "cuda", "row 0: lacks"),
+    *[([_row("qfl", "fp32", "native", 1.0), _row("qfl", "fp32", "triton", median)], "cuda",
+       f"row 1: median_ms must be a finite number of milliseconds above 0, got {re.escape(repr(median))}")
+      for median in (0.0, -1.0, float("nan"), float("inf"), None, "1.0", True)],
 ])
 def test_unusable_results_are_refused_naming_the_file(tmp_path, rows, device_type, message):
     path = _write_results(tmp_path / "bad.json", rows, device_type=device_type)
-    with pytest.raises(ValueError, match=f"results files? {re.escape(path)}: .*{message}"):
+    with pytest.raises(ValueError, match=f"results files? {re.escape(path)}[:,] .*{message}"):
         _tuning.derive_table([path])
 
 
@@ -149,6 +152,7 @@ def test_table_path_follows_the_environment(monkeypatch, tmp_path):
     ({GPU: dict(backends={"nonsense": {}})}, "unknown operator 'nonsense'"),
     ({GPU: dict(backends={QFL: {"float32": "reference"}})}, "backends of quality_focal_loss must map"),
     ({GPU: dict(backends={QFL: {"fp32": "triton"}})}, "backends of quality_focal_loss must map"),
+    ({GPU: dict(backends={QFL: {"float32": ["triton"]}})}, "backends of quality_focal_loss must map"),
     ({GPU: dict(backends={}, gradient_pass="sideways")}, "gradient_pass must be one of"),
 ])
 def test_malformed_tables_are_refused(tmp_path, table, message):
