@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from . import available_backends, functional, reference
+from ._command_line import device_argument
+from ._ops import KERNEL_BACKENDS
 
 PARITY_FACTOR = 3.0
 
@@ -308,11 +310,17 @@ def format_table(outcomes: List[Outcome]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gfl_ops verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", nargs="+", help="default: every backend available on the device")
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", nargs="+", choices=KERNEL_BACKENDS,
+                        help="default: every backend available on the device")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(f"gfl_ops verify on {args.device}: backends {available_backends(args.device)}", flush=True)
+    available = available_backends(args.device)
+    unavailable = sorted(set(args.backends or ()) - set(available))
+    if unavailable:
+        parser.error(f"argument --backends: {', '.join(unavailable)} not available on {args.device} "
+                     f"(available: {', '.join(available)})")
+    print(f"gfl_ops verify on {args.device}: backends {available}", flush=True)
     outcomes = run(args.device, args.backends, seed=args.seed,
                    progress=lambda o: print("." if o.passed else "F", end="", flush=True, file=sys.stderr))
     print(file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,39 @@ def test_plan_of_quick_and_cpu_default():
 def test_error_rows_are_reported_not_raised():
     rows = [dict(op="qfl", mode="full", shape_label="8x3", dtype="fp32", provider="mmdet", error="RuntimeError: boom")]
     assert "error: RuntimeError: boom" in bench.format_table(rows)
+
+
+BAD_BENCH_FLAGS = [
+    (["--qfl-shapes", "0x80"], "argument --qfl-shapes: a shape's sizes must be at least 1"),
+    (["--dfl-shapes", "64x0"], "argument --dfl-shapes: a shape's sizes must be at least 1"),
+    (["--json", "README.md/results.json"], "argument --json: .* cannot be written"),
+    (["--plot", "gfl_ops"], "argument --plot: 'gfl_ops' is a folder"),
+    (["--from-json", "no-such-results.json"], "argument --from-json: 'no-such-results.json': no such file"),
+    (["--device", "tpu"], "argument --device: 'tpu' is not a torch device"),
+    (["--frameworks", "--device", "tpu"], "argument --device: 'tpu' is not a torch device"),
+    (["--frameworks", "--json", "README.md/x.json"], "argument --json: .* cannot be written"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_BENCH_FLAGS, ids=[" ".join(argv) for argv, _ in BAD_BENCH_FLAGS])
+def test_bad_flags_are_refused_before_anything_runs(argv, message, capsys, monkeypatch):
+    """A usage error (exit 2) naming the flag, before any case runs: an unwritable --json
+    used to fail only after the whole run, its numbers lost."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(bench.cli, "run", lambda *arguments: pytest.fail("a case ran"))
+    with pytest.raises(SystemExit) as raised:
+        bench.main(argv)
+    assert raised.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_run_whose_rows_failed_exits_non_zero(monkeypatch, capsys):
+    failed = dict(op="qfl", mode="full", shape_label="8x3", layout="nc", dtype="fp32", provider="native",
+                  error="RuntimeError: boom", median_ms=None)
+    monkeypatch.setattr(bench.cli, "run", lambda cases, settings: [failed])
+    monkeypatch.setattr(bench.cli, "_print_report", lambda rows, device_type: None)
+    assert bench.main(["--device", "cpu", "--quick", "--no-memory"]) == 1
+    assert "1 of 1 rows failed" in capsys.readouterr().out
 
 
 def test_module_entry_point(capsys):

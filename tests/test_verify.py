@@ -1,5 +1,6 @@
 """python -m gfl_ops verify: it passes on this machine, and it fails (exit code 1, FAIL rows)
 when a backend's gradient is wrong."""
+import pytest
 import torch
 
 import gfl_ops
@@ -44,3 +45,26 @@ def test_verify_reports_a_wrong_gradient(monkeypatch, capsys):
     failed = [line for line in out.splitlines() if "FAIL" in line]
     assert failed and all(line.startswith("dfl ") for line in failed), failed
     assert any("gradcheck" in line for line in failed) and any("parity" in line for line in failed)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "argument --device: 'tpu' is not a torch device"),
+    (["--backends", "nativ"], "argument --backends: invalid choice: 'nativ'"),
+    *([(["--device", "cuda"], "argument --device: 'cuda': no CUDA device is available here")]
+      if not torch.cuda.is_available() else []),
+])
+def test_bad_flags_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        verify.main(argv)
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_named_backend_that_is_not_available_is_said(capsys):
+    """--backends triton where Triton does not run: said, not 'no backend available'."""
+    if "triton" in gfl_ops.available_backends("cpu"):
+        pytest.skip("Triton runs on CPU tensors here (TRITON_INTERPRET=1)")
+    with pytest.raises(SystemExit) as raised:
+        verify.main(["--device", "cpu", "--backends", "triton"])
+    assert raised.value.code == 2
+    assert "argument --backends: triton not available on cpu" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .._command_line import device_argument, existing_file_argument, writable_file_argument
 from .cases import DTYPES, LAYOUTS, MODES, Case
 from .ops import OPS, build_cases, dfl, qfl
 from .providers import PROVIDERS, not_run
@@ -31,6 +32,8 @@ def _parse_shapes(text: str) -> List[Tuple[int, int]]:
             rows, classes = (int(part) for part in item.lower().split("x"))
         except ValueError:
             raise argparse.ArgumentTypeError(f"a shape is ROWSxCLASSES, e.g. 44800x80; got {item!r}") from None
+        if rows < 1 or classes < 1:
+            raise argparse.ArgumentTypeError(f"a shape's sizes must be at least 1, got {item!r}")
         shapes.append((rows, classes))
     return shapes
 
@@ -45,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick and --half choose.",
     )
     add = parser.add_argument
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     add("--ops", nargs="+", choices=OPS, help="default: all (quick, half: qfl dfl)")
     add("--modes", nargs="+", choices=MODES, help="default: forward full (quick, half: full)")
     add("--providers", nargs="+", choices=PROVIDERS,
@@ -64,9 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--warmup", type=int, help="untimed steps per provider before timing (default 2, 1 with --quick)")
     add("--no-memory", action="store_true", help="skip the peak-memory step")
     add("--compile-backend", default="inductor", metavar="NAME", help="torch.compile backend of the compile provider")
-    add("--json", type=Path, metavar="PATH", help="write the results as JSON")
-    add("--plot", type=Path, metavar="PATH", help="write a PNG of native's speedups")
-    add("--from-json", type=Path, metavar="PATH", help="run nothing: print the table and targets of a saved "
+    add("--json", type=writable_file_argument, metavar="PATH", help="write the results as JSON")
+    add("--plot", type=writable_file_argument, metavar="PATH", help="write a PNG of native's speedups")
+    add("--from-json", type=existing_file_argument, metavar="PATH", help="run nothing: print the table and targets of a saved "
         "run (e.g. benchmarks/results/*.json), and its plot with --plot")
     return parser
 
@@ -219,4 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _write_json(results_document(rows, settings, argv, env, skipped, notes), args.json, settings.device)
     if args.plot is not None:
         print(write_plot(rows, args.plot))
-    return 0
+    failed = sum(row.get("error") is not None for row in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} rows failed (their error is in the table)")
+    return 1 if failed else 0

@@ -19,10 +19,11 @@ import os
 import statistics
 import time
 import types
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from .._command_line import device_argument, writable_file_argument
 
 
 def _timed(step: Callable[[], None], sync: Callable[[], None]) -> float:
@@ -180,11 +181,13 @@ def run(device: torch.device, repeats: int, warmup: int) -> List[dict]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gfl_ops bench --frameworks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--frameworks", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--json", type=writable_file_argument, metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be at least 1 and --warmup at least 0")
     from .results import environment
 
     device = torch.device(args.device)
