@@ -6,7 +6,8 @@
 #
 # Steps, in order of what a short lease must not miss:
 #   build      gfl_ops._C in place for this GPU (sm_90; the kernels' six units in parallel),
-#              and the CUDA machine-code table of that build (cuda.json)
+#              the CUDA machine-code table of that build (cuda.json), and the Triton one
+#              compiled by this machine's own Triton (triton.json, which names its version)
 #   test       the suite's CUDA cases (pytest -k cuda: parity, errors, reductions, compile)
 #   sanitize   compute-sanitizer memcheck, then racecheck, over benchmarks/gpu_workload.py
 #              (every operator, layout and dtype, native and Triton, forward and backward)
@@ -22,8 +23,8 @@
 # Without a GPU, DEVICE=cpu runs the same plumbing on the CPU (no sanitizer, no sync mode,
 # small benchmark shapes): `DEVICE=cpu STEPS="test verify bench" bash benchmarks/gpu_session.sh`.
 #
-# Then copy $OUT/<gpu>*.json and .png to benchmarks/results/, $OUT/cuda.json to
-# benchmarks/results/machine-code/, quote them in the README, add the run to
+# Then copy $OUT/<gpu>*.json and .png to benchmarks/results/, $OUT/cuda.json and
+# $OUT/triton.json to benchmarks/results/machine-code/, quote them in the README, add the run to
 # benchmarks/README.md's Runs, and derive the auto backend's table:
 # `python -m gfl_ops tune $OUT/<gpu>.json --gradient-in-forward $OUT/<gpu>-gradient-in-forward.json`.
 set -uo pipefail
@@ -79,6 +80,7 @@ if wants build; then
   MAX_JOBS=${MAX_JOBS:-$(nproc)} run_step build 300 "$PYTHON" setup.py build_ext --inplace \
     || { tail -n 40 "$OUT/build.log"; exit 1; }
   run_step machine_code 60 "$PYTHON" -m gfl_ops.bench.cuda_machine_code --json "$OUT/cuda.json"
+  run_step triton_machine_code 60 "$PYTHON" -m gfl_ops.triton.machine_code --json "$OUT/triton.json"
 fi
 
 if wants test; then

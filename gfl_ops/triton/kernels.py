@@ -272,7 +272,12 @@ def class_kernel(
     else:
         weights = tl.full([BLOCK_ANCHORS], 1.0, dtype=acc_t)
     row_loss = tl.zeros([BLOCK_ANCHORS], dtype=acc_t)
-    for class_start in range(0, num_classes, BLOCK_CLASSES):
+    # A while loop rather than range(0, num_classes, BLOCK_CLASSES): Triton 3.6's
+    # interpreter converts a range bound with int() of a one-element array, which numpy 2.4
+    # refuses; a comparison's truth value works on every version. The compiled loop is the
+    # same (class_start stays a multiple of BLOCK_CLASSES, so the loads keep their width).
+    class_start = 0
+    while class_start < num_classes:
         classes = (class_start + tl.arange(0, BLOCK_CLASSES)).to(tl.int64)  # 64-bit offsets
         class_mask = classes < num_classes
         mask = anchor_mask[:, None] & class_mask[None, :]
@@ -301,6 +306,7 @@ def class_kernel(
         if NEED_GRAD:
             grad_offsets = grad_rows[:, None] + classes[None, :] * grad_class_stride
             tl.store(grad_ptr + grad_offsets, (weights[:, None] * scale * grad).to(grad_ptr.dtype.element_ty), mask=mask)
+        class_start += BLOCK_CLASSES
     if not STORE_ELEMENT_LOSS:
         store_loss(loss_ptr, anchors, anchor_mask, weights * row_loss, SUM)
 
