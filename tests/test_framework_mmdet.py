@@ -152,6 +152,17 @@ def test_tood_head_losses_and_gradients_match_stock(epoch):
     assert_same(losses_and_gradients(stock, compute), losses_and_gradients(fused, compute), dtype)
 
 
+def test_vfnet_head_losses_and_gradients_match_stock():
+    """VFNet: the dense IoU-aware varifocal target, and a DeformConv2d (the stand-in's,
+    through torchvision) that refines the boxes."""
+    dtype = torch.float32
+    stock, fused = build_pair(head_config("vfnet/vfnet_r50_fpn_1x_coco.py"), dtype)
+    assert type(fused.loss_cls) is fused_mmdet.FusedVarifocalLoss
+    instances, metas = ground_truth(2, 256, 80, dtype)
+    compute = head_loss(fpn_features(2, 256, 32, dtype), instances, metas)
+    assert_same(losses_and_gradients(stock, compute), losses_and_gradients(fused, compute), dtype)
+
+
 def detector_batch(size: int):
     instances, metas = ground_truth(2, size, 80, torch.float32)
     samples = []
