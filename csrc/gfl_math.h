@@ -471,7 +471,11 @@ struct ClassVariant {
   static constexpr bool kElementIO = kElementIO_;
 };
 
-// One element's loss w * BCE and its derivative with respect to the input.
+// One element's loss w * BCE and its derivative with respect to the input,
+//   d(w BCE)/dinput = w dBCE/dinput + BCE dw/dp dp/dinput,
+// the second term 0 where dw/dp is 0 (a constant weight: focal with gamma 0, beta 0, a
+// detached varifocal weight), as autograd gives it: an infinite logit's infinite BCE must not
+// turn that 0 into NaN.
 template <typename Variant, typename acc_t>
 GFL_HOST_DEVICE LossAndGrad<acc_t> class_element(acc_t input, acc_t t, bool positive,
                                                  const ModulationParams<acc_t>& params) {
@@ -481,7 +485,8 @@ GFL_HOST_DEVICE LossAndGrad<acc_t> class_element(acc_t input, acc_t t, bool posi
   if (!Variant::kNeedGrad) {
     return {weight.loss * bce.bce, acc_t(0)};
   }
-  return {weight.loss * bce.bce, weight.loss * bce.dbce_dinput + bce.bce * weight.grad * bce.dprob_dinput};
+  const acc_t through_weight = weight.grad == acc_t(0) ? acc_t(0) : bce.bce * weight.grad * bce.dprob_dinput;
+  return {weight.loss * bce.bce, weight.loss * bce.dbce_dinput + through_weight};
 }
 
 // The target of class c for an anchor with (label, score): the score on the labelled class,

@@ -7,6 +7,8 @@
   (under Triton's interpreter on CPU-only machines).
 - QFL with beta near FLT_MAX: |d|^beta is 0 for |d| < 1 (1 at |d| = 1), never NaN, as
   torch's pow in float32.
+- Infinite logits where the modulating weight is constant (focal gamma 0, QFL beta 0, a
+  detached varifocal weight): the gradient of BCE with logits times the weight, not NaN.
 """
 
 import pytest
@@ -141,3 +143,39 @@ def test_qfl_huge_beta(beta):
     _qfl_reference_float32(reference_leaf, label[4:], score[4:], beta).sum().backward()
     assert torch.isfinite(reference_leaf.grad).all()
     torch.testing.assert_close(leaf.grad, reference_leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+CONSTANT_WEIGHT_CASES = {
+    "focal_gamma_0": lambda pred, target, backend: gfl_ops.sigmoid_focal_loss(
+        pred, target, alpha=None, gamma=0.0, reduction="sum", backend=backend),
+    "qfl_dense_beta_0": lambda pred, target, backend: gfl_ops.quality_focal_loss_dense(
+        pred, target, beta=0.0, reduction="sum", backend=backend),
+    "varifocal_detached": lambda pred, target, backend: gfl_ops.varifocal_loss(
+        pred, target, detach_weight=True, reduction="sum", backend=backend),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("case", sorted(CONSTANT_WEIGHT_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_infinite_logits_with_a_constant_weight_have_the_reference_gradient(device, backend, case, dtype):
+    """Where the modulating weight is constant, an infinite logit's gradient is w (sigma - t),
+    as torch's BCE with logits and the reference give it (0.75, 1.0, ...), not NaN from its
+    infinite BCE times the weight's zero derivative."""
+    if backend not in gfl_ops.available_backends(device):
+        pytest.skip(f"{backend} does not run on {device} here")
+    inf = float("inf")
+    pred = torch.tensor([[inf, -inf, 2.0], [-inf, inf, -1.0]], dtype=dtype, device=device)
+    target = torch.tensor([[0.0, 0.5, 1.0], [1.0, 0.25, 0.0]], dtype=dtype, device=device)
+    gradients = {}
+    for name in (backend, "reference"):
+        leaf = pred.clone().requires_grad_()
+        CONSTANT_WEIGHT_CASES[case](leaf, target, name).backward()
+        gradients[name] = leaf.grad
+    assert torch.isfinite(gradients["reference"]).all()
+    torch.testing.assert_close(gradients[backend], gradients["reference"], rtol=1e-6, atol=1e-7)
+    if case != "varifocal_detached":  # BCE with logits itself
+        bce = pred.clone().requires_grad_()
+        F.binary_cross_entropy_with_logits(bce, target, reduction="sum").backward()
+        torch.testing.assert_close(gradients[backend], bce.grad, rtol=1e-6, atol=1e-7)
