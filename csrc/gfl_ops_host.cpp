@@ -148,10 +148,15 @@ void check_dense_target(const at::Tensor& pred, const at::Tensor& target, const 
   check_same_device(pred, target, "target");
   TORCH_CHECK(target.sizes() == pred.sizes(), op_name, ": target must have pred's shape ", pred.sizes(), ", got ",
               target.sizes());
-  TORCH_CHECK(target.scalar_type() == pred.scalar_type() ||
-                  target.scalar_type() == accumulate_dtype(pred.scalar_type()),
-              op_name, ": target must have pred's dtype ", pred.scalar_type(), " or ",
-              accumulate_dtype(pred.scalar_type()), ", got ", target.scalar_type());
+  // A half pred also takes its computation dtype, float32 (AMP's targets); float32 and
+  // float64 pred take their own dtype alone, said once.
+  const auto computation_dtype = accumulate_dtype(pred.scalar_type());
+  const std::string accepted = pred.scalar_type() == computation_dtype
+                                   ? std::string(c10::toString(computation_dtype))
+                                   : std::string(c10::toString(pred.scalar_type())) + " or " +
+                                         c10::toString(computation_dtype);
+  TORCH_CHECK(target.scalar_type() == pred.scalar_type() || target.scalar_type() == computation_dtype, op_name,
+              ": target must have pred's dtype (", accepted, "), got ", target.scalar_type());
 }
 
 void check_class_weight(const at::Tensor& pred, const std::optional<at::Tensor>& class_weight, const char* op_name) {

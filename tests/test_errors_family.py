@@ -133,6 +133,10 @@ DIRECT_BAD = {
         torch.randn(6, 4), torch.zeros(5, dtype=torch.long), None, None, 0.25, 2.0, False, "none", False),
     "focal_dense_dtype": lambda: OPS._sigmoid_focal_loss_native(
         torch.randn(6, 4), torch.rand(6, 4, dtype=torch.float64), None, None, 0.25, 2.0, False, "none", False),
+    "focal_dense_half_of_float32": lambda: OPS._sigmoid_focal_loss_native(
+        torch.randn(6, 4), torch.rand(6, 4).half(), None, None, 0.25, 2.0, False, "none", False),
+    "focal_dense_double_of_half": lambda: OPS._sigmoid_focal_loss_native(
+        torch.randn(6, 4).half(), torch.rand(6, 4, dtype=torch.float64), None, None, 0.25, 2.0, False, "none", False),
     "focal_nan_alpha": lambda: OPS._sigmoid_focal_loss_native(
         torch.randn(6, 4), torch.zeros(6, dtype=torch.long), None, None, float("nan"), 2.0, False, "none", False),
     "focal_negative_gamma": lambda: OPS._sigmoid_focal_loss_native(
@@ -162,7 +166,9 @@ DIRECT_BAD = {
 DIRECT_MESSAGES = {
     "focal_int32_labels": "labels) must be int64",
     "focal_labels_shape": "label must have shape [6]",
-    "focal_dense_dtype": "target must have pred's dtype",
+    "focal_dense_dtype": "target must have pred's dtype (Float), got Double",
+    "focal_dense_half_of_float32": "target must have pred's dtype (Float), got Half",
+    "focal_dense_double_of_half": "target must have pred's dtype (Half or Float), got Double",
     "focal_nan_alpha": "alpha must be finite",
     "focal_negative_gamma": "gamma must be finite, >= 0",
     "focal_class_weight_length": "class_weight must have shape (4), one weight per class",
@@ -221,3 +227,4 @@ def test_out_of_range_labels_are_background():
     by_label = gfl_ops.varifocal_loss(pred, (labels, score), reduction="none", backend="native")
     torch.testing.assert_close(by_label, gfl_ops.varifocal_loss(pred, torch.zeros_like(pred), reduction="none",
                                                                 backend="native"), rtol=0, atol=0)
+
