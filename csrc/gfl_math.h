@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -398,6 +399,8 @@ GFL_HOST_DEVICE BceParts<acc_t> bce_of_logit(acc_t x, acc_t t) {
 // Probability input p, target t, as torch's binary_cross_entropy:
 //   BCE_p(p, t) = -(t * max(log p, -100) + (1 - t) * max(log1p(-p), -100))
 //   dBCE_p/dp  = (p - t) / max(p * (1 - p), 1e-12)      (torch's backward formula)
+// in [0, 1]; outside it (and for NaN p) the BCE is NaN and so is dBCE_p/dp, the reference's
+// rule, which must not rest on the weight's term (0 for a constant weight: class_element).
 template <typename acc_t>
 GFL_HOST_DEVICE BceParts<acc_t> bce_of_probability(acc_t p, acc_t t) {
   const acc_t log_p = log_(p);
@@ -406,8 +409,10 @@ GFL_HOST_DEVICE BceParts<acc_t> bce_of_probability(acc_t p, acc_t t) {
   const acc_t clamped_log_p = log_p < acc_t(-100) ? acc_t(-100) : log_p;
   const acc_t clamped_log_one_minus_p = log_one_minus_p < acc_t(-100) ? acc_t(-100) : log_one_minus_p;
   const acc_t variance = p * (acc_t(1) - p);
+  const bool in_range = (p >= acc_t(0)) & (p <= acc_t(1));
+  const acc_t dbce_dp = (p - t) / (variance < acc_t(1e-12) ? acc_t(1e-12) : variance);
   return {-(t * clamped_log_p + (acc_t(1) - t) * clamped_log_one_minus_p), p, acc_t(1) - p,
-          (p - t) / (variance < acc_t(1e-12) ? acc_t(1e-12) : variance), acc_t(1)};
+          in_range ? dbce_dp : std::numeric_limits<acc_t>::quiet_NaN(), acc_t(1)};
 }
 
 // Which modulating weight: QFL's |p - t|^beta, or the focal family's general form.

@@ -111,14 +111,15 @@ def bce_of_logit(x, t):
 def bce_of_probability(p, t):
     """BCE_p = -(t max(log p, -100) + (1 - t) max(log1p(-p), -100));
     returns BCE_p, p, 1 - p, dBCE_p/dp = (p - t) / max(p (1 - p), 1e-12) (torch's backward
-    formula) and dp/dp = 1."""
+    formula; NaN outside [0, 1], the reference's rule) and dp/dp = 1."""
     log_p = tl.log(p)
     log_one_minus_p = log_one_minus(p)
     clamped_log_p = tl.where(log_p < -100.0, -100.0, log_p)  # keeps NaN
     clamped_log_one_minus_p = tl.where(log_one_minus_p < -100.0, -100.0, log_one_minus_p)
     bce = -(t * clamped_log_p + (1.0 - t) * clamped_log_one_minus_p)
     variance = p * (1.0 - p)
-    return bce, p, 1.0 - p, (p - t) / tl.where(variance < 1e-12, 1e-12, variance), tl.full(p.shape, 1.0, p.dtype)
+    dbce = tl.where((p >= 0.0) & (p <= 1.0), (p - t) / tl.where(variance < 1e-12, 1e-12, variance), float("nan"))
+    return bce, p, 1.0 - p, dbce, tl.full(p.shape, 1.0, p.dtype)
 
 
 @triton.jit
