@@ -7,28 +7,49 @@ CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 TORCH_CUDA_ARCH_LIST ?= 9.0
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-# mmcv 2.1.0 (what mmdetection 3.3.0 accepts) from its sdist, pinned by hash, built in about
-# 10 s without its compiled ops; the tests stand in for mmcv.ops (gfl_ops/bench/mmcv_ops_standin.py).
-MMCV_SDIST = https://files.pythonhosted.org/packages/a7/19/f97f0fd4d432113a232e75f965335be6b7bb6557ae9faf8051e9a012cadd/mmcv-2.1.0.tar.gz\#sha256=d387bcab66b467479b6660310e23746cfc79c6e57acf04094680adb499a5cd3f
+PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
+REQUIRE_CUDA_BUILD = GFL_OPS_REQUIRE_CUDA_BUILD=$(if $(CUDA_HOME),1,0)
 
-.PHONY: install frameworks test test-gpu-stack bench verify clean
+.PHONY: install frameworks test test-fast test-emulated test-triton-interpreter test-frameworks \
+	test-machine-code test-gpu-stack bench verify clean
 
-# --use-pep517: with the setuptools<81 that `make frameworks` installs, pip would otherwise
-# redo the editable install through `setup.py develop`, which runs pip again with build
-# isolation, where torch is missing: a second `make test` in one environment failed.
+# --no-build-isolation: the extension is built against the torch installed here.
 install:
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
-	$(PYTHON) -m pip install -q --no-build-isolation --use-pep517 -e .
+	$(PYTHON) -m pip install -q --no-build-isolation -e .
 
-# mmdetection, mmengine, mmcv and ultralytics, for tests/test_framework_*.py.
+# mmdetection, mmengine, mmcv-lite and ultralytics, for tests/test_framework_*.py.
 frameworks:
 	$(PYTHON) -m pip install -q -r requirements-frameworks.txt
-	MMCV_WITH_OPS=0 $(PYTHON) -m pip install -q --no-build-isolation --no-deps "mmcv-lite @ $(MMCV_SDIST)"
 
-# The framework tests fail, rather than skip, when a framework is missing here; so do the
-# CUDA machine-code tests where nvcc is here (the build then has the CUDA kernels).
+# Everything, from a fresh machine: the suite (the framework tests fail, rather than skip,
+# when a framework is missing; so do the CUDA machine-code tests where nvcc is here, the
+# build then having the CUDA kernels), then the suite on the emulated CUDA kernels, then the
+# Triton kernels under Triton's interpreter. What CI runs.
 test: install frameworks
-	GFL_OPS_REQUIRE_FRAMEWORKS=1 GFL_OPS_REQUIRE_CUDA_BUILD=$(if $(CUDA_HOME),1,0) $(PYTHON) -m pytest -q tests
+	GFL_OPS_REQUIRE_FRAMEWORKS=1 $(REQUIRE_CUDA_BUILD) $(PYTEST) -m "not emulated" tests
+	$(MAKE) test-emulated test-triton-interpreter
+
+# The tiers, on what is installed and built already (no set-up):
+# the CPU core: parity, reference, errors, opcheck, compile, nn, bench and verify.
+test-fast:
+	$(PYTEST) -m "not emulated and not machine_code and not frameworks" tests
+
+# The CUDA kernels under the CUDA emulator: its self-test and vector-access tests, and the
+# suite once more with backend="native" sent to them (CUDA's gradient pass, CPU tensors).
+test-emulated:
+	GFL_OPS_TEST_CUDA_EMULATION=1 GFL_OPS_GRADIENT_PASS=backward $(PYTEST) \
+		-m "not frameworks and not machine_code" -k "not cuda" --ignore=tests/test_triton_backend.py tests
+
+# The Triton kernels on CPU tensors under Triton's interpreter.
+test-triton-interpreter:
+	TRITON_INTERPRET=1 $(PYTEST) -k "triton and cpu" tests/test_triton_backend.py tests/test_numerics.py
+
+test-frameworks: frameworks
+	GFL_OPS_REQUIRE_FRAMEWORKS=1 $(PYTEST) -m frameworks tests
+
+test-machine-code:
+	$(REQUIRE_CUDA_BUILD) $(PYTEST) -m machine_code tests
 
 # The GPU machine's stack without a GPU (requirements-gpu-stack.txt: torch 2.11.0, Triton
 # 3.6.0): its own environment and a copy of the sources under $(GPU_STACK), so the main
@@ -46,11 +67,16 @@ test-gpu-stack:
 	$(GPU_STACK)/venv/bin/python -c "import sys, torch, triton, numpy, pytest, hypothesis as h; \
 		print('Python', sys.version.split()[0], 'torch', torch.__version__, 'Triton', triton.__version__, \
 		'numpy', numpy.__version__, 'pytest', pytest.__version__, 'hypothesis', h.__version__)"
-	cd $(GPU_STACK)/src && GFL_OPS_REQUIRE_CUDA_BUILD=$(if $(CUDA_HOME),1,0) ../venv/bin/python -m pytest -q \
-		-p no:cacheprovider tests --ignore=tests/test_cuda_emulation.py
+	cd $(GPU_STACK)/src && $(REQUIRE_CUDA_BUILD) ../venv/bin/python -m pytest -q -p no:cacheprovider \
+		-m "not emulated" tests
+	cd $(GPU_STACK)/src && TRITON_INTERPRET=1 ../venv/bin/python -m pytest -q -p no:cacheprovider \
+		-k "triton and cpu" tests/test_triton_backend.py tests/test_numerics.py
 
 bench: install
 	$(PYTHON) -m gfl_ops bench
+
+verify: install
+	$(PYTHON) -m gfl_ops verify
 
 clean:
 	rm -rf build *.egg-info gfl_ops/_C*.so

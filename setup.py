@@ -8,7 +8,7 @@ Environment:
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils import cpp_extension
 
 
@@ -72,14 +72,8 @@ def extension():
     )
 
 
+# The package's metadata, version and files: pyproject.toml.
 setup(
-    name="gfl_ops",
-    version="0.1.0",
-    description="Fused CPU/CUDA/Triton kernels for Generalized Focal Loss (QFL, DFL)",
-    packages=find_packages(include=["gfl_ops", "gfl_ops.*"]),
-    package_data={"gfl_ops": ["tuning.json"]},  # backend="auto"'s table, where one was measured
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
 )

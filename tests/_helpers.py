@@ -456,26 +456,3 @@ def weighting_kwargs(weighting: str, reduction: str, loss_shape, loss_dtype, gen
     elif weighting.endswith("avg_tensor"):
         kwargs["avg_factor"] = torch.tensor(5.3, dtype=loss_dtype, device=device)
     return kwargs
-
-
-def run_under_the_triton_interpreter(test_file: str, selection: str) -> None:
-    """Runs the tests of `test_file` that `selection` (-k) picks in a subprocess with
-    TRITON_INTERPRET=1 (read when gfl_ops is imported), so that CPU-only machines check the
-    Triton kernels too; they must all pass, none skipped. Skips where Triton does not import
-    or this process already interprets."""
-    import os
-    import subprocess
-    import sys
-
-    import gfl_ops
-
-    if gfl_ops.triton.IMPORT_ERROR is not None:
-        pytest.skip(f"Triton does not import: {gfl_ops.triton.IMPORT_ERROR}")
-    if gfl_ops.triton.INTERPRETER:
-        pytest.skip("already under the interpreter")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", selection],
-        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]

@@ -15,18 +15,39 @@ os.environ["GFL_OPS_TUNING"] = ""
 
 import _cuda_emulation  # noqa: E402
 
-# A run whose backend="native" is the CUDA kernels, emulated on CPU tensors
-# (test_cuda_emulation.py starts one over the whole suite).
+# A run whose backend="native" is the CUDA kernels, emulated on CPU tensors (make
+# test-emulated starts one over the whole suite).
 EMULATED_CUDA = os.environ.get(_cuda_emulation.ENVIRONMENT_SWITCH) == "1"
 if EMULATED_CUDA:
     _cuda_emulation.route_native_operators()
 
 
+def pytest_configure(config):
+    """A run meant for the Triton interpreter (make test-triton-interpreter) where Triton
+    does not import would skip every Triton case and pass with nothing checked: refused."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import gfl_ops
+
+        if gfl_ops.triton.IMPORT_ERROR is not None:
+            raise pytest.UsageError(f"TRITON_INTERPRET=1, but Triton does not import: {gfl_ops.triton.IMPORT_ERROR}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """An emulated run whose tests reached no emulated kernel (the routing broken, or every
+    case skipped) checked nothing: it fails."""
+    if not EMULATED_CUDA or session.testscollected == 0:
+        return
+    session.config.emulated_vector_accesses = _cuda_emulation.take_wide_access_count()
+    if session.config.emulated_vector_accesses == 0 and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter):
     if EMULATED_CUDA:
+        accesses = getattr(terminalreporter.config, "emulated_vector_accesses", 0)
         terminalreporter.write_line(
             f"backend='native' ran the emulated CUDA kernels of torch.ops.{_cuda_emulation.NAMESPACE}: "
-            f"{_cuda_emulation.take_wide_access_count()} vector accesses"
+            f"{accesses} vector accesses" + ("" if accesses else ": none, so this run checked nothing and fails")
         )
 
 # Modest example counts: the suite runs on 2-core CI machines. deadline=None because the

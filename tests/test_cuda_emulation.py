@@ -3,20 +3,20 @@ emulator of the CUDA execution model (tests/_cuda_emulation.py, tests/cuda_emula
 
 - the emulator's own self-test (it must catch what a GPU would: barrier and shuffle
   divergence, deadlocks, misaligned vector accesses);
-- the whole suite once more in a subprocess with backend="native" sent to the emulated
-  kernels and the gradient in the backward pass (CUDA's GRADIENT_PASS): parity with the
-  reference, gradcheck, opcheck, torch.compile, reductions, errors, on the CUDA code path;
-- here: what the suite's small inputs do not reach. The rows walk's vector accesses (taken
+- what the suite's small inputs do not reach. The rows walk's vector accesses (taken
   exactly when every row is aligned, exact counts), reads next to NaN-filled memory on
   every side of pred and of a dense target (no out-of-bounds read reaches a result), and
   inputs larger than the emulated grid (three blocks), so every grid-stride loop wraps and
   reduction "sum" adds up several blocks' sums.
+
+`make test-emulated` runs the whole suite once more with backend="native" sent to the
+emulated kernels and the gradient in the backward pass (CUDA's GRADIENT_PASS): parity with
+the reference, gradcheck, opcheck, torch.compile, reductions, errors, on the CUDA code path
+(tests/conftest.py routes the operators when GFL_OPS_TEST_CUDA_EMULATION=1).
 """
 import os
-import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,8 +36,8 @@ from _helpers import (
     make_scores,
 )
 
+pytestmark = pytest.mark.emulated
 TESTS = Path(__file__).resolve().parent
-UNDER_EMULATION = os.environ.get(_cuda_emulation.ENVIRONMENT_SWITCH) == "1"
 # Elements per 16-byte vector.
 VECTOR = {torch.float64: 2, torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
 
@@ -69,30 +69,6 @@ def test_the_emulator_catches_what_a_gpu_would(tmp_path):
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "self-test passed" in result.stdout
-
-
-def test_the_suite_on_the_emulated_cuda_kernels(emulated):
-    if UNDER_EMULATION:
-        pytest.skip("already under emulation")
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the suite's CUDA cases run the real kernels (and a GPU session's time is short)")
-    env = dict(os.environ, **{_cuda_emulation.ENVIRONMENT_SWITCH: "1", "GFL_OPS_GRADIENT_PASS": "backward"})
-    command = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS),
-        "--ignore", __file__,  # this file runs in this process
-        "--ignore", str(TESTS / "test_triton_backend.py"),  # the Triton kernels, not these
-        "-k", "not cuda",  # CPU tensors: the CUDA-device cases skip on this machine anyway
-    ]  # fmt: skip
-    for framework_tests in sorted(TESTS.glob("test_framework_*.py")):  # the same kernels through the
-        command += ["--ignore", str(framework_tests)]  # adapters: the parity files cover them here
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
-    summary = result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.returncode == 0, summary
-    ran = re.search(rf"emulated CUDA kernels of torch.ops.{_cuda_emulation.NAMESPACE}: (\d+) vector accesses",
-                    result.stdout)
-    assert ran is not None and int(ran.group(1)) > 0, "the suite did not run the emulated kernels:\n" + summary
-    last_line = result.stdout.strip().splitlines()[-1]
-    assert " passed" in last_line and "failed" not in last_line, summary
 
 
 # --------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ import pytest
 import gfl_ops
 from gfl_ops.bench import cubin, cuda_machine_code
 
+pytestmark = pytest.mark.machine_code
+
 
 def _unavailable_reason():
     if not gfl_ops._ops.native_loaded():

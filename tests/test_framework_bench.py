@@ -7,6 +7,7 @@ import torch
 
 from _frameworks import import_framework
 
+pytestmark = pytest.mark.frameworks
 import_framework("mmdet")
 import_framework("ultralytics")
 

@@ -24,6 +24,7 @@ from _frameworks import import_framework
 from gfl_ops.bench import mmcv_ops_standin
 
 mmcv_ops_standin.install()
+pytestmark = pytest.mark.frameworks
 mmdet = import_framework("mmdet")
 
 from mmengine.config import Config  # noqa: E402

@@ -20,6 +20,7 @@ import torch
 
 from _frameworks import import_framework
 
+pytestmark = pytest.mark.frameworks
 import_framework("ultralytics")
 
 from ultralytics.nn.tasks import DetectionModel  

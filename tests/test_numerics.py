@@ -22,7 +22,6 @@ from _helpers import (
     accumulate_dtype,
     dtype_id,
     make_generator,
-    run_under_the_triton_interpreter,
 )
 
 NUM_BINS = 17
@@ -96,14 +95,8 @@ def test_dfl_large_logits_triton(device, dtype, scale):
     if gfl_ops.triton.IMPORT_ERROR is not None:
         pytest.skip(f"Triton does not import: {gfl_ops.triton.IMPORT_ERROR}")
     if not gfl_ops.triton.available(device):
-        pytest.skip(f"the Triton backend does not run on {device} here (CPU: test_triton_under_the_interpreter)")
+        pytest.skip(f"the Triton backend does not run on {device} here (CPU: make test-triton-interpreter)")
     _check_dfl_large_logits("triton", device, dtype, scale)
-
-
-def test_triton_under_the_interpreter():
-    """The Triton cases of this file again, in a subprocess with TRITON_INTERPRET=1 (read
-    when gfl_ops is imported), so that CPU-only machines check the Triton kernels too."""
-    run_under_the_triton_interpreter(__file__, "triton and cpu and not interpreter")
 
 
 # --------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 float64 reference, with the parity criterion of the native tests, on small inputs.
 
 Triton kernels run on CUDA tensors, and on CPU tensors under Triton's interpreter
-(TRITON_INTERPRET=1, read when gfl_ops is imported). On a CPU-only machine the suite runs
-this file once more in a subprocess with the interpreter (test_triton_under_the_interpreter).
+(TRITON_INTERPRET=1, read when gfl_ops is imported): `make test-triton-interpreter` runs
+this file's CPU cases that way, so that CPU-only machines check the Triton kernels too.
 """
 
 import pytest
@@ -21,7 +21,6 @@ from _helpers import (
     make_generator,
     make_labels,
     make_scores,
-    run_under_the_triton_interpreter,
 )
 
 
@@ -201,12 +200,6 @@ def test_triton_compile_fullgraph(device):
     torch.testing.assert_close(compiled_p.grad, eager_p.grad)
     torch.testing.assert_close(compiled_z.grad, eager_z.grad)
     torch._dynamo.reset()
-
-
-def test_triton_under_the_interpreter():
-    """This file again, in a subprocess with TRITON_INTERPRET=1, so the Triton kernels are
-    checked on CPU-only machines too."""
-    run_under_the_triton_interpreter(__file__, "not interpreter and cpu")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.machine_code
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 from gfl_ops.triton import machine_code  # noqa: E402
 

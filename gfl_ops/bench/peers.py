@@ -3,6 +3,9 @@ peers besides mmdet_style.py. Copied from the formulas of their sources (named p
 function), with the provider signature fn(pred, target, **options) of the benchmark's
 inputs; the work of turning those inputs into the framework's own target form (one-hot
 labels) is part of what is timed, as the framework's users pay it.
+
+Licences of the formulas reproduced: torchvision's BSD-3-Clause; ultralytics' AGPL-3.0
+(ultralytics_varifocal_loss, which is distributed under the AGPL-3.0, LICENSE-AGPL-3.0).
 """
 from __future__ import annotations
 

@@ -23,6 +23,11 @@ The method reproduces ultralytics' code of the versions in TESTED_SOURCES; patch
 any other (it compares the source of every function it mirrors), so an ultralytics update
 cannot silently diverge. Checkpoints hold no gfl_ops object: a model trained while patched
 loads with YOLO("best.pt") in a process that never imported gfl_ops.
+
+Licence: this module reproduces code of ultralytics 8.4.190 (the functions in
+TESTED_SOURCES), which Ultralytics publishes under the GNU AGPL-3.0; this module is
+therefore distributed under the AGPL-3.0 (LICENSE-AGPL-3.0), the rest of gfl_ops under the
+Apache-2.0 (LICENSE).
 """
 from __future__ import annotations
 

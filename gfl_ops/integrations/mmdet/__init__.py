@@ -25,6 +25,9 @@ Differences from mmdetection's classes, by design:
   reduction_override raises ReductionOverrideError, both a ValueError (gfl_ops' rule)
   and an AssertionError (what mmdetection raises and its tests expect).
 As mmdetection, a float64 weight (or DFL target) promotes the loss to float64.
+
+The classes subclass mmdetection 3.3's (Apache-2.0, as gfl_ops) and keep their contract;
+no mmdetection code is reproduced here.
 """
 from __future__ import annotations
 
