@@ -87,7 +87,7 @@ if wants test; then
   # Not the emulator's tests (their build takes minutes, and a GPU runs the real kernels) nor
   # the machine-code ones (CI runs them on the same sm_90 build; the step above wrote the table).
   run_step test 150 "$PYTHON" -m pytest -q -rs -x -p no:cacheprovider -k cuda tests \
-    --ignore tests/test_cuda_emulation.py --ignore tests/test_cuda_machine_code.py
+    -m "not emulated and not machine_code"
 fi
 
 if wants sanitize && [[ $DEVICE == cuda ]]; then
