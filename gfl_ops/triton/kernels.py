@@ -151,15 +151,20 @@ def modulating_weight(p, complement, t, positive, exponent, alpha_positive, alph
 def class_element(pred, t, positive, exponent, alpha_positive, alpha_negative, focal_base, weights_positives,
                   iou_weighted, detach_weight, MODULATION: tl.constexpr, EXPONENT: tl.constexpr,
                   ACTIVATED: tl.constexpr):
-    """w * BCE and d/dinput = w dBCE/dinput + BCE dw/dp dp/dinput, the second term 0 where
-    dw/dp is 0 (a constant weight: an infinite logit's infinite BCE must not make it NaN)."""
+    """w * BCE and d/dinput = w dBCE/dinput + BCE dw/dp dp/dinput, the second term left out
+    where the exponent is 0 (a constant weight: an infinite logit's infinite BCE must not
+    make it NaN). gfl_math.h leaves it out wherever dw/dp is 0; here a runtime select there
+    made Triton 3.6 spill (focal fp32 planes, sm_80), so a detached varifocal weight still
+    gives NaN for an infinite logit on this backend."""
     if ACTIVATED:
         bce, p, complement, dbce, dp = bce_of_probability(pred, t)
     else:
         bce, p, complement, dbce, dp = bce_of_logit(pred, t)
     weight, dweight = modulating_weight(p, complement, t, positive, exponent, alpha_positive, alpha_negative, focal_base,
                                         weights_positives, iou_weighted, detach_weight, MODULATION, EXPONENT)
-    return weight * bce, weight * dbce + tl.where(dweight == 0.0, 0.0, bce * dweight * dp)
+    if EXPONENT == EXPONENT_ZERO:
+        return weight * bce, weight * dbce
+    return weight * bce, weight * dbce + bce * dweight * dp
 
 
 @triton.jit
