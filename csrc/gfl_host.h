@@ -16,9 +16,6 @@
 // launcher scales row r's gradient by grad_scale[r] (1 when grad_scale is null).
 #pragma once
 
-#include "gfl_math.h"
-#include "gfl_ops.h"
-
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -29,6 +26,9 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "gfl_math.h"
+#include "gfl_ops.h"
 
 namespace gfl {
 
@@ -81,7 +81,9 @@ struct LossOutputs {
     return total.defined() ? total.mutable_data_ptr<acc_t>() : nullptr;
   }
 
-  const at::Tensor& result() const { return total.defined() ? total : (per_element.defined() ? per_element : per_anchor); }
+  const at::Tensor& result() const {
+    return total.defined() ? total : (per_element.defined() ? per_element : per_anchor);
+  }
 };
 
 // A classification loss's target: (label, score) of the anchor shape, labels alone (focal:
@@ -155,7 +157,12 @@ std::tuple<at::Tensor, at::Tensor> class_loss_impl(const at::Tensor& pred, const
           element_weight ? call.weight->const_data_ptr<acc_t>() : nullptr,
           outputs.per_element_data<acc_t>(),
           target_reader,
-          layout, strides[0], strides[1], strides[2], strides[3], strides[4],
+          layout,
+          strides[0],
+          strides[1],
+          strides[2],
+          strides[3],
+          strides[4],
           {static_cast<acc_t>(params.exponent), static_cast<acc_t>(params.alpha_positive),
            static_cast<acc_t>(params.alpha_negative), static_cast<acc_t>(params.focal_base),
            static_cast<acc_t>(params.weights_positives), static_cast<acc_t>(params.iou_weighted),
@@ -200,8 +207,7 @@ inline math::ModulationParams<double> varifocal_params(double alpha, double gamm
 
 // The target of the focal and varifocal operators: integer labels of the anchor shape (with
 // a score, or alone: focal's) or a dense float target of pred's shape.
-inline ClassTarget class_target(const at::Tensor& target, const std::optional<at::Tensor>& score,
-                                const char* op_name) {
+inline ClassTarget class_target(const at::Tensor& target, const std::optional<at::Tensor>& score, const char* op_name) {
   if (at::isFloatingType(target.scalar_type())) {
     TORCH_CHECK(!score.has_value(), op_name, ": score goes with integer labels, not with a dense float target");
     return {at::Tensor(), at::Tensor(), target};
@@ -218,7 +224,8 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_impl(const at::Tensor& pre
                                                            const std::optional<at::Tensor>& class_weight, double beta,
                                                            bool activated, c10::string_view reduction,
                                                            bool compute_grad, const Launch& launch) {
-  const ClassCall call{"quality_focal_loss", weight, class_weight, beta, "beta", activated, reduction, false, compute_grad};
+  const ClassCall call{"quality_focal_loss", weight, class_weight, beta, "beta", activated, reduction, false,
+                       compute_grad};
   return class_loss_impl<math::Modulation::kQuality>(pred, {label, score, at::Tensor()}, call, quality_params(beta),
                                                      launch);
 }
@@ -230,8 +237,8 @@ std::tuple<at::Tensor, at::Tensor> quality_focal_loss_dense_impl(const at::Tenso
                                                                  double beta, bool activated,
                                                                  c10::string_view reduction, bool compute_grad,
                                                                  const Launch& launch) {
-  const ClassCall call{"quality_focal_loss_dense", weight, class_weight, beta, "beta", activated, reduction, false,
-                       compute_grad};
+  const ClassCall call{
+      "quality_focal_loss_dense", weight, class_weight, beta, "beta", activated, reduction, false, compute_grad};
   return class_loss_impl<math::Modulation::kQuality>(pred, {at::Tensor(), at::Tensor(), target}, call,
                                                      quality_params(beta), launch);
 }
@@ -319,8 +326,8 @@ struct NativeKernels {
                                                                const at::Tensor& score,
                                                                const std::optional<at::Tensor>& weight,
                                                                const std::optional<at::Tensor>& class_weight,
-                                                               double beta, bool activated,
-                                                               c10::string_view reduction, bool compute_grad) {
+                                                               double beta, bool activated, c10::string_view reduction,
+                                                               bool compute_grad) {
     const typename Device::Guard guard(pred.device());
     return quality_focal_loss_impl(pred, label, score, weight, class_weight, beta, activated, reduction, compute_grad,
                                    Device::classification(pred));
@@ -342,8 +349,8 @@ struct NativeKernels {
                                                                double alpha, double gamma, bool activated,
                                                                c10::string_view reduction, bool compute_grad) {
     const typename Device::Guard guard(pred.device());
-    return sigmoid_focal_loss_impl(pred, target, weight, class_weight, alpha, gamma, activated, reduction,
-                                   compute_grad, Device::classification(pred));
+    return sigmoid_focal_loss_impl(pred, target, weight, class_weight, alpha, gamma, activated, reduction, compute_grad,
+                                   Device::classification(pred));
   }
 
   static std::tuple<at::Tensor, at::Tensor> varifocal_loss(const at::Tensor& pred, const at::Tensor& target,

@@ -63,9 +63,7 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 #define GFL_DEVICE_MATH 0
 #endif
 
-GFL_HOST_DEVICE float select(bool condition, float if_true, float if_false) {
-  return condition ? if_true : if_false;
-}
+GFL_HOST_DEVICE float select(bool condition, float if_true, float if_false) { return condition ? if_true : if_false; }
 
 GFL_HOST_DEVICE float bits_to_float(int32_t bits) {
   float value;
@@ -94,23 +92,27 @@ GFL_HOST_DEVICE float exp_(float x) {
   // ln2 split in two so that n * ln2 is subtracted without rounding error.
   const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
   const float r2 = r * r;
+  // clang-format off: the polynomial in Horner's form, one coefficient a step
   const float poly =
       (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
          4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r2 + r + 1.0f;
+  // clang-format on
   const float two_to_n = bits_to_float((float_to_bits(shifted) - kRoundingShiftBits + 127) << 23);
   float result = poly * two_to_n;
-  result = select(x < -87.0f, 0.0f, result);                       // underflow: exactly 0
-  result = select(x > 88.0f, __builtin_huge_valf(), result);       // overflow: +inf
-  return select(x != x, x, result);                                // NaN stays NaN
+  result = select(x < -87.0f, 0.0f, result);                  // underflow: exactly 0
+  result = select(x > 88.0f, __builtin_huge_valf(), result);  // overflow: +inf
+  return select(x != x, x, result);                           // NaN stays NaN
 #endif
 }
 
 // 2 * atanh(s) = log((1 + s) / (1 - s)) = 2 * (s + s^3/3 + s^5/5 + ...), for |s| <= 1/3.
 GFL_HOST_DEVICE float two_atanh_series(float s) {
   const float s2 = s * s;
+  // clang-format off: the series in Horner's form
   const float tail =
       ((((((1.0f / 15.0f) * s2 + 1.0f / 13.0f) * s2 + 1.0f / 11.0f) * s2 + 1.0f / 9.0f) * s2 +
         1.0f / 7.0f) * s2 + 1.0f / 5.0f) * s2 + 1.0f / 3.0f;
+  // clang-format on
   return 2.0f * (s + s * s2 * tail);
 }
 
@@ -187,10 +189,10 @@ GFL_HOST_DEVICE float pow_(float x, float beta) {
   return powf(x, beta);
 #else
   const LogParts parts = log_parts(x);
-  const float large = parts.exponent * kLn2High;                         // exact
-  const float small = parts.exponent * kLn2Low + parts.log_mantissa;     // |small| < 0.38
+  const float large = parts.exponent * kLn2High;                      // exact
+  const float small = parts.exponent * kLn2Low + parts.log_mantissa;  // |small| < 0.38
   const float product = beta * large;
-  const float product_error = std::fma(beta, large, -product);          // exact remainder
+  const float product_error = std::fma(beta, large, -product);  // exact remainder
   const float low = product_error + beta * small;
   // Two-sum: hi + lo == product + low exactly, |lo| <= ulp(hi) / 2.
   const float hi = product + low;
@@ -218,7 +220,7 @@ GFL_HOST_DEVICE double pow_(double x, double beta) { return ::pow(x, beta); }
 // kernel loops that store 16-bit results: 5 to 8 times the time per element of float32
 // (QFL with gradient). The kernels convert here instead, with c10's own algorithms written
 // branch-free on the 16-bit pattern (selects, integer and float arithmetic): vector code,
-// and c10's bits for every input (tests/test_cpu_half_precision.py). On the device, the
+// and c10's bits for every input (tests/cpu/test_cpu_half_precision.py). On the device, the
 // types' own conversions, hardware instructions.
 // ---------------------------------------------------------------------------------------
 
@@ -249,7 +251,7 @@ GFL_HOST_DEVICE uint16_t float_to_half_bits(float value) {
   const uint32_t two_w = w + w;  // without the sign
   const uint32_t exponent_bits = two_w & 0xFF000000u;
   const uint32_t clamped = exponent_bits < 0x71000000u ? 0x71000000u : exponent_bits;  // e >= -14
-  const float scaled = (float_of(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;  // 4|f|
+  const float scaled = (float_of(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;        // 4|f|
   const uint32_t sum = word_of(float_of((clamped >> 1) + 0x07800000u) + scaled);
   const uint32_t magnitude = ((sum >> 13) & 0x00007C00u) + (sum & 0x00000FFFu);
   const uint32_t nan_or_magnitude = two_w > 0xFF000000u ? 0x7E00u : magnitude;
@@ -348,9 +350,15 @@ GFL_HOST_DEVICE double sqrt_(double x) { return ::sqrt(x); }
 
 // |d|^e and its derivative e * |d|^(e - 1) * sign(d) = e * |d|^e / d, which is taken as 0 at
 // d = 0 for every e (where it is not defined for e < 1). 0^e is 1 for e = 0 (as torch.pow)
-// and 0 otherwise.
+// and 0 otherwise. `one_minus_magnitude` is 1 - |d| as the caller knows it without the
+// rounding of d (general exponents only): near |d| = 1 the rounding of d is all of the
+// information at a large e (focal at x = 20, t = 0: d = sigma(20) rounds to 1 in float, and
+// 1^e = 1 where the exact |d|^e is exp(e log1p(-(1 - sigma))) = 0.127 at e = 1e9), so there
+// |d|^e is taken as exp(e * log1p(-(1 - |d|))), log space from the accurate complement; below
+// 1/2, where d itself is exact to its last digit, pow_. The derivative e * |d|^e / d then
+// stays bounded by e / |d| and consistent with the value (0 wherever the value is).
 template <Exponent kExponent, typename acc_t>
-GFL_HOST_DEVICE LossAndGrad<acc_t> power_of_magnitude(acc_t d, acc_t exponent) {
+GFL_HOST_DEVICE LossAndGrad<acc_t> power_of_magnitude(acc_t d, acc_t exponent, acc_t one_minus_magnitude) {
   const acc_t magnitude = d < acc_t(0) ? -d : d;
   const acc_t sign = d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : acc_t(0));
   if constexpr (kExponent == Exponent::kZero) {
@@ -363,9 +371,17 @@ GFL_HOST_DEVICE LossAndGrad<acc_t> power_of_magnitude(acc_t d, acc_t exponent) {
   } else if constexpr (kExponent == Exponent::kTwo) {
     return {d * d, acc_t(2) * d};
   } else {
-    const acc_t power = pow_(magnitude, exponent);
+    // A branch, not a select: on the device the 16-bit probability variants' call frames
+    // were 80 bytes with a select, 64 with the branch (tools/cuda_machine_code.py's budget);
+    // the host's compiler if-converts it, its functions being inline.
+    acc_t power;
+    if (magnitude > acc_t(0.5)) {
+      power = exp_(exponent * log_one_minus(one_minus_magnitude));
+    } else {
+      power = pow_(magnitude, exponent);
+    }
     const acc_t value = magnitude == acc_t(0) ? (exponent == acc_t(0) ? acc_t(1) : acc_t(0)) : power;
-    return {value, magnitude == acc_t(0) ? acc_t(0) : exponent * value / d};
+    return {value, magnitude == acc_t(0) ? acc_t(0) : exponent * (value / d)};
   }
 }
 
@@ -373,10 +389,10 @@ GFL_HOST_DEVICE LossAndGrad<acc_t> power_of_magnitude(acc_t d, acc_t exponent) {
 template <typename acc_t>
 struct BceParts {
   acc_t bce;
-  acc_t probability;     // p
-  acc_t complement;      // 1 - p, without the rounding of the subtraction for logits
-  acc_t dbce_dinput;     // dBCE/dx (dBCE/dp for probability input)
-  acc_t dprob_dinput;    // dp/dx (1 for probability input)
+  acc_t probability;   // p
+  acc_t complement;    // 1 - p, without the rounding of the subtraction for logits
+  acc_t dbce_dinput;   // dBCE/dx (dBCE/dp for probability input)
+  acc_t dprob_dinput;  // dp/dx (1 for probability input)
 };
 
 // Logit input x, target t:
@@ -424,7 +440,8 @@ enum class Modulation { kQuality, kFocalFamily };
 //   alpha_t = alpha_positive * t + alpha_negative * (1 - t)
 //   w       = t (iou_weighted = 1) or 1 (0)      on a positive, with weights_positives = 1
 //           = alpha_t * |m|^exponent             on every other element
-//   dw/dp   = alpha_t * d|m|^exponent/dm * dm/dp, 0 for positives and with detach_weight = 1
+//   dw/dp   = alpha_t * d|m|^exponent/dm * dm/dp; w is a constant (no gradient through it)
+//             on weighted positives and with detach_weight = 1
 // focal:     focal_base 1, alphas (alpha, 1 - alpha) (or (1, 1) with the alpha weighting
 //            off), no positives; varifocal: focal_base 0, alphas (alpha, alpha), positives
 //            weighted, detached for RT-DETR/D-FINE/DEIM. QFL's beta is `exponent` too.
@@ -434,7 +451,7 @@ enum class Modulation { kQuality, kFocalFamily };
 // is near 1).
 template <typename acc_t>
 struct ModulationParams {
-  acc_t exponent;        // beta (QFL) or gamma
+  acc_t exponent;  // beta (QFL) or gamma
   acc_t alpha_positive;
   acc_t alpha_negative;
   acc_t focal_base;         // 1: m = 1 - p_t; 0: m = p - t
@@ -443,24 +460,52 @@ struct ModulationParams {
   acc_t detach_weight;      // 1: w carries no gradient
 };
 
+// A modulating weight w, its derivative dw/dp, and whether w varies with p at all: not where
+// it is a constant by its definition (an exponent of 0, a weighted positive's t or 1, a
+// detached weight), which carries no gradient, as autograd gives it (class_element). A
+// number, 1 or 0, like ModulationParams' switches: a bool here turned the focal family's
+// gradient loops scalar.
+template <typename acc_t>
+struct ModulatingWeight {
+  acc_t value;
+  acc_t derivative;  // dw/dp
+  acc_t varies;      // 1: w depends on p; 0: a constant
+};
+
+// 1 - |m| of m = p (1 - f t) + (1 - p) f t + (f - 1) t, summed from p, 1 - p and t without
+// cancellation: 1 - p_t = p t + (1 - p)(1 - t) for f = 1, and for f = 0 (m = p - t)
+// (1 - p) + t where m >= 0, p + (1 - t) where m < 0. Read by general exponents only.
+template <typename acc_t>
+GFL_HOST_DEVICE acc_t one_minus_magnitude(acc_t m, acc_t p, acc_t complement, acc_t t, acc_t focal_base) {
+  const acc_t focal_t = focal_base * t;
+  return m >= acc_t(0) ? complement * (acc_t(1) - focal_t) + p * focal_t + (acc_t(1) - focal_base) * t
+                       : p + (acc_t(1) - t);
+}
+
 // w and dw/dp of one element of probability p (and 1 - p, `complement`). `positive` is the
 // target's own rule (used with weights_positives only).
 template <Modulation kModulation, Exponent kExponent, typename acc_t>
-GFL_HOST_DEVICE LossAndGrad<acc_t> modulating_weight(acc_t p, acc_t complement, acc_t t, bool positive,
-                                                     const ModulationParams<acc_t>& params) {
+GFL_HOST_DEVICE ModulatingWeight<acc_t> modulating_weight(acc_t p, acc_t complement, acc_t t, bool positive,
+                                                          const ModulationParams<acc_t>& params) {
+  constexpr acc_t kPowerVaries = kExponent == Exponent::kZero ? acc_t(0) : acc_t(1);
   if constexpr (kModulation == Modulation::kQuality) {
-    return power_of_magnitude<kExponent>(p - t, params.exponent);
+    const acc_t d = p - t;
+    const acc_t rest = kExponent == Exponent::kGeneral ? one_minus_magnitude(d, p, complement, t, acc_t(0)) : acc_t(0);
+    const LossAndGrad<acc_t> power = power_of_magnitude<kExponent>(d, params.exponent, rest);
+    return {power.loss, power.grad, kPowerVaries};
   } else {
     const acc_t focal_t = params.focal_base * t;
     const acc_t m = p * (acc_t(1) - focal_t) + complement * focal_t + (params.focal_base - acc_t(1)) * t;
     const acc_t slope = acc_t(1) - acc_t(2) * focal_t;  // dm/dp
-    const LossAndGrad<acc_t> power = power_of_magnitude<kExponent>(m, params.exponent);
+    const acc_t rest =
+        kExponent == Exponent::kGeneral ? one_minus_magnitude(m, p, complement, t, params.focal_base) : acc_t(0);
+    const LossAndGrad<acc_t> power = power_of_magnitude<kExponent>(m, params.exponent, rest);
     const acc_t alpha_t = params.alpha_positive * t + params.alpha_negative * (acc_t(1) - t);
     const bool weighted_positive = positive & (params.weights_positives != acc_t(0));
     const acc_t positive_weight = params.iou_weighted * t + (acc_t(1) - params.iou_weighted);
     const bool constant = weighted_positive | (params.detach_weight != acc_t(0));
-    return {weighted_positive ? positive_weight : alpha_t * power.loss,
-            constant ? acc_t(0) : alpha_t * power.grad * slope};
+    return {weighted_positive ? positive_weight : alpha_t * power.loss, alpha_t * power.grad * slope,
+            constant ? acc_t(0) : kPowerVaries};
   }
 }
 
@@ -478,20 +523,20 @@ struct ClassVariant {
 
 // One element's loss w * BCE and its derivative with respect to the input,
 //   d(w BCE)/dinput = w dBCE/dinput + BCE dw/dp dp/dinput,
-// the second term 0 where dw/dp is 0 (a constant weight: focal with gamma 0, beta 0, a
-// detached varifocal weight), as autograd gives it: an infinite logit's infinite BCE must not
-// turn that 0 into NaN.
+// the second term left out where w is a constant by definition (an exponent of 0, a weighted
+// positive, a detached weight): there autograd has no such term, and an infinite logit's
+// infinite BCE must not turn its 0 into NaN.
 template <typename Variant, typename acc_t>
 GFL_HOST_DEVICE LossAndGrad<acc_t> class_element(acc_t input, acc_t t, bool positive,
                                                  const ModulationParams<acc_t>& params) {
   const BceParts<acc_t> bce = Variant::kActivated ? bce_of_probability(input, t) : bce_of_logit(input, t);
-  const LossAndGrad<acc_t> weight =
+  const ModulatingWeight<acc_t> weight =
       modulating_weight<Variant::kModulation, Variant::kExponent>(bce.probability, bce.complement, t, positive, params);
   if (!Variant::kNeedGrad) {
-    return {weight.loss * bce.bce, acc_t(0)};
+    return {weight.value * bce.bce, acc_t(0)};
   }
-  const acc_t through_weight = weight.grad == acc_t(0) ? acc_t(0) : bce.bce * weight.grad * bce.dprob_dinput;
-  return {weight.loss * bce.bce, weight.loss * bce.dbce_dinput + through_weight};
+  const acc_t through_weight = weight.varies == acc_t(0) ? acc_t(0) : bce.bce * weight.derivative * bce.dprob_dinput;
+  return {weight.value * bce.bce, weight.value * bce.dbce_dinput + through_weight};
 }
 
 // The target of class c for an anchor with (label, score): the score on the labelled class,
@@ -567,7 +612,7 @@ struct AnchorRow {
   const acc_t* class_weight;             // (C,), contiguous; null: every weight is 1
   const acc_t* element_weight;           // pred's shape; null: none
   int64_t element_weight_stride;
-  acc_t* element_loss;                   // pred's shape; null: none
+  acc_t* element_loss;  // pred's shape; null: none
   int64_t element_loss_stride;
 };
 
@@ -628,9 +673,9 @@ GFL_HOST_DEVICE acc_t class_anchor(const AnchorRow<scalar_t, acc_t>& row, const 
 
 template <typename acc_t>
 struct DflBins {
-  int64_t left;         // i
-  acc_t weight_left;    // w_l, on bin i
-  acc_t weight_right;   // w_r, on bin i + 1
+  int64_t left;        // i
+  acc_t weight_left;   // w_l, on bin i
+  acc_t weight_right;  // w_r, on bin i + 1
 };
 
 // The two bins around the target. The target is clamped into [0, n] first (NaN -> 0), so
@@ -640,15 +685,14 @@ GFL_HOST_DEVICE DflBins<acc_t> dfl_bins(acc_t target, int64_t num_bins) {
   const acc_t last_bin = static_cast<acc_t>(num_bins - 1);
   acc_t y = target > acc_t(0) ? target : acc_t(0);  // NaN compares false -> 0
   y = y < last_bin ? y : last_bin;
-  int64_t left = static_cast<int64_t>(y);           // floor, y >= 0
+  int64_t left = static_cast<int64_t>(y);  // floor, y >= 0
   left = left < num_bins - 2 ? left : num_bins - 2;
   const acc_t weight_left = static_cast<acc_t>(left + 1) - y;
   return {left, weight_left, acc_t(1) - weight_left};
 }
 
 template <typename acc_t>
-GFL_HOST_DEVICE acc_t dfl_loss(acc_t row_max, acc_t sum_exp, acc_t z_left, acc_t z_right,
-                               const DflBins<acc_t>& bins) {
+GFL_HOST_DEVICE acc_t dfl_loss(acc_t row_max, acc_t sum_exp, acc_t z_left, acc_t z_right, const DflBins<acc_t>& bins) {
   return log_(sum_exp) - bins.weight_left * (z_left - row_max) - bins.weight_right * (z_right - row_max);
 }
 
@@ -688,8 +732,8 @@ GFL_HOST_DEVICE acc_t weighted_term(acc_t shifted_k, int64_t k) {
 
 // m and S of a row.
 template <typename acc_t, typename scalar_t>
-GFL_HOST_DEVICE void row_softmax_stats(const scalar_t* z, int64_t bin_stride, int64_t num_bins,
-                                       acc_t& row_max, acc_t& sum_exp) {
+GFL_HOST_DEVICE void row_softmax_stats(const scalar_t* z, int64_t bin_stride, int64_t num_bins, acc_t& row_max,
+                                       acc_t& sum_exp) {
   row_max = to_acc<acc_t>(z[0]);
   GFL_SIMD(reduction(max : row_max))
   for (int64_t k = 1; k < num_bins; ++k) {
@@ -704,8 +748,8 @@ GFL_HOST_DEVICE void row_softmax_stats(const scalar_t* z, int64_t bin_stride, in
 
 // One row of DFL: returns weight * DFL; writes its gradient into grad unless grad is null.
 template <typename acc_t, typename scalar_t>
-GFL_HOST_DEVICE acc_t dfl_row(const scalar_t* z, int64_t bin_stride, int64_t num_bins, acc_t target,
-                              acc_t weight, scalar_t* grad, int64_t grad_bin_stride) {
+GFL_HOST_DEVICE acc_t dfl_row(const scalar_t* z, int64_t bin_stride, int64_t num_bins, acc_t target, acc_t weight,
+                              scalar_t* grad, int64_t grad_bin_stride) {
   acc_t row_max, sum_exp;
   row_softmax_stats(z, bin_stride, num_bins, row_max, sum_exp);
   const DflBins<acc_t> bins = dfl_bins(target, num_bins);

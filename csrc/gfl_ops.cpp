@@ -3,10 +3,10 @@
 //
 // Two layers of operators:
 //   - the public operators, what users call: quality_focal_loss, quality_focal_loss_dense,
-//     sigmoid_focal_loss, varifocal_loss, distribution_focal_loss and distribution_integral. Each returns what was asked for (the
-//     loss per anchor or row, or its sum; the integral's value), differentiable with respect
-//     to pred by the autograd kernel below. `str backend` names the kernels that compute it:
-//     "native" (the C++ CPU and CUDA kernels) or "triton" (gfl_ops/triton/).
+//     sigmoid_focal_loss, varifocal_loss, distribution_focal_loss and distribution_integral. Each returns what was
+//     asked for (the loss per anchor or row, or its sum; the integral's value), differentiable with respect to pred by
+//     the autograd kernel below. `str backend` names the kernels that compute it: "native" (the C++ CPU and CUDA
+//     kernels) or "triton" (gfl_ops/triton/).
 //   - their kernels, _<operator>_native and _<operator>_triton: one schema per operator, the
 //     same for every backend, with an implementation per backend (cpu/, cuda/ and the Triton
 //     one, registered from Python). A kernel makes one pass over pred and returns fresh
@@ -20,10 +20,9 @@
 // kernels through these very schemas and this autograd kernel).
 #include "gfl_ops.h"
 
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <ATen/FunctionalTensorWrapper.h>
+#include <Python.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -78,7 +77,8 @@ constexpr OperatorSignatures kOperators[] = {
      "bool iou_weighted, bool detach_weight, bool activated, str reduction, str backend=\"native\") -> Tensor",
      "(Tensor pred, Tensor target, Tensor? score, Tensor? weight, Tensor? class_weight, float alpha, float gamma, "
      "bool iou_weighted, bool detach_weight, bool activated, str reduction, bool compute_grad) -> (Tensor, Tensor)"},
-    {"distribution_focal_loss", "(Tensor pred, Tensor target, Tensor? weight, str reduction, str backend=\"native\") -> Tensor",
+    {"distribution_focal_loss",
+     "(Tensor pred, Tensor target, Tensor? weight, str reduction, str backend=\"native\") -> Tensor",
      "(Tensor pred, Tensor target, Tensor? weight, str reduction, bool compute_grad) -> (Tensor, Tensor)"},
     {"distribution_integral", "(Tensor pred, str backend=\"native\") -> Tensor",
      "(Tensor pred, Tensor? grad_scale, bool compute_grad) -> (Tensor, Tensor)"},
@@ -93,7 +93,6 @@ std::string plan_signature(const std::string& kernel_signature) {
 }
 
 }  // namespace
-
 
 // ---------------------------------------------------------------------------------------
 // Where a training step computes pred's gradient, per device type:
@@ -146,7 +145,6 @@ bool gradient_in_forward(const at::Tensor& pred) {
 
 }  // namespace
 
-
 GFL_TORCH_LIBRARY(GFL_OPS_NAMESPACE, m) {
   for (const OperatorSignatures& op : kOperators) {
     const std::string name = op.name;
@@ -186,8 +184,9 @@ using torch::autograd::variable_list;
 // check_batched_grad, vectorised jacobians; legacy or functorch vmap), which an unbatched
 // buffer cannot be scaled by in place.
 bool is_traced(const at::Tensor& tensor) {
-  return tensor.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
-                                                        c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched})) ||
+  return tensor.key_set().has_any(
+             c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize, c10::DispatchKey::Batched,
+                                  c10::DispatchKey::FuncTorchBatched})) ||
          at::functionalization::impl::isFunctionalTensor(tensor) || c10::impl::TorchDispatchModeTLS::any_modes_set();
 }
 
@@ -398,17 +397,11 @@ void register_public_operators(torch::Library& m) {
 
 }  // namespace
 
-GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, Autograd, m) {
-  register_public_operators<&public_operator_autograd>(m);
-}
+GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, Autograd, m) { register_public_operators<&public_operator_autograd>(m); }
 
-GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, CPU, m) {
-  register_public_operators<&public_operator_value>(m);
-}
+GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, CPU, m) { register_public_operators<&public_operator_value>(m); }
 
-GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, CUDA, m) {
-  register_public_operators<&public_operator_value>(m);
-}
+GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, CUDA, m) { register_public_operators<&public_operator_value>(m); }
 
 // A Python module with no methods: importing gfl_ops._C loads the library, which registers
 // the operators above with the dispatcher.

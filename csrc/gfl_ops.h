@@ -3,8 +3,6 @@
 // of a strided (anchors x classes) tensor that lets kernels read pred in place.
 #pragma once
 
-#include "gfl_math.h"
-
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
@@ -13,6 +11,8 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "gfl_math.h"
 
 namespace gfl {
 
@@ -24,8 +24,8 @@ constexpr int kMaxAnchorDims = 8;
 struct AnchorLayout {
   int64_t num_anchors = 0;
   int64_t num_classes = 0;
-  int64_t inner_size = 1;                              // anchors along the innermost dimension
-  int num_outer_dims = 0;                              // dimensions outside it, outermost first
+  int64_t inner_size = 1;  // anchors along the innermost dimension
+  int num_outer_dims = 0;  // dimensions outside it, outermost first
   std::array<int64_t, kMaxAnchorDims> outer_sizes{};
 };
 
@@ -51,10 +51,10 @@ struct AnchorStrides {
 template <typename scalar_t, typename acc_t, typename Target>
 struct ClassArgs {
   const scalar_t* pred;
-  scalar_t* grad;  // null when no gradient is wanted
-  acc_t* loss;     // one per anchor, contiguous; null for reduction "sum" (the launcher adds up)
-                   // and for a loss per element
-  const acc_t* weight;  // one per anchor, contiguous; null: every weight is 1
+  scalar_t* grad;               // null when no gradient is wanted
+  acc_t* loss;                  // one per anchor, contiguous; null for reduction "sum" (the launcher adds up)
+                                // and for a loss per element
+  const acc_t* weight;          // one per anchor, contiguous; null: every weight is 1
   const acc_t* class_weight;    // (C,), contiguous; null: every class weight is 1
   const acc_t* element_weight;  // pred's shape, through element_weight_strides; null: none
   acc_t* element_loss;          // the loss of each element, pred's shape; null: not asked for
@@ -85,8 +85,7 @@ struct BinRows {
 
 // Coalesces the anchor dimensions of tensors that all have pred's shape. Dimensions merge
 // only where they merge in every tensor, so one loop walks all of them together.
-AnchorLayout make_anchor_layout(const std::vector<at::Tensor>& tensors,
-                                std::vector<AnchorStrides>& strides_out);
+AnchorLayout make_anchor_layout(const std::vector<at::Tensor>& tensors, std::vector<AnchorStrides>& strides_out);
 
 // The shape of pred without the class dimension: (N) for (N, C), (B, d1..dk) otherwise.
 std::vector<int64_t> anchor_shape(const at::Tensor& pred);
@@ -146,14 +145,19 @@ ClassWalk choose_class_walk(const ClassTensors& tensors, const std::vector<Ancho
 
 template <typename scalar_t>
 BinRows<scalar_t> make_bin_rows(const at::Tensor& pred, at::Tensor& grad, bool compute_grad) {
-  return {pred.const_data_ptr<scalar_t>(), pred.stride(0), pred.stride(1),
+  return {pred.const_data_ptr<scalar_t>(),
+          pred.stride(0),
+          pred.stride(1),
           compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-          compute_grad ? grad.stride(0) : 0, compute_grad ? grad.stride(1) : 0, pred.size(0), pred.size(1)};
+          compute_grad ? grad.stride(0) : 0,
+          compute_grad ? grad.stride(1) : 0,
+          pred.size(0),
+          pred.size(1)};
 }
 
-// Whether an exponent's closed form is built for an input kind and element I/O (else: pow). Each instantiation is a set of CPU walks compiled three times (target_clones) and of
-// CUDA kernels, so the closed forms are built where they are used: all of them on logits
-// (beta = 0: YOLOv8's soft-target BCE; gamma = 1.5: DEIM), 2 for probabilities and for the
+// Whether an exponent's closed form is built for an input kind and element I/O (else: pow). Each instantiation is a set
+// of CPU walks compiled three times (target_clones) and of CUDA kernels, so the closed forms are built where they are
+// used: all of them on logits (beta = 0: YOLOv8's soft-target BCE; gamma = 1.5: DEIM), 2 for probabilities and for the
 // focal family's element weights and losses of pred's shape (rare layouts of the work).
 template <bool kActivated, bool kElementIO>
 constexpr bool exponent_is_built(math::Exponent kind) {

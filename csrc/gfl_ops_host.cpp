@@ -2,14 +2,14 @@
 // the operators (gfl_host.h): input checks that keep the kernels in bounds, output
 // allocation, and the coalesced anchor layout that lets kernels read pred in place.
 // Kept apart from the operator registrations (gfl_ops.cpp) so that a test build of the
-// CUDA kernels (tests/cuda_emulation/) can link these without registering the operators.
-#include "gfl_ops.h"
-
+// CUDA kernels (tests/cuda/cuda_emulation/) can link these without registering the operators.
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <limits>
 #include <string>
+
+#include "gfl_ops.h"
 
 namespace gfl {
 
@@ -21,8 +21,7 @@ std::vector<int64_t> anchor_shape(const at::Tensor& pred) {
   return shape;
 }
 
-AnchorLayout make_anchor_layout(const std::vector<at::Tensor>& tensors,
-                                std::vector<AnchorStrides>& strides_out) {
+AnchorLayout make_anchor_layout(const std::vector<at::Tensor>& tensors, std::vector<AnchorStrides>& strides_out) {
   const at::Tensor& pred = tensors.front();
   AnchorLayout layout;
   layout.num_classes = pred.size(1);
@@ -64,8 +63,7 @@ AnchorLayout make_anchor_layout(const std::vector<at::Tensor>& tensors,
     groups.push_back({1, std::vector<int64_t>(tensors.size(), 0)});
   }
   TORCH_CHECK(static_cast<int>(groups.size()) <= kMaxAnchorDims + 1,
-              "gfl_ops: pred has too many non-mergeable anchor dimensions (at most ",
-              kMaxAnchorDims + 1, ")");
+              "gfl_ops: pred has too many non-mergeable anchor dimensions (at most ", kMaxAnchorDims + 1, ")");
 
   layout.inner_size = groups.front().size;
   layout.num_outer_dims = static_cast<int>(groups.size()) - 1;
@@ -93,8 +91,7 @@ namespace {
 void check_float_pred(const at::Tensor& pred, const char* op_name) {
   TORCH_CHECK(pred.scalar_type() == at::kFloat || pred.scalar_type() == at::kDouble ||
                   pred.scalar_type() == at::kHalf || pred.scalar_type() == at::kBFloat16,
-              op_name, ": pred must be float32, float64, float16 or bfloat16, got ",
-              pred.scalar_type());
+              op_name, ": pred must be float32, float64, float16 or bfloat16, got ", pred.scalar_type());
 }
 
 // The kernels compute in float32 for every pred but float64: the exponent must fit.
@@ -104,8 +101,7 @@ void check_exponent(double exponent, const char* exponent_name, const char* op_n
 }
 
 void check_same_device(const at::Tensor& pred, const at::Tensor& other, const char* name) {
-  TORCH_CHECK(other.device() == pred.device(), name, " is on ", other.device(),
-              " but pred is on ", pred.device());
+  TORCH_CHECK(other.device() == pred.device(), name, " is on ", other.device(), " but pred is on ", pred.device());
 }
 
 }  // namespace
@@ -151,10 +147,10 @@ void check_dense_target(const at::Tensor& pred, const at::Tensor& target, const 
   // A half pred also takes its computation dtype, float32 (AMP's targets); float32 and
   // float64 pred take their own dtype alone, said once.
   const auto computation_dtype = accumulate_dtype(pred.scalar_type());
-  const std::string accepted = pred.scalar_type() == computation_dtype
-                                   ? std::string(c10::toString(computation_dtype))
-                                   : std::string(c10::toString(pred.scalar_type())) + " or " +
-                                         c10::toString(computation_dtype);
+  const std::string accepted =
+      pred.scalar_type() == computation_dtype
+          ? std::string(c10::toString(computation_dtype))
+          : std::string(c10::toString(pred.scalar_type())) + " or " + c10::toString(computation_dtype);
   TORCH_CHECK(target.scalar_type() == pred.scalar_type() || target.scalar_type() == computation_dtype, op_name,
               ": target must have pred's dtype (", accepted, "), got ", target.scalar_type());
 }
@@ -166,27 +162,24 @@ void check_class_weight(const at::Tensor& pred, const std::optional<at::Tensor>&
   check_same_device(pred, *class_weight, "class_weight");
   TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == pred.size(1), op_name,
               ": class_weight must have shape (", pred.size(1), "), one weight per class, got ", class_weight->sizes());
-  TORCH_CHECK(class_weight->scalar_type() == accumulate_dtype(pred.scalar_type()), op_name,
-              ": class_weight must be ", accumulate_dtype(pred.scalar_type()), " for ", pred.scalar_type(),
-              " pred, got ", class_weight->scalar_type());
+  TORCH_CHECK(class_weight->scalar_type() == accumulate_dtype(pred.scalar_type()), op_name, ": class_weight must be ",
+              accumulate_dtype(pred.scalar_type()), " for ", pred.scalar_type(), " pred, got ",
+              class_weight->scalar_type());
 }
 
 void check_bin_inputs(const at::Tensor& pred, const char* op_name) {
   check_float_pred(pred, op_name);
-  TORCH_CHECK(pred.dim() == 2, op_name, ": pred must be (M, n + 1), got ", pred.dim(),
-              " dimension(s)");
+  TORCH_CHECK(pred.dim() == 2, op_name, ": pred must be (M, n + 1), got ", pred.dim(), " dimension(s)");
   TORCH_CHECK(pred.size(1) >= 2, op_name, ": pred needs at least 2 bins, got ", pred.size(1));
 }
 
 void check_dfl_inputs(const at::Tensor& pred, const at::Tensor& target) {
   check_bin_inputs(pred, "distribution_focal_loss");
   check_same_device(pred, target, "target");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == pred.size(0),
-              "distribution_focal_loss: target must have shape (", pred.size(0), "), got ",
-              target.sizes());
-  TORCH_CHECK(target.scalar_type() == accumulate_dtype(pred.scalar_type()),
-              "distribution_focal_loss: target must be ", accumulate_dtype(pred.scalar_type()),
-              " for ", pred.scalar_type(), " pred, got ", target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == pred.size(0), "distribution_focal_loss: target must have shape (",
+              pred.size(0), "), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == accumulate_dtype(pred.scalar_type()), "distribution_focal_loss: target must be ",
+              accumulate_dtype(pred.scalar_type()), " for ", pred.scalar_type(), " pred, got ", target.scalar_type());
 }
 
 void check_weight(const at::Tensor& pred, const std::optional<at::Tensor>& weight, at::IntArrayRef shape,
@@ -195,8 +188,8 @@ void check_weight(const at::Tensor& pred, const std::optional<at::Tensor>& weigh
     return;
   }
   check_same_device(pred, *weight, "weight");
-  TORCH_CHECK(weight->sizes() == at::IntArrayRef(shape), op_name, ": weight must have the loss's shape ",
-              shape, ", got ", weight->sizes());
+  TORCH_CHECK(weight->sizes() == at::IntArrayRef(shape), op_name, ": weight must have the loss's shape ", shape,
+              ", got ", weight->sizes());
   TORCH_CHECK(weight->scalar_type() == accumulate_dtype(pred.scalar_type()), op_name, ": weight must be ",
               accumulate_dtype(pred.scalar_type()), " for ", pred.scalar_type(), " pred, got ", weight->scalar_type());
 }

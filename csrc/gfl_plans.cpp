@@ -13,14 +13,14 @@
 //                    grad_bin_stride]
 // The numbers are empty when there is nothing to launch (no anchors): the outputs are then
 // complete, a sum of nothing being 0.
-#include "gfl_host.h"
-#include "gfl_ops.h"
-
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
+
+#include "gfl_host.h"
+#include "gfl_ops.h"
 
 namespace gfl {
 namespace {
@@ -35,8 +35,8 @@ void record_strides(const AnchorStrides& strides, const AnchorLayout& layout, Pl
 
 template <typename scalar_t>
 void record_bin_rows(const BinRows<scalar_t>& rows, Plan& plan) {
-  plan = {rows.num_rows, rows.num_bins, rows.pred_row_stride, rows.pred_bin_stride, rows.grad_row_stride,
-          rows.grad_bin_stride};
+  plan = {rows.num_rows,        rows.num_bins,        rows.pred_row_stride,
+          rows.pred_bin_stride, rows.grad_row_stride, rows.grad_bin_stride};
 }
 
 struct ClassPlan {
@@ -114,13 +114,10 @@ std::tuple<at::Tensor, at::Tensor, Plan> sigmoid_focal_loss_plan(const at::Tenso
                    std::move(plan));
 }
 
-std::tuple<at::Tensor, at::Tensor, Plan> varifocal_loss_plan(const at::Tensor& pred, const at::Tensor& target,
-                                                             const std::optional<at::Tensor>& score,
-                                                             const std::optional<at::Tensor>& weight,
-                                                             const std::optional<at::Tensor>& class_weight,
-                                                             double alpha, double gamma, bool iou_weighted,
-                                                             bool detach_weight, bool activated,
-                                                             c10::string_view reduction, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, Plan> varifocal_loss_plan(
+    const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& score,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& class_weight, double alpha, double gamma,
+    bool iou_weighted, bool detach_weight, bool activated, c10::string_view reduction, bool compute_grad) {
   Plan plan;
   return with_plan(varifocal_loss_impl(pred, target, score, weight, class_weight, alpha, gamma, iou_weighted,
                                        detach_weight, activated, reduction, compute_grad, ClassPlan{&plan}),

@@ -14,10 +14,6 @@
 // everything here is in an anonymous namespace, each unit instantiating what it registers.
 #pragma once
 
-#include "../gfl_host.h"
-#include "../gfl_math.h"
-#include "../gfl_ops.h"
-
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -27,6 +23,10 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "../gfl_host.h"
+#include "../gfl_math.h"
+#include "../gfl_ops.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define GFL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -91,8 +91,8 @@ void parallel_walk(int64_t count, int64_t chunk, acc_t* per_anchor, acc_t* total
 // inner_begin..inner_end - 1) and write the loss of anchor (outer, j) to loss[j - inner_begin]
 // unless loss is null.
 template <bool kUnitClassStride, typename Variant, typename scalar_t, typename acc_t, typename Target>
-GFL_CPU_CLONES void class_rows(const ClassArgs<scalar_t, acc_t, Target>& args, int64_t outer,
-                               int64_t inner_begin, int64_t inner_end, acc_t* loss) {
+GFL_CPU_CLONES void class_rows(const ClassArgs<scalar_t, acc_t, Target>& args, int64_t outer, int64_t inner_begin,
+                               int64_t inner_end, acc_t* loss) {
   // Locals, so the compiler knows the gradient stores cannot change them.
   const Target target = args.target;
   const math::ModulationParams<acc_t> params = args.params;
@@ -109,9 +109,13 @@ GFL_CPU_CLONES void class_rows(const ClassArgs<scalar_t, acc_t, Target>& args, i
     const auto [pred_offset, pred_stride] = row_of(args.pred_strides, j);
     const auto [grad_offset, grad_stride] = row_of(args.grad_strides, j);
     const auto [target_offset, target_stride] = row_of(args.target_strides, j);
-    math::AnchorRow<scalar_t, acc_t> row{args.pred + pred_offset, pred_stride,
-                                         Variant::kNeedGrad ? args.grad + grad_offset : nullptr, grad_stride,
-                                         target_offset, target_stride, args.class_weight};
+    math::AnchorRow<scalar_t, acc_t> row{args.pred + pred_offset,
+                                         pred_stride,
+                                         Variant::kNeedGrad ? args.grad + grad_offset : nullptr,
+                                         grad_stride,
+                                         target_offset,
+                                         target_stride,
+                                         args.class_weight};
     if constexpr (Variant::kElementIO) {
       const auto [weight_offset, weight_stride] = row_of(args.element_weight_strides, j);
       const auto [loss_offset, loss_stride] = row_of(args.element_loss_strides, j);
@@ -135,8 +139,8 @@ GFL_CPU_CLONES void class_rows(const ClassArgs<scalar_t, acc_t, Target>& args, i
 constexpr int64_t kPlaneBlock = 64;  // anchors per block of the plane walk
 
 template <typename Variant, typename scalar_t, typename acc_t, typename Target>
-GFL_CPU_CLONES void class_planes(const ClassArgs<scalar_t, acc_t, Target>& args, int64_t outer,
-                                 int64_t inner_begin, int64_t inner_end, acc_t* loss) {
+GFL_CPU_CLONES void class_planes(const ClassArgs<scalar_t, acc_t, Target>& args, int64_t outer, int64_t inner_begin,
+                                 int64_t inner_end, acc_t* loss) {
   constexpr int64_t kBlock = kPlaneBlock;
   const Target target = args.target;
   const math::ModulationParams<acc_t> params = args.params;
@@ -231,8 +235,8 @@ void class_launch(const ClassArgs<scalar_t, acc_t, Target>& args, ClassWalk walk
 // Bin counts that get their own walk: GFL/mmdetection (reg_max 16 -> 17), YOLOv8
 // (reg_max 16 -> 16), NanoDet-Plus (reg_max 7 -> 8).
 template <bool kUnitBinStride, int64_t kBins, typename scalar_t, typename acc_t>
-GFL_CPU_CLONES void dfl_rows(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight,
-                             acc_t* loss, int64_t row_begin, int64_t row_end) {
+GFL_CPU_CLONES void dfl_rows(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight, acc_t* loss,
+                             int64_t row_begin, int64_t row_end) {
   // Rows row_begin..row_end - 1; the loss of row r goes to loss[r - row_begin].
   const int64_t num_bins = kBins > 0 ? kBins : rows.num_bins;
   const int64_t pred_bin = kUnitBinStride ? 1 : rows.pred_bin_stride;
@@ -240,7 +244,7 @@ GFL_CPU_CLONES void dfl_rows(const BinRows<scalar_t>& rows, const acc_t* target,
   for (int64_t r = row_begin; r < row_end; ++r) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
     loss[r - row_begin] = math::dfl_row(rows.pred + r * rows.pred_row_stride, pred_bin, num_bins, target[r],
-                            weight_at(weight, r), grad, grad_bin);
+                                        weight_at(weight, r), grad, grad_bin);
   }
 }
 
@@ -317,8 +321,8 @@ struct RowBlock {
 };
 
 template <int64_t kBins, typename scalar_t, typename acc_t>
-GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight,
-                                   acc_t* loss, int64_t row_begin, int64_t row_end) {
+GFL_CPU_CLONES void dfl_row_blocks(const BinRows<scalar_t>& rows, const acc_t* target, const acc_t* weight, acc_t* loss,
+                                   int64_t row_begin, int64_t row_end) {
   int64_t first_row = row_begin;
   for (; first_row + kRowBlock <= row_end; first_row += kRowBlock) {
     RowBlock<kBins, acc_t> block;

@@ -17,7 +17,7 @@ namespace gfl {
 namespace cuda {
 
 // kernel<<<blocks, threads, 0, stream>>>(args...), checked: gfl_kernels.cuh launches
-// through this so that its kernels also run under the emulator of tests/cuda_emulation/.
+// through this so that its kernels also run under the emulator of tests/cuda/cuda_emulation/.
 template <typename... KernelParams, typename... Args>
 void launch_kernel(void (*kernel)(KernelParams...), int blocks, int threads, cudaStream_t stream, Args&&... args) {
   kernel<<<blocks, threads, 0, stream>>>(std::forward<Args>(args)...);
@@ -36,7 +36,9 @@ namespace {
 // when they are made, so the stream is that device's.
 struct CudaDevice {
   using Guard = c10::cuda::CUDAGuard;
-  static cuda::ClassLaunch classification(const at::Tensor& pred) { return {c10::cuda::getCurrentCUDAStream(), pred.options()}; }
+  static cuda::ClassLaunch classification(const at::Tensor& pred) {
+    return {c10::cuda::getCurrentCUDAStream(), pred.options()};
+  }
   static cuda::DflLaunch dfl(const at::Tensor& pred) { return {c10::cuda::getCurrentCUDAStream(), pred.options()}; }
   static cuda::IntegralLaunch integral(const at::Tensor& /*pred*/) { return {c10::cuda::getCurrentCUDAStream()}; }
 };

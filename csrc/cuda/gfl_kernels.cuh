@@ -17,7 +17,7 @@
 //
 // Two compilers build this header: nvcc (gfl_cuda_*.cu, which register the operators)
 // and, on machines without a GPU, the host compiler under a CUDA emulator
-// (tests/cuda_emulation/), which runs these very kernels on the CPU in CI. The includer
+// (tests/cuda/cuda_emulation/), which runs these very kernels on the CPU in CI. The includer
 // provides cudaStream_t, the CUDA keywords and built-ins, and
 //
 //   launch_kernel(kernel, blocks, threads, stream, args...)
@@ -25,15 +25,15 @@
 // which runs kernel<<<blocks, threads, 0, stream>>>(args...) and checks the launch.
 #pragma once
 
-#include "../gfl_host.h"
-#include "../gfl_math.h"
-#include "../gfl_ops.h"
-
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
+
+#include "../gfl_host.h"
+#include "../gfl_math.h"
+#include "../gfl_ops.h"
 
 // A hook for the emulator, which checks every vector access's alignment; nothing on a GPU,
 // where a misaligned vector access faults (the host checks below rule it out).
@@ -69,9 +69,7 @@ __device__ __forceinline__ int64_t global_thread() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
-__device__ __forceinline__ int64_t grid_threads() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
-}
+__device__ __forceinline__ int64_t grid_threads() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
 // The sum of `value` over each aligned group of `width` lanes (a power of two up to the
 // warp), complete in the group's first lane: a fixed tree of shuffles. Every lane of the
@@ -99,7 +97,7 @@ __device__ __forceinline__ Vector<T, kSize> load_vector(const T* pointer) {
 // A 16-byte vector is stored by one st.global.v4.b32 of its four 32-bit words. Assigned as
 // a struct, nvcc split the store into kSize scalar STG.E in every rows kernel (the element
 // values are computed one by one in the loop before it, and the loads stay LDG.E.128): the
-// SASS check in tests/test_cuda_machine_code.py holds it to one STG.E.128. No "memory"
+// SASS check in tests/cuda/test_cuda_machine_code.py holds it to one STG.E.128. No "memory"
 // clobber: a kernel never reads back what it stores.
 template <int kSize, typename T>
 __device__ __forceinline__ void store_vector(T* pointer, const Vector<T, kSize>& vector) {
@@ -108,8 +106,8 @@ __device__ __forceinline__ void store_vector(T* pointer, const Vector<T, kSize>&
   if constexpr (sizeof(Vector<T, kSize>) == 16) {
     uint32_t words[4];
     memcpy(words, &vector, sizeof(words));
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(pointer), "r"(words[0]), "r"(words[1]),
-                 "r"(words[2]), "r"(words[3]));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(pointer), "r"(words[0]), "r"(words[1]), "r"(words[2]),
+                 "r"(words[3]));
     return;
   }
 #endif
@@ -280,10 +278,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t outer = anchor / args.layout.inner_size;
     const int64_t inner = anchor - outer * args.layout.inner_size;
     const auto start = [&](const AnchorStrides& strides) { return anchor_start(strides, args.layout, outer, inner); };
-    math::AnchorRow<scalar_t, acc_t> row{args.pred + start(args.pred_strides), args.pred_strides.class_stride,
+    math::AnchorRow<scalar_t, acc_t> row{args.pred + start(args.pred_strides),
+                                         args.pred_strides.class_stride,
                                          Variant::kNeedGrad ? args.grad + start(args.grad_strides) : nullptr,
-                                         args.grad_strides.class_stride, start(args.target_strides),
-                                         args.target_strides.class_stride, args.class_weight};
+                                         args.grad_strides.class_stride,
+                                         start(args.target_strides),
+                                         args.target_strides.class_stride,
+                                         args.class_weight};
     if constexpr (Variant::kElementIO) {
       row.element_weight =
           args.element_weight == nullptr ? nullptr : args.element_weight + start(args.element_weight_strides);
@@ -340,7 +341,8 @@ template <int kVector, typename scalar_t, typename acc_t, typename Target>
 bool rows_take_vectors(const ClassArgs<scalar_t, acc_t, Target>& args) {
   return args.layout.num_classes % kVector == 0 &&
          rows_start_aligned(args.pred, sizeof(scalar_t), args.pred_strides, args.layout, kVector) &&
-         (args.grad == nullptr || rows_start_aligned(args.grad, sizeof(scalar_t), args.grad_strides, args.layout, kVector)) &&
+         (args.grad == nullptr ||
+          rows_start_aligned(args.grad, sizeof(scalar_t), args.grad_strides, args.layout, kVector)) &&
          target_rows_aligned(args.target, args.target_strides, args.layout, kVector);
 }
 
@@ -402,8 +404,8 @@ struct ClassLaunch {
 // ---------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) dfl_kernel(const BinRows<scalar_t> rows, const acc_t* target,
-                                                       const acc_t* weight, const LossSink<acc_t> sink) {
+__global__ void __launch_bounds__(kThreads)
+    dfl_kernel(const BinRows<scalar_t> rows, const acc_t* target, const acc_t* weight, const LossSink<acc_t> sink) {
   acc_t thread_sum = 0;
   for (int64_t r = global_thread(); r < rows.num_rows; r += grid_threads()) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
@@ -420,8 +422,8 @@ __global__ void __launch_bounds__(kThreads) dfl_kernel(const BinRows<scalar_t> r
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) integral_kernel(const BinRows<scalar_t> rows, const acc_t* grad_scale,
-                                                            scalar_t* value) {
+__global__ void __launch_bounds__(kThreads)
+    integral_kernel(const BinRows<scalar_t> rows, const acc_t* grad_scale, scalar_t* value) {
   for (int64_t r = global_thread(); r < rows.num_rows; r += grid_threads()) {
     scalar_t* grad = rows.grad == nullptr ? nullptr : rows.grad + r * rows.grad_row_stride;
     value[r] = static_cast<scalar_t>(math::integral_row<acc_t>(rows.pred + r * rows.pred_row_stride,

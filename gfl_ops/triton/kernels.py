@@ -12,6 +12,7 @@ order, so results are reproducible bit for bit.
 A program owns BLOCK_ANCHORS anchors (rows) and walks their classes (bins) BLOCK_CLASSES
 at a time: rows of C = 80 classes or 17 bins are short, so many rows share a program.
 """
+
 import triton
 import triton.language as tl
 
@@ -65,9 +66,11 @@ def exponent_kind(exponent: float) -> int:
 
 
 @triton.jit
-def power_of_magnitude(d, exponent, EXPONENT: tl.constexpr):
+def power_of_magnitude(d, exponent, one_minus_magnitude, EXPONENT: tl.constexpr):
     """|d|^e and its derivative e |d|^(e - 1) sign(d) = e |d|^e / d, taken as 0 at d = 0;
-    0^e is 1 for e = 0 (as torch.pow) and 0 otherwise."""
+    0^e is 1 for e = 0 (as torch.pow) and 0 otherwise. A general exponent takes |d|^e above
+    |d| = 1/2 as exp(e log1p(-(1 - |d|))), from the caller's 1 - |d| without d's rounding
+    (gfl_math.h's power_of_magnitude: at a large e, that rounding is all of the result)."""
     magnitude = tl.abs(d)
     sign = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
     if EXPONENT == EXPONENT_ZERO:
@@ -85,12 +88,18 @@ def power_of_magnitude(d, exponent, EXPONENT: tl.constexpr):
         derivative = 2.0 * d
     else:
         is_zero = magnitude == 0.0
-        # pow in float64: in float32 the rounding of e * log|d| would reach the result
-        # (gfl_math.h's pow_ carries that exponent in two floats instead).
-        safe = tl.where(is_zero, 1.0, magnitude).to(tl.float64)
-        power = tl.exp(exponent * tl.log(safe)).to(d.dtype)
+        # In float64: in float32 the rounding of e * log|d| would reach the result
+        # (gfl_math.h's pow_ carries that exponent in two floats instead). One log: of |d|,
+        # or above 1/2 of 1 - r, exact in float64 for a float32 r >= 2^-30 (its digits fit);
+        # below that log1p(-r) = -r within 2^-31 relative (the next term is r^2 / 2), far
+        # below float32's rounding. (A second log, log1p's, cost registers.)
+        rest = one_minus_magnitude.to(tl.float64)
+        near_one = magnitude > 0.5
+        log_argument = tl.where(near_one, 1.0 - rest, tl.where(is_zero, 1.0, magnitude).to(tl.float64))
+        log_magnitude = tl.where(near_one & (rest < 9.313225746154785e-10), -rest, tl.log(log_argument))
+        power = tl.exp(exponent * log_magnitude).to(d.dtype)
         value = tl.where(is_zero, tl.where(exponent == 0.0, 1.0, 0.0), power)
-        derivative = tl.where(is_zero, 0.0, exponent * value / tl.where(is_zero, 1.0, d))
+        derivative = tl.where(is_zero, 0.0, exponent * (value / tl.where(is_zero, 1.0, d)))
     return value, derivative
 
 
@@ -123,46 +132,94 @@ def bce_of_probability(p, t):
 
 
 @triton.jit
-def modulating_weight(p, complement, t, positive, exponent, alpha_positive, alpha_negative, focal_base,
-                      weights_positives, iou_weighted, detach_weight, MODULATION: tl.constexpr,
-                      EXPONENT: tl.constexpr):
+def one_minus_magnitude(m, p, complement, t, focal_base):
+    """1 - |m| without cancellation (gfl_math.h's one_minus_magnitude): 1 - p_t for
+    focal_base 1; (1 - p) + t where m = p - t >= 0 and p + (1 - t) below, for focal_base 0."""
+    focal_t = focal_base * t
+    return tl.where(m >= 0.0, complement * (1.0 - focal_t) + p * focal_t + (1.0 - focal_base) * t, p + (1.0 - t))
+
+
+@triton.jit
+def modulating_weight(
+    p,
+    complement,
+    t,
+    positive,
+    exponent,
+    alpha_positive,
+    alpha_negative,
+    focal_base,
+    iou_weighted,
+    MODULATION: tl.constexpr,
+    EXPONENT: tl.constexpr,
+    WEIGHTS_POSITIVES: tl.constexpr,
+):
     """w and dw/dp. QFL: |p - t|^beta. The focal family (gfl_math.h's ModulationParams):
     m = p (1 - f t) + (1 - p) f t + (f - 1) t with f = focal_base: 1 - p_t (dm/dp = 1 - 2t)
     for f = 1, p - t (dm/dp = 1) for f = 0;
     alpha_t = alpha_positive t + alpha_negative (1 - t); w = (iou_weighted ? t : 1) on
-    positives when weights_positives, alpha_t |m|^gamma on every other element; no gradient
-    through w for positives or when detached."""
+    positives when WEIGHTS_POSITIVES (dw/dp = 0 there), alpha_t |m|^gamma on every other
+    element."""
     if MODULATION == QUALITY:
-        weight, dweight = power_of_magnitude(p - t, exponent, EXPONENT)
+        d = p - t
+        weight, dweight = power_of_magnitude(d, exponent, one_minus_magnitude(d, p, complement, t, 0.0), EXPONENT)
     else:
         focal_t = focal_base * t
         m = p * (1.0 - focal_t) + complement * focal_t + (focal_base - 1.0) * t
         slope = 1.0 - 2.0 * focal_t
-        power, dpower = power_of_magnitude(m, exponent, EXPONENT)
+        power, dpower = power_of_magnitude(m, exponent, one_minus_magnitude(m, p, complement, t, focal_base), EXPONENT)
         alpha_t = alpha_positive * t + alpha_negative * (1.0 - t)
-        weighted_positive = positive & (weights_positives != 0)
-        positive_weight = iou_weighted * t + (1.0 - iou_weighted)
-        weight = tl.where(weighted_positive, positive_weight, alpha_t * power)
-        dweight = tl.where(weighted_positive | (detach_weight != 0), 0.0, alpha_t * dpower * slope)
+        weight = alpha_t * power
+        dweight = alpha_t * dpower * slope
+        if WEIGHTS_POSITIVES:
+            weight = tl.where(positive, iou_weighted * t + (1.0 - iou_weighted), weight)
+            dweight = tl.where(positive, 0.0, dweight)
     return weight, dweight
 
 
 @triton.jit
-def class_element(pred, t, positive, exponent, alpha_positive, alpha_negative, focal_base, weights_positives,
-                  iou_weighted, detach_weight, MODULATION: tl.constexpr, EXPONENT: tl.constexpr,
-                  ACTIVATED: tl.constexpr):
+def class_element(
+    pred,
+    t,
+    positive,
+    exponent,
+    alpha_positive,
+    alpha_negative,
+    focal_base,
+    iou_weighted,
+    MODULATION: tl.constexpr,
+    EXPONENT: tl.constexpr,
+    WEIGHTS_POSITIVES: tl.constexpr,
+    DETACH_WEIGHT: tl.constexpr,
+    ACTIVATED: tl.constexpr,
+):
     """w * BCE and d/dinput = w dBCE/dinput + BCE dw/dp dp/dinput, the second term left out
-    where the exponent is 0 (a constant weight: an infinite logit's infinite BCE must not
-    make it NaN). gfl_math.h leaves it out wherever dw/dp is 0; here a runtime select there
-    made Triton 3.6 spill (focal fp32 planes, sm_80), so a detached varifocal weight still
-    gives NaN for an infinite logit on this backend."""
+    where w is a constant by definition (an exponent of 0, a detached weight; gfl_math.h's
+    ModulatingWeight): autograd has no such term, and an infinite logit's infinite BCE must
+    not make its 0 NaN. Both are compile-time here. A weighted positive's constant weight
+    has dw/dp = 0 instead (modulating_weight), so an infinite logit on a varifocal positive
+    still gives NaN on this backend: leaving its term out takes a select of BCE or of the
+    term, and each placement tried made a varifocal variant spill under Triton 3.6 (sm_80,
+    128 registers)."""
     if ACTIVATED:
         bce, p, complement, dbce, dp = bce_of_probability(pred, t)
     else:
         bce, p, complement, dbce, dp = bce_of_logit(pred, t)
-    weight, dweight = modulating_weight(p, complement, t, positive, exponent, alpha_positive, alpha_negative, focal_base,
-                                        weights_positives, iou_weighted, detach_weight, MODULATION, EXPONENT)
-    if EXPONENT == EXPONENT_ZERO:
+    weight, dweight = modulating_weight(
+        p,
+        complement,
+        t,
+        positive,
+        exponent,
+        alpha_positive,
+        alpha_negative,
+        focal_base,
+        iou_weighted,
+        MODULATION,
+        EXPONENT,
+        WEIGHTS_POSITIVES,
+    )
+    if EXPONENT == EXPONENT_ZERO or DETACH_WEIGHT:
         return weight * bce, weight * dbce
     return weight * bce, weight * dbce + bce * dweight * dp
 
@@ -235,20 +292,57 @@ def store_loss(loss_ptr, anchors, anchor_mask, loss, SUM: tl.constexpr):
 
 @triton.jit
 def class_kernel(
-    pred_ptr, grad_ptr, loss_ptr, label_ptr, score_ptr, target_ptr, weight_ptr, class_weight_ptr,
-    element_weight_ptr, element_loss_ptr,
-    num_anchors, num_classes, inner_size, outer_sizes,
-    pred_class_stride, pred_inner_stride, pred_outer_strides,
-    grad_class_stride, grad_inner_stride, grad_outer_strides,
-    target_class_stride, target_inner_stride, target_outer_strides,
-    element_weight_class_stride, element_weight_inner_stride, element_weight_outer_strides,
-    element_loss_class_stride, element_loss_inner_stride, element_loss_outer_strides,
-    exponent, alpha_positive, alpha_negative, focal_base, weights_positives, iou_weighted, detach_weight,
-    ACC_DTYPE: tl.constexpr, MODULATION: tl.constexpr, EXPONENT: tl.constexpr, DENSE_TARGET: tl.constexpr,
-    HAS_SCORES: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_ELEMENT_WEIGHT: tl.constexpr, STORE_ELEMENT_LOSS: tl.constexpr,
-    ACTIVATED: tl.constexpr, NEED_GRAD: tl.constexpr, SUM: tl.constexpr, NUM_OUTER_DIMS: tl.constexpr,
-    BLOCK_ANCHORS: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
+    pred_ptr,
+    grad_ptr,
+    loss_ptr,
+    label_ptr,
+    score_ptr,
+    target_ptr,
+    weight_ptr,
+    class_weight_ptr,
+    element_weight_ptr,
+    element_loss_ptr,
+    num_anchors,
+    num_classes,
+    inner_size,
+    outer_sizes,
+    pred_class_stride,
+    pred_inner_stride,
+    pred_outer_strides,
+    grad_class_stride,
+    grad_inner_stride,
+    grad_outer_strides,
+    target_class_stride,
+    target_inner_stride,
+    target_outer_strides,
+    element_weight_class_stride,
+    element_weight_inner_stride,
+    element_weight_outer_strides,
+    element_loss_class_stride,
+    element_loss_inner_stride,
+    element_loss_outer_strides,
+    exponent,
+    alpha_positive,
+    alpha_negative,
+    focal_base,
+    iou_weighted,
+    ACC_DTYPE: tl.constexpr,
+    MODULATION: tl.constexpr,
+    EXPONENT: tl.constexpr,
+    WEIGHTS_POSITIVES: tl.constexpr,
+    DETACH_WEIGHT: tl.constexpr,
+    DENSE_TARGET: tl.constexpr,
+    HAS_SCORES: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_ELEMENT_WEIGHT: tl.constexpr,
+    STORE_ELEMENT_LOSS: tl.constexpr,
+    ACTIVATED: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    SUM: tl.constexpr,
+    NUM_OUTER_DIMS: tl.constexpr,
+    BLOCK_ANCHORS: tl.constexpr,
+    BLOCK_CLASSES: tl.constexpr,
 ):
     """QFL, focal and varifocal. Anchors are (outer, inner) pairs of the coalesced anchor
     layout (csrc/gfl_ops.h's AnchorLayout): anchor a = outer * inner_size + inner sits at
@@ -264,10 +358,12 @@ def class_kernel(
     pred_rows = anchor_offsets(outer, inner, pred_inner_stride, outer_sizes, pred_outer_strides, NUM_OUTER_DIMS)
     grad_rows = anchor_offsets(outer, inner, grad_inner_stride, outer_sizes, grad_outer_strides, NUM_OUTER_DIMS)
     target_rows = anchor_offsets(outer, inner, target_inner_stride, outer_sizes, target_outer_strides, NUM_OUTER_DIMS)
-    weight_rows = anchor_offsets(outer, inner, element_weight_inner_stride, outer_sizes, element_weight_outer_strides,
-                                 NUM_OUTER_DIMS)
-    loss_rows = anchor_offsets(outer, inner, element_loss_inner_stride, outer_sizes, element_loss_outer_strides,
-                               NUM_OUTER_DIMS)
+    weight_rows = anchor_offsets(
+        outer, inner, element_weight_inner_stride, outer_sizes, element_weight_outer_strides, NUM_OUTER_DIMS
+    )
+    loss_rows = anchor_offsets(
+        outer, inner, element_loss_inner_stride, outer_sizes, element_loss_outer_strides, NUM_OUTER_DIMS
+    )
     if not DENSE_TARGET:
         labels = tl.load(label_ptr + anchors, mask=anchor_mask, other=-1)
         if HAS_SCORES:
@@ -290,37 +386,61 @@ def class_kernel(
         mask = anchor_mask[:, None] & class_mask[None, :]
         x = tl.load(pred_ptr + pred_rows[:, None] + classes[None, :] * pred_class_stride, mask=mask, other=0.5)
         if DENSE_TARGET:
-            t = tl.load(target_ptr + target_rows[:, None] + classes[None, :] * target_class_stride, mask=mask, other=0.0)
+            t = tl.load(
+                target_ptr + target_rows[:, None] + classes[None, :] * target_class_stride, mask=mask, other=0.0
+            )
             t = t.to(acc_t)
             positive = t > 0.0
         else:
             t = label_target(classes, labels, scores).to(acc_t)
             positive = labels[:, None] == classes[None, :]
-        loss, grad = class_element(x.to(acc_t), t, positive, exponent, alpha_positive, alpha_negative, focal_base,
-                                   weights_positives, iou_weighted, detach_weight, MODULATION, EXPONENT, ACTIVATED)
+        loss, grad = class_element(
+            x.to(acc_t),
+            t,
+            positive,
+            exponent,
+            alpha_positive,
+            alpha_negative,
+            focal_base,
+            iou_weighted,
+            MODULATION,
+            EXPONENT,
+            WEIGHTS_POSITIVES,
+            DETACH_WEIGHT,
+            ACTIVATED,
+        )
         scale = tl.full([1, BLOCK_CLASSES], 1.0, dtype=acc_t)
         if HAS_CLASS_WEIGHT:
             scale = tl.load(class_weight_ptr + classes, mask=class_mask, other=0.0).to(acc_t)[None, :]
         if HAS_ELEMENT_WEIGHT:
-            element_weights = tl.load(element_weight_ptr + weight_rows[:, None] + classes[None, :] * element_weight_class_stride,
-                                      mask=mask, other=0.0)
+            element_weights = tl.load(
+                element_weight_ptr + weight_rows[:, None] + classes[None, :] * element_weight_class_stride,
+                mask=mask,
+                other=0.0,
+            )
             scale = scale * element_weights.to(acc_t)
         loss = scale * loss
         row_loss += tl.sum(tl.where(mask, loss, 0.0), axis=1)
         if STORE_ELEMENT_LOSS:
-            tl.store(element_loss_ptr + loss_rows[:, None] + classes[None, :] * element_loss_class_stride,
-                     weights[:, None] * loss, mask=mask)
+            tl.store(
+                element_loss_ptr + loss_rows[:, None] + classes[None, :] * element_loss_class_stride,
+                weights[:, None] * loss,
+                mask=mask,
+            )
         if NEED_GRAD:
             grad_offsets = grad_rows[:, None] + classes[None, :] * grad_class_stride
-            tl.store(grad_ptr + grad_offsets, (weights[:, None] * scale * grad).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                grad_ptr + grad_offsets, (weights[:, None] * scale * grad).to(grad_ptr.dtype.element_ty), mask=mask
+            )
         class_start += BLOCK_CLASSES
     if not STORE_ELEMENT_LOSS:
         store_loss(loss_ptr, anchors, anchor_mask, weights * row_loss, SUM)
 
 
 @triton.jit
-def row_softmax(pred_ptr, rows, row_mask, num_bins, pred_row_stride, pred_bin_stride, acc_t: tl.constexpr,
-                BLOCK_BINS: tl.constexpr):
+def row_softmax(
+    pred_ptr, rows, row_mask, num_bins, pred_row_stride, pred_bin_stride, acc_t: tl.constexpr, BLOCK_BINS: tl.constexpr
+):
     """A block of rows' logits, exp(z - max) and sum_k exp(z_k - max); padding bins hold -inf."""
     bins = tl.arange(0, BLOCK_BINS).to(tl.int64)  # 64-bit offsets
     mask = row_mask[:, None] & (bins < num_bins)[None, :]
@@ -334,10 +454,23 @@ def row_softmax(pred_ptr, rows, row_mask, num_bins, pred_row_stride, pred_bin_st
 
 @triton.jit
 def dfl_kernel(
-    pred_ptr, grad_ptr, loss_ptr, target_ptr, weight_ptr,
-    num_rows, num_bins, pred_row_stride, pred_bin_stride, grad_row_stride, grad_bin_stride,
-    ACC_DTYPE: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, SUM: tl.constexpr,
+    pred_ptr,
+    grad_ptr,
+    loss_ptr,
+    target_ptr,
+    weight_ptr,
+    num_rows,
+    num_bins,
+    pred_row_stride,
+    pred_bin_stride,
+    grad_row_stride,
+    grad_bin_stride,
+    ACC_DTYPE: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_BINS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SUM: tl.constexpr,
 ):
     acc_t: tl.constexpr = ACC_DTYPE
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -363,9 +496,20 @@ def dfl_kernel(
 
 @triton.jit
 def integral_kernel(
-    pred_ptr, grad_ptr, value_ptr, grad_scale_ptr,
-    num_rows, num_bins, pred_row_stride, pred_bin_stride, grad_row_stride, grad_bin_stride,
-    ACC_DTYPE: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_BINS: tl.constexpr,
+    pred_ptr,
+    grad_ptr,
+    value_ptr,
+    grad_scale_ptr,
+    num_rows,
+    num_bins,
+    pred_row_stride,
+    pred_bin_stride,
+    grad_row_stride,
+    grad_bin_stride,
+    ACC_DTYPE: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_BINS: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
 ):
     acc_t: tl.constexpr = ACC_DTYPE
