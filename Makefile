@@ -3,53 +3,70 @@
 PYTHON ?= python3
 # nvcc's toolkit, when there is one (torch would otherwise guess /usr/local).
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
-# One architecture keeps CI's CUDA build short; unset it for the full list (see README).
+# One architecture keeps CI's CUDA build short; unset it for the full list (docs/ENVIRONMENT.md).
 TORCH_CUDA_ARCH_LIST ?= 9.0
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
 PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
 REQUIRE_CUDA_BUILD = GFL_OPS_REQUIRE_CUDA_BUILD=$(if $(CUDA_HOME),1,0)
 
-.PHONY: install frameworks test test-fast test-emulated test-triton-interpreter test-frameworks \
-	test-machine-code test-gpu-stack bench verify clean
+.PHONY: install frameworks lint format test test-fast test-emulated test-triton-interpreter test-frameworks \
+	test-machine-code test-packaging test-gpu-stack bench verify clean
 
 # --no-build-isolation: the extension is built against the torch installed here.
 install:
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	$(PYTHON) -m pip install -q --no-build-isolation -e .
 
-# mmdetection, mmengine, mmcv-lite and ultralytics, for tests/test_framework_*.py.
+# mmdetection, mmengine, mmcv-lite and ultralytics, for tests/integrations/test_framework_*.py.
 frameworks:
 	$(PYTHON) -m pip install -q -r requirements-frameworks.txt
 
-# Everything, from a fresh machine: the suite (the framework tests fail, rather than skip,
-# when a framework is missing; so do the CUDA machine-code tests where nvcc is here, the
-# build then having the CUDA kernels), then the suite on the emulated CUDA kernels, then the
-# Triton kernels under Triton's interpreter. What CI runs.
-test: install frameworks
-	GFL_OPS_REQUIRE_FRAMEWORKS=1 $(REQUIRE_CUDA_BUILD) $(PYTEST) -m "not emulated" tests
-	$(MAKE) test-emulated test-triton-interpreter
+# Python by ruff (lint and format), C++ and CUDA by clang-format (.clang-format): checked
+# by `make lint` (and `make test`), applied by `make format`.
+CXX_SOURCES = $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cuh csrc/cuda/*.cu \
+	tests/cuda/cuda_emulation/*.h tests/cuda/cuda_emulation/*.cpp)
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format:
+	$(PYTHON) -m ruff format .
+	clang-format -i $(CXX_SOURCES)
+
+# Everything, from a fresh machine: the lint, the suite (the framework tests fail, rather
+# than skip, when a framework is missing; so do the CUDA machine-code tests where nvcc is
+# here, the build then having the CUDA kernels), then the suite on the emulated CUDA
+# kernels, the Triton kernels under Triton's interpreter, and the packaging. What CI runs.
+test: install frameworks lint
+	GFL_OPS_REQUIRE_FRAMEWORKS=1 $(REQUIRE_CUDA_BUILD) $(PYTEST) -m "not emulated and not packaging" tests
+	$(MAKE) test-emulated test-triton-interpreter test-packaging
 
 # The tiers, on what is installed and built already (no set-up):
 # the CPU core: parity, reference, errors, opcheck, compile, nn, bench and verify.
 test-fast:
-	$(PYTEST) -m "not emulated and not machine_code and not frameworks" tests
+	$(PYTEST) -m "not emulated and not machine_code and not frameworks and not packaging" tests
 
 # The CUDA kernels under the CUDA emulator: its self-test and vector-access tests, and the
 # suite once more with backend="native" sent to them (CUDA's gradient pass, CPU tensors).
 test-emulated:
 	GFL_OPS_TEST_CUDA_EMULATION=1 GFL_OPS_GRADIENT_PASS=backward $(PYTEST) \
-		-m "not frameworks and not machine_code" -k "not cuda" --ignore=tests/test_triton_backend.py tests
+		-m "not frameworks and not machine_code and not packaging" -k "not cuda" --ignore=tests/triton/test_triton_backend.py tests
 
 # The Triton kernels on CPU tensors under Triton's interpreter.
 test-triton-interpreter:
-	TRITON_INTERPRET=1 $(PYTEST) -k "triton and cpu" tests/test_triton_backend.py tests/test_numerics.py
+	TRITON_INTERPRET=1 $(PYTEST) -k "triton and cpu" tests/triton/test_triton_backend.py tests/operators/test_numerics.py
 
 test-frameworks: frameworks
 	GFL_OPS_REQUIRE_FRAMEWORKS=1 $(PYTEST) -m frameworks tests
 
 test-machine-code:
 	$(REQUIRE_CUDA_BUILD) $(PYTEST) -m machine_code tests
+
+# The sdist, a CPU wheel built from it, installed and run outside the tree (about 6 min).
+test-packaging:
+	$(PYTEST) -m packaging tests
 
 # The GPU machine's stack without a GPU (requirements-gpu-stack.txt: torch 2.11.0, Triton
 # 3.6.0): its own environment and a copy of the sources under $(GPU_STACK), so the main
@@ -68,9 +85,9 @@ test-gpu-stack:
 		print('Python', sys.version.split()[0], 'torch', torch.__version__, 'Triton', triton.__version__, \
 		'numpy', numpy.__version__, 'pytest', pytest.__version__, 'hypothesis', h.__version__)"
 	cd $(GPU_STACK)/src && $(REQUIRE_CUDA_BUILD) ../venv/bin/python -m pytest -q -p no:cacheprovider \
-		-m "not emulated" tests
+		-m "not emulated and not packaging" tests
 	cd $(GPU_STACK)/src && TRITON_INTERPRET=1 ../venv/bin/python -m pytest -q -p no:cacheprovider \
-		-k "triton and cpu" tests/test_triton_backend.py tests/test_numerics.py
+		-k "triton and cpu" tests/triton/test_triton_backend.py tests/operators/test_numerics.py
 
 bench: install
 	$(PYTHON) -m gfl_ops bench

@@ -5,6 +5,7 @@ Environment:
   GFL_OPS_FORCE_CPU=1       build without CUDA even where it could be built
   TORCH_CUDA_ARCH_LIST      CUDA architectures to build (torch's variable; see README)
 """
+
 import glob
 import os
 

@@ -79,8 +79,8 @@ if wants build; then
   # In place (gfl_ops/_C*.so): the repository root is on sys.path for pytest and -m gfl_ops.
   MAX_JOBS=${MAX_JOBS:-$(nproc)} run_step build 300 "$PYTHON" setup.py build_ext --inplace \
     || { tail -n 40 "$OUT/build.log"; exit 1; }
-  run_step machine_code 60 "$PYTHON" -m gfl_ops.bench.cuda_machine_code --json "$OUT/cuda.json"
-  run_step triton_machine_code 60 "$PYTHON" -m gfl_ops.triton.machine_code --json "$OUT/triton.json"
+  run_step machine_code 60 "$PYTHON" -m tools.cuda_machine_code --json "$OUT/cuda.json"
+  run_step triton_machine_code 60 "$PYTHON" -m tools.triton_machine_code --json "$OUT/triton.json"
 fi
 
 if wants test; then

@@ -7,6 +7,7 @@ compute-sanitizer (memcheck, racecheck) and under torch.cuda.set_sync_debug_mode
 --sync-debug runs the workload once to warm up (Triton compiles, the allocator grows), then
 again with synchronizing CUDA calls raising: the functions' defaults make no host sync.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ def classification_calls(pred: torch.Tensor, backend: str):
     dense = torch.rand(pred.shape, device=pred.device) * (torch.rand(pred.shape, device=pred.device) < 0.05)
     weight = torch.rand(anchors, device=pred.device)
     yield "qfl", lambda x: gfl_ops.quality_focal_loss(x, label, score, weight=weight, backend=backend)
-    yield "qfl beta 1.5 sum", lambda x: gfl_ops.quality_focal_loss(x, label, score, beta=1.5, reduction="sum",
-                                                                   backend=backend)
+    yield (
+        "qfl beta 1.5 sum",
+        lambda x: gfl_ops.quality_focal_loss(x, label, score, beta=1.5, reduction="sum", backend=backend),
+    )
     yield "qfl dense", lambda x: gfl_ops.quality_focal_loss_dense(x, dense, backend=backend)
     yield "focal", lambda x: gfl_ops.sigmoid_focal_loss(x, label, backend=backend)
     yield "focal none", lambda x: gfl_ops.sigmoid_focal_loss(x, dense, reduction="none", backend=backend).sum()
@@ -94,8 +97,10 @@ def main(argv=None) -> int:
             torch.cuda.set_sync_debug_mode("default")
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    print(f"workload done: {ran} calls, forward and backward, backends {backends}"
-          + (", no host sync" if args.sync_debug else ""))
+    print(
+        f"workload done: {ran} calls, forward and backward, backends {backends}"
+        + (", no host sync" if args.sync_debug else "")
+    )
     return 0
 
 

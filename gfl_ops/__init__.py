@@ -10,6 +10,7 @@ sigmoid focal and varifocal loss).
 Modules for mmdetection configs and training loops: gfl_ops.nn. The plain-PyTorch oracle:
 gfl_ops.reference. Backends: gfl_ops.available_backends(device).
 """
+
 from . import _ops, nn, reference
 from ._backends import available_backends, resolve_backend
 from ._reduction import weight_reduce_loss

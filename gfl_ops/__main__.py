@@ -1,6 +1,7 @@
 """python -m gfl_ops <command>: `bench` runs the benchmark, `verify` checks the gradients of
 every available backend on this device, `tune` writes the table backend="auto" reads from
 bench results (python -m gfl_ops <command> --help)."""
+
 import sys
 
 COMMANDS = {
@@ -24,9 +25,9 @@ def main(argv=None) -> int:
 
         return verify.main(argv[1:])
     if argv[0] == "tune":
-        from . import _tuning
+        from . import tune
 
-        return _tuning.main(argv[1:])
+        return tune.main(argv[1:])
     from . import bench
 
     return bench.main(argv[1:])

@@ -17,6 +17,7 @@ set_gradient_pass). The gradient pass is one setting per device type, so on a ma
 different GPUs the first one seen sets it. A call traced by torch.compile leaves it to the
 first call outside of tracing.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Union
@@ -97,7 +98,10 @@ def resolve_backend(
         elif backend == "triton" and _triton.IMPORT_ERROR is not None:
             reason = f": Triton did not import ({_triton.IMPORT_ERROR})"
         elif backend == "triton" and not _ops.native_loaded():
-            reason = f": the compiled extension gfl_ops._C, which the Triton kernels share, did not load ({_ops.NATIVE_IMPORT_ERROR})"
+            reason = (
+                ": the compiled extension gfl_ops._C, which the Triton kernels share, did not load "
+                f"({_ops.NATIVE_IMPORT_ERROR})"
+            )
         elif backend == "triton":
             reason = ": Triton kernels run on CUDA tensors (on CPU only under TRITON_INTERPRET=1)"
         raise ValueError(

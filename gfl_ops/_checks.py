@@ -4,6 +4,7 @@ Each raises before any kernel runs, with an error that names the argument and sa
 wrong with it: TypeError for a wrong type or dtype, ValueError for a wrong value, shape or
 device. (The kernels check again what keeps them in bounds: csrc/gfl_ops_host.cpp.)
 """
+
 from __future__ import annotations
 
 import numbers
@@ -67,7 +68,9 @@ def check_exponent(value, name: str, op: str) -> None:
     than math.isfinite, which torch.compile(dynamic=True) cannot trace for a float it made
     symbolic; NaN fails the first comparison."""
     if not (is_number(value) and 0 <= _comparable(value) <= _FLOAT32_MAX):
-        raise ValueError(f"{op}: {name} must be a finite number >= 0 (at most float32's {_FLOAT32_MAX:.4g}), got {value!r}")
+        raise ValueError(
+            f"{op}: {name} must be a finite number >= 0 (at most float32's {_FLOAT32_MAX:.4g}), got {value!r}"
+        )
 
 
 def _anchor_shape(pred: Tensor) -> tuple:
@@ -109,7 +112,9 @@ def check_labels_or_dense_target(pred: Tensor, target: Tensor, op: str) -> bool:
     check_same_device(pred, target, "target", op)
     if target.dim() == pred.dim():
         if tuple(target.shape) != tuple(pred.shape):
-            raise ValueError(f"{op}: a dense target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+            raise ValueError(
+                f"{op}: a dense target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}"
+            )
         if target.dtype.is_complex:
             raise TypeError(f"{op}: target must be real, got {target.dtype}")
         return True
@@ -126,8 +131,9 @@ def check_varifocal_target(pred: Tensor, target, op: str):
         check_dense_target(pred, target, op)
         return None, None, target
     if not (isinstance(target, (tuple, list)) and len(target) == 2):
-        raise TypeError(f"{op}: target must be a dense tensor of pred's shape or a (label, score) pair, "
-                        f"got {type(target).__name__}")
+        raise TypeError(
+            f"{op}: target must be a dense tensor of pred's shape or a (label, score) pair, got {type(target).__name__}"
+        )
     label, score = target
     check_label_and_score(pred, label, score, op)
     return label, score, None
@@ -159,15 +165,20 @@ def check_anchor_tensor(pred: Tensor, value: Tensor, name: str, op: str) -> None
         )
 
 
-def check_weight(pred: Tensor, weight: Optional[Tensor], loss_shape: tuple, op: str,
-                 also: Optional[tuple] = None) -> None:
+def check_weight(
+    pred: Tensor, weight: Optional[Tensor], loss_shape: tuple, op: str, also: Optional[tuple] = None
+) -> None:
     """A weight of the loss's shape (or, for the elementwise losses, `also`: pred's shape)."""
     if weight is None:
         return
     require_tensor(weight, "weight", op)
     check_same_device(pred, weight, "weight", op)
     if tuple(weight.shape) != loss_shape:
-        shapes = f"the anchor shape {_anchor_shape(pred)} or pred's shape {also}" if also else f"the loss's shape {loss_shape}"
+        shapes = (
+            f"the anchor shape {_anchor_shape(pred)} or pred's shape {also}"
+            if also
+            else f"the loss's shape {loss_shape}"
+        )
         raise ValueError(f"{op}: weight must have {shapes}, got {tuple(weight.shape)}")
     if not weight.dtype.is_floating_point:
         raise TypeError(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")
@@ -182,8 +193,9 @@ def broadcast_weight(pred: Tensor, weight: Optional[Tensor], loss_shape: tuple, 
     try:
         expanded = weight.expand(loss_shape)
     except RuntimeError:
-        raise ValueError(f"{op}: weight must have the loss's shape {loss_shape} or broadcast to it, "
-                         f"got {tuple(weight.shape)}") from None
+        raise ValueError(
+            f"{op}: weight must have the loss's shape {loss_shape} or broadcast to it, got {tuple(weight.shape)}"
+        ) from None
     if not weight.dtype.is_floating_point:
         raise TypeError(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")
     return expanded
@@ -198,7 +210,9 @@ def check_avg_factor(pred: Tensor, avg_factor: AvgFactor, op: str) -> None:
         raise TypeError(f"{op}: avg_factor must be a number or a tensor, got {type(avg_factor).__name__}")
     require_tensor(avg_factor, "avg_factor", op)
     if avg_factor.numel() != 1:
-        raise ValueError(f"{op}: avg_factor must be a number or a 1-element tensor, got shape {tuple(avg_factor.shape)}")
+        raise ValueError(
+            f"{op}: avg_factor must be a number or a 1-element tensor, got shape {tuple(avg_factor.shape)}"
+        )
     if avg_factor.dtype == torch.bool or avg_factor.dtype.is_complex:
         raise TypeError(f"{op}: avg_factor must be a real number, got a {avg_factor.dtype} tensor")
     cpu_scalar = avg_factor.dim() == 0 and avg_factor.device.type == "cpu"
@@ -218,8 +232,10 @@ def check_label_and_score(pred: Tensor, label: Tensor, score: Tensor, op: str) -
 def check_bins(pred: Tensor, op: str) -> None:
     check_pred(pred, op)
     if pred.dim() < 2:
-        raise ValueError(f"{op}: pred must be (..., n + 1) logits over bins 0..n in its last dimension, "
-                         f"at least 2-D, got shape {tuple(pred.shape)}")
+        raise ValueError(
+            f"{op}: pred must be (..., n + 1) logits over bins 0..n in its last dimension, "
+            f"at least 2-D, got shape {tuple(pred.shape)}"
+        )
     if pred.shape[-1] < 2:
         raise ValueError(f"{op}: pred needs at least 2 bins, got shape {tuple(pred.shape)}")
 

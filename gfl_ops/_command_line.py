@@ -1,6 +1,7 @@
 """Argument types shared by the commands (python -m gfl_ops bench | verify | tune): each
 refuses a bad value when the arguments are parsed, with argparse's usage error, rather than
 with a traceback, or after a run whose results it would then lose."""
+
 from __future__ import annotations
 
 import argparse

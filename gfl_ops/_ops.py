@@ -12,6 +12,7 @@ The schemas and the one autograd kernel live in C++ (csrc/gfl_ops.cpp). Two laye
 The fake kernels here (shapes, dtypes and strides without computing) serve torch.compile
 and opcheck for both layers.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from .reference import accumulate_dtype
+from ._reduction import accumulate_dtype
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the operators)
@@ -87,7 +88,7 @@ def operator(name: str, backend: str):
 
 
 def gradient_pass(device_type: str) -> str:
-    """"forward" (the forward's kernel call writes the gradient, backward scales it) or
+    """ "forward" (the forward's kernel call writes the gradient, backward scales it) or
     "backward" (backward calls the kernel again, which writes the final gradient), for
     pred on `device_type`; float16 pred always takes "backward"."""
     return torch.ops.gfl_ops._gradient_pass(device_type)
@@ -168,14 +169,25 @@ def _fake_quality_focal_loss_dense(pred, target, weight, class_weight, beta, act
     return loss_buffer(pred, anchor_shape(pred), reduction)
 
 
-def _fake_sigmoid_focal_loss(pred, target, weight, class_weight, alpha, gamma, activated, reduction,
-                             backend="native"):
+def _fake_sigmoid_focal_loss(pred, target, weight, class_weight, alpha, gamma, activated, reduction, backend="native"):
     check_same_device(pred, target, weight, class_weight)
     return elementwise_loss_buffer(pred, reduction)
 
 
-def _fake_varifocal_loss(pred, target, score, weight, class_weight, alpha, gamma, iou_weighted, detach_weight,
-                         activated, reduction, backend="native"):
+def _fake_varifocal_loss(
+    pred,
+    target,
+    score,
+    weight,
+    class_weight,
+    alpha,
+    gamma,
+    iou_weighted,
+    detach_weight,
+    activated,
+    reduction,
+    backend="native",
+):
     check_same_device(pred, target, score, weight, class_weight)
     return elementwise_loss_buffer(pred, reduction)
 

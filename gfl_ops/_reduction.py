@@ -12,6 +12,7 @@ does not promote the loss; a weight that requires grad gets its gradient in its 
 (mmdetection's arithmetic promotes instead: its adapter, gfl_ops.integrations.mmdet, does
 that on top.)
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -21,6 +22,11 @@ from torch import Tensor
 
 REDUCTIONS = ("none", "mean", "sum")
 _FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_reduction(reduction: str, avg_factor) -> None:

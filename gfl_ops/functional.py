@@ -5,6 +5,7 @@ resolves the backend and computes the loss with mmdetection's weight/reduction: 
 compiled operators apply the weight and the sum themselves, the reference through
 weight_reduce_loss. Class (bin) dimension 1, as in F.cross_entropy.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -15,11 +16,11 @@ from torch import Tensor
 from . import _backends, _checks, _ops, reference
 from ._checks import AvgFactor
 from ._ops import gradient_pass, set_gradient_pass  # noqa: F401  (part of this module's API)
-from ._reduction import check_reduction, elementwise_weight, mean_of_sum, weight_reduce_loss
+from ._reduction import accumulate_dtype, check_reduction, elementwise_weight, mean_of_sum, weight_reduce_loss
 
 
 def _accumulate_dtype(pred: Tensor) -> torch.dtype:
-    return reference.accumulate_dtype(pred.dtype)
+    return accumulate_dtype(pred.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -44,8 +45,16 @@ def _dense_target_for_kernel(pred: Tensor, target: Tensor) -> Tensor:
     return target.to(_accumulate_dtype(pred))
 
 
-def _reduced_loss(operator_loss, reference_loss, pred: Tensor, weight: Optional[Tensor], backend: str,
-                  reduction: str, avg_factor: AvgFactor, count: int) -> Tensor:
+def _reduced_loss(
+    operator_loss,
+    reference_loss,
+    pred: Tensor,
+    weight: Optional[Tensor],
+    backend: str,
+    reduction: str,
+    avg_factor: AvgFactor,
+    count: int,
+) -> Tensor:
     """The weighted, reduced loss of `count` anchors (rows).
 
     operator_loss(kernel_weight, kernel_reduction): the backend operator's loss, which
@@ -64,8 +73,9 @@ def _reduced_loss(operator_loss, reference_loss, pred: Tensor, weight: Optional[
     return total if reduction == "sum" else mean_of_sum(total, count, avg_factor)
 
 
-def _check_reduction_arguments(pred: Tensor, weight: Optional[Tensor], loss_shape: tuple, reduction: str,
-                               avg_factor: AvgFactor, op: str) -> None:
+def _check_reduction_arguments(
+    pred: Tensor, weight: Optional[Tensor], loss_shape: tuple, reduction: str, avg_factor: AvgFactor, op: str
+) -> None:
     check_reduction(reduction, avg_factor)
     _checks.check_weight(pred, weight, loss_shape, op)
     _checks.check_avg_factor(pred, avg_factor, op)
@@ -75,8 +85,15 @@ def _kernel_class_weight(pred: Tensor, class_weight: Optional[Tensor]) -> Option
     return None if class_weight is None else class_weight.to(_accumulate_dtype(pred))
 
 
-def _reduced_elementwise_loss(operator_loss, reference_loss, pred: Tensor, weight: Optional[Tensor], backend: str,
-                              reduction: str, avg_factor: AvgFactor) -> Tensor:
+def _reduced_elementwise_loss(
+    operator_loss,
+    reference_loss,
+    pred: Tensor,
+    weight: Optional[Tensor],
+    backend: str,
+    reduction: str,
+    avg_factor: AvgFactor,
+) -> Tensor:
     """_reduced_loss for the elementwise losses (focal, varifocal): a loss of pred's shape,
     its weight of the anchor shape (broadcast over classes) or of pred's, its "mean" over
     every element (or sum / (avg_factor + eps))."""
@@ -145,11 +162,23 @@ def quality_focal_loss(
     _checks.check_constant_targets(chosen, op, score=score, class_weight=class_weight)
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            pred, label.long(), score.to(_accumulate_dtype(pred)), kernel_weight,
-            _kernel_class_weight(pred, class_weight), float(beta), activated, kernel_reduction, chosen,
+            pred,
+            label.long(),
+            score.to(_accumulate_dtype(pred)),
+            kernel_weight,
+            _kernel_class_weight(pred, class_weight),
+            float(beta),
+            activated,
+            kernel_reduction,
+            chosen,
         ),
         lambda: reference.quality_focal_loss_per_anchor(pred, label, score, beta, activated, class_weight=class_weight),
-        pred, weight, chosen, reduction, avg_factor, label.numel(),
+        pred,
+        weight,
+        chosen,
+        reduction,
+        avg_factor,
+        label.numel(),
     )
 
 
@@ -192,11 +221,22 @@ def quality_focal_loss_dense(
     _checks.check_constant_targets(chosen, op, target=target, class_weight=class_weight)
     return _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            pred, _dense_target_for_kernel(pred, target), kernel_weight, _kernel_class_weight(pred, class_weight),
-            float(beta), activated, kernel_reduction, chosen,
+            pred,
+            _dense_target_for_kernel(pred, target),
+            kernel_weight,
+            _kernel_class_weight(pred, class_weight),
+            float(beta),
+            activated,
+            kernel_reduction,
+            chosen,
         ),
         lambda: reference.quality_focal_loss_dense_per_anchor(pred, target, beta, activated, class_weight=class_weight),
-        pred, weight, chosen, reduction, avg_factor, pred.numel() // pred.shape[1],
+        pred,
+        weight,
+        chosen,
+        reduction,
+        avg_factor,
+        pred.numel() // pred.shape[1],
     )
 
 
@@ -247,12 +287,24 @@ def sigmoid_focal_loss(
     kernel_target = _dense_target_for_kernel(pred, target) if dense else target.long()
     return _reduced_elementwise_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            pred, kernel_target, kernel_weight, _kernel_class_weight(pred, class_weight), float(alpha), float(gamma),
-            activated, kernel_reduction, chosen,
+            pred,
+            kernel_target,
+            kernel_weight,
+            _kernel_class_weight(pred, class_weight),
+            float(alpha),
+            float(gamma),
+            activated,
+            kernel_reduction,
+            chosen,
         ),
-        lambda: reference.sigmoid_focal_loss_elementwise(pred, target, alpha, gamma, activated,
-                                                         class_weight=class_weight),
-        pred, weight, chosen, reduction, avg_factor,
+        lambda: reference.sigmoid_focal_loss_elementwise(
+            pred, target, alpha, gamma, activated, class_weight=class_weight
+        ),
+        pred,
+        weight,
+        chosen,
+        reduction,
+        avg_factor,
     )
 
 
@@ -309,19 +361,41 @@ def varifocal_loss(
         kernel_target, kernel_score = label.long(), score.to(_accumulate_dtype(pred))
     return _reduced_elementwise_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            pred, kernel_target, kernel_score, kernel_weight, _kernel_class_weight(pred, class_weight), float(alpha),
-            float(gamma), iou_weighted, detach_weight, activated, kernel_reduction, chosen,
+            pred,
+            kernel_target,
+            kernel_score,
+            kernel_weight,
+            _kernel_class_weight(pred, class_weight),
+            float(alpha),
+            float(gamma),
+            iou_weighted,
+            detach_weight,
+            activated,
+            kernel_reduction,
+            chosen,
         ),
         lambda: reference.varifocal_loss_elementwise(
-            pred, dense_target if dense_target is not None else label, score, alpha, gamma, iou_weighted,
-            detach_weight, activated, class_weight=class_weight,
+            pred,
+            dense_target if dense_target is not None else label,
+            score,
+            alpha,
+            gamma,
+            iou_weighted,
+            detach_weight,
+            activated,
+            class_weight=class_weight,
         ),
-        pred, weight, chosen, reduction, avg_factor,
+        pred,
+        weight,
+        chosen,
+        reduction,
+        avg_factor,
     )
 
 
-def _check_elementwise_reduction_arguments(pred: Tensor, weight: Optional[Tensor], reduction: str,
-                                           avg_factor: AvgFactor, op: str) -> None:
+def _check_elementwise_reduction_arguments(
+    pred: Tensor, weight: Optional[Tensor], reduction: str, avg_factor: AvgFactor, op: str
+) -> None:
     """As _check_reduction_arguments, with the elementwise losses' two weight shapes."""
     check_reduction(reduction, avg_factor)
     if weight is not None:
@@ -368,8 +442,10 @@ def distribution_focal_loss(
     _checks.require_tensor(target, "target", op)
     _checks.check_same_device(pred, target, "target", op)
     if tuple(target.shape) != tuple(pred.shape[:-1]):
-        raise ValueError(f"{op}: target must have shape {tuple(pred.shape[:-1])} (pred's without its bins), "
-                         f"got {tuple(target.shape)}")
+        raise ValueError(
+            f"{op}: target must have shape {tuple(pred.shape[:-1])} (pred's without its bins), "
+            f"got {tuple(target.shape)}"
+        )
     if not target.dtype.is_floating_point:
         raise TypeError(f"{op}: target must be a floating-point tensor, got {target.dtype}")
     _checks.check_validate(validate, op)
@@ -384,10 +460,19 @@ def distribution_focal_loss(
     row_weight = None if weight is None else weight.reshape(-1)
     loss = _reduced_loss(
         lambda kernel_weight, kernel_reduction: _ops.operator(op, chosen)(
-            rows, row_target.to(_accumulate_dtype(pred)), kernel_weight, kernel_reduction, chosen,
+            rows,
+            row_target.to(_accumulate_dtype(pred)),
+            kernel_weight,
+            kernel_reduction,
+            chosen,
         ),
         lambda: reference.distribution_focal_loss_per_row(rows, row_target),
-        rows, row_weight, chosen, reduction, avg_factor, rows.shape[0],
+        rows,
+        row_weight,
+        chosen,
+        reduction,
+        avg_factor,
+        rows.shape[0],
     )
     return loss.view(target.shape) if reduction == "none" else loss
 

@@ -6,6 +6,7 @@ README) or a plain training loop:
     loss_cls = gfl_ops.nn.QualityFocalLoss(beta=2.0, loss_weight=1.0)
     loss = loss_cls(cls_score, (labels, scores), weight=label_weights, avg_factor=num_pos)
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -46,12 +47,19 @@ class _ClassificationLoss(nn.Module):
 
     def _options(self, weight: Optional[Tensor], avg_factor: AvgFactor, reduction_override: Optional[str]) -> dict:
         """The functional API's keyword arguments every call shares."""
-        return dict(weight=weight, reduction=_reduction(self.reduction, reduction_override), avg_factor=avg_factor,
-                    activated=self.activated, backend=self.backend)
+        return dict(
+            weight=weight,
+            reduction=_reduction(self.reduction, reduction_override),
+            avg_factor=avg_factor,
+            activated=self.activated,
+            backend=self.backend,
+        )
 
     def _common_repr(self) -> str:
-        return (f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, activated={self.activated}, "
-                f"backend={self.backend!r}")
+        return (
+            f"reduction={self.reduction!r}, loss_weight={self.loss_weight}, activated={self.activated}, "
+            f"backend={self.backend!r}"
+        )
 
 
 class QualityFocalLoss(_ClassificationLoss):
@@ -213,14 +221,21 @@ class VarifocalLoss(_ClassificationLoss):
         pred, target, was_vector = _as_one_class_rows(pred, target)
         options = self._options(_elementwise_weight(pred, weight), avg_factor, reduction_override)
         loss = functional.varifocal_loss(
-            pred, tuple(target) if isinstance(target, list) else target, alpha=self.alpha, gamma=self.gamma,
-            iou_weighted=self.iou_weighted, detach_weight=self.detach_weight, **options,
+            pred,
+            tuple(target) if isinstance(target, list) else target,
+            alpha=self.alpha,
+            gamma=self.gamma,
+            iou_weighted=self.iou_weighted,
+            detach_weight=self.detach_weight,
+            **options,
         )
         return self.loss_weight * _as_vector(loss, was_vector)
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, gamma={self.gamma}, iou_weighted={self.iou_weighted}, "
-                f"detach_weight={self.detach_weight}, {self._common_repr()}")
+        return (
+            f"alpha={self.alpha}, gamma={self.gamma}, iou_weighted={self.iou_weighted}, "
+            f"detach_weight={self.detach_weight}, {self._common_repr()}"
+        )
 
 
 class DistributionFocalLoss(nn.Module):
@@ -300,13 +315,16 @@ class DFLoss(nn.Module):
     def forward(self, pred_dist: Tensor, target: Tensor) -> Tensor:
         _checks.require_tensor(target, "target", "DFLoss")
         if pred_dist.shape[-1] != self.num_bins:
-            raise ValueError(f"DFLoss: the last dimension of pred_dist must hold num_bins = {self.num_bins} bins, "
-                             f"got shape {tuple(pred_dist.shape)}")
+            raise ValueError(
+                f"DFLoss: the last dimension of pred_dist must hold num_bins = {self.num_bins} bins, "
+                f"got shape {tuple(pred_dist.shape)}"
+            )
         sides = pred_dist.view(*target.shape, self.num_bins) if pred_dist.dim() == 2 and target.dim() > 1 else pred_dist
         # ultralytics keeps the upper bin's weight above 0.01: target <= num_bins - 1 - 0.01.
         clamped = target.clamp(0, self.num_bins - 1 - 0.01)
-        loss = functional.distribution_focal_loss(sides, clamped, reduction="none", validate=False,
-                                                  backend=self.backend)
+        loss = functional.distribution_focal_loss(
+            sides, clamped, reduction="none", validate=False, backend=self.backend
+        )
         return loss.mean(-1, keepdim=True)
 
     def extra_repr(self) -> str:
@@ -333,7 +351,9 @@ class Integral(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         bins = self.reg_max + 1
         if x.shape[-1] % bins != 0:
-            raise ValueError(f"Integral: the last dimension of x ({x.shape[-1]}) is not a multiple of reg_max + 1 = {bins}")
+            raise ValueError(
+                f"Integral: the last dimension of x ({x.shape[-1]}) is not a multiple of reg_max + 1 = {bins}"
+            )
         value = functional.distribution_integral(x.reshape(-1, bins), backend=self.backend)
         return value.reshape(-1, 4)
 

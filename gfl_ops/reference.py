@@ -14,6 +14,7 @@ public-style functions below them add weight and reduction exactly as the fast b
 Beside QFL and DFL, the family of BCE(x, t) * w losses (sigmoid focal, varifocal) is written
 here for the kernels to be tested against.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -22,12 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._reduction import elementwise_weight, weight_reduce_loss
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._reduction import accumulate_dtype, elementwise_weight, weight_reduce_loss
 
 
 def dense_target_from_labels(pred: Tensor, label: Tensor, score: Tensor) -> Tensor:

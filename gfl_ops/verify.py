@@ -13,6 +13,7 @@ computed in that dtype (or the rounding error of the dtype, if larger), plus two
 the dtype at the output's scale. Prints a pass/fail table; exits non-zero on any failure,
 so it can run in a user's CI or on a new GPU before training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ class Outcome:
 
 def _class_pred(layout: str, anchors: int, classes: int, dtype, device, gen, activated=False) -> Tensor:
     """(N, C) logits, a (B, C, H, W) head output, or a channels-last / sliced view of one."""
+
     def randn(*shape):
         x = torch.randn(*shape, generator=gen, dtype=torch.float64) * 2
         return (torch.sigmoid(x).clamp(0.02, 0.98) if activated else x).to(dtype).to(device)
@@ -87,7 +89,13 @@ def _qfl_case(layout: str, anchors: int, classes: int, activated: bool, beta: fl
         def call(p: Tensor, backend: str) -> Tensor:
             acc = reference.accumulate_dtype(p.dtype)
             return functional.quality_focal_loss(
-                p, label, score.to(acc), weight=weight.to(acc), beta=beta, reduction="none", activated=activated,
+                p,
+                label,
+                score.to(acc),
+                weight=weight.to(acc),
+                beta=beta,
+                reduction="none",
+                activated=activated,
                 backend=backend,
             )
 
@@ -104,8 +112,9 @@ def _qfl_dense_case(layout: str, anchors: int, classes: int, beta: float = 2.0) 
         target = torch.where(torch.rand(pred.shape, generator=gen) < 0.2, soft, 0.0).to(device)
 
         def call(p: Tensor, backend: str) -> Tensor:
-            return functional.quality_focal_loss_dense(p, target.to(p.dtype), beta=beta, reduction="none",
-                                                       backend=backend)
+            return functional.quality_focal_loss_dense(
+                p, target.to(p.dtype), beta=beta, reduction="none", backend=backend
+            )
 
         return pred, call
 
@@ -115,6 +124,7 @@ def _qfl_dense_case(layout: str, anchors: int, classes: int, beta: float = 2.0) 
 def _focal_case(layout: str, anchors: int, classes: int, dense: bool, gamma: float, activated: bool = False) -> Case:
     """Sigmoid focal loss against labels or a soft target, with an anchor weight; on logits
     or (activated) probabilities."""
+
     def build(dtype, device, gen):
         pred = _class_pred(layout, anchors, classes, dtype, device, gen, activated)
         label, _ = _labels(pred, gen)
@@ -124,8 +134,13 @@ def _focal_case(layout: str, anchors: int, classes: int, dense: bool, gamma: flo
         def call(p: Tensor, backend: str) -> Tensor:
             acc = reference.accumulate_dtype(p.dtype)
             return functional.sigmoid_focal_loss(
-                p, soft.to(p.dtype) if dense else label, gamma=gamma, weight=weight.to(acc), reduction="none",
-                activated=activated, backend=backend,
+                p,
+                soft.to(p.dtype) if dense else label,
+                gamma=gamma,
+                weight=weight.to(acc),
+                reduction="none",
+                activated=activated,
+                backend=backend,
             )
 
         return pred, call
@@ -136,6 +151,7 @@ def _focal_case(layout: str, anchors: int, classes: int, dense: bool, gamma: flo
 
 def _varifocal_case(layout: str, anchors: int, classes: int, dense: bool, detach_weight: bool) -> Case:
     """Varifocal loss against a dense IoU target or (label, score), with a class weight."""
+
     def build(dtype, device, gen):
         pred = _class_pred(layout, anchors, classes, dtype, device, gen)
         label, score = _labels(pred, gen)
@@ -146,15 +162,23 @@ def _varifocal_case(layout: str, anchors: int, classes: int, dense: bool, detach
         def call(p: Tensor, backend: str) -> Tensor:
             acc = reference.accumulate_dtype(p.dtype)
             return functional.varifocal_loss(
-                p, target.to(p.dtype) if dense else (label, score.to(acc)), detach_weight=detach_weight,
-                class_weight=class_weight.to(acc), reduction="none", backend=backend,
+                p,
+                target.to(p.dtype) if dense else (label, score.to(acc)),
+                detach_weight=detach_weight,
+                class_weight=class_weight.to(acc),
+                reduction="none",
+                backend=backend,
             )
 
         return pred, call
 
     form = "dense" if dense else "labels"
-    return Case("varifocal", f"{layout} {anchors}x{classes} {form}{' detached' if detach_weight else ''}", build,
-                gradcheck=not detach_weight)
+    return Case(
+        "varifocal",
+        f"{layout} {anchors}x{classes} {form}{' detached' if detach_weight else ''}",
+        build,
+        gradcheck=not detach_weight,
+    )
 
 
 def _bin_pred(layout: str, rows: int, bins: int, dtype, device, gen) -> Tensor:
@@ -267,8 +291,13 @@ def _check_gradcheck(case: Case, backend: str, device: str, seed: int) -> Outcom
     return Outcome(case.op, backend, "gradcheck", "float64", case.shape, bool(passed), detail)
 
 
-def run(device: str, backends: Optional[List[str]] = None, dtypes: Optional[List[torch.dtype]] = None,
-        seed: int = 0, progress: Optional[Callable[[Outcome], None]] = None) -> List[Outcome]:
+def run(
+    device: str,
+    backends: Optional[List[str]] = None,
+    dtypes: Optional[List[torch.dtype]] = None,
+    seed: int = 0,
+    progress: Optional[Callable[[Outcome], None]] = None,
+) -> List[Outcome]:
     """All checks on `device`; `backends` defaults to every non-reference backend available."""
     if dtypes is None:
         dtypes = [torch.float32, torch.bfloat16, torch.float16]
@@ -311,18 +340,25 @@ def format_table(outcomes: List[Outcome]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gfl_ops verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", nargs="+", choices=KERNEL_BACKENDS,
-                        help="default: every backend available on the device")
+    parser.add_argument(
+        "--backends", nargs="+", choices=KERNEL_BACKENDS, help="default: every backend available on the device"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     available = available_backends(args.device)
     unavailable = sorted(set(args.backends or ()) - set(available))
     if unavailable:
-        parser.error(f"argument --backends: {', '.join(unavailable)} not available on {args.device} "
-                     f"(available: {', '.join(available)})")
+        parser.error(
+            f"argument --backends: {', '.join(unavailable)} not available on {args.device} "
+            f"(available: {', '.join(available)})"
+        )
     print(f"gfl_ops verify on {args.device}: backends {available}", flush=True)
-    outcomes = run(args.device, args.backends, seed=args.seed,
-                   progress=lambda o: print("." if o.passed else "F", end="", flush=True, file=sys.stderr))
+    outcomes = run(
+        args.device,
+        args.backends,
+        seed=args.seed,
+        progress=lambda o: print("." if o.passed else "F", end="", flush=True, file=sys.stderr),
+    )
     print(file=sys.stderr)
     print(format_table(outcomes))
     failed = sum(not o.passed for o in outcomes)

@@ -1,9 +1,9 @@
 """The CUDA kernels on a machine without a GPU: csrc/cuda/gfl_kernels.cuh built by the host
 compiler and run on CPU tensors under the emulator of the CUDA execution model in
-tests/cuda_emulation/ (blocks, threads, shared memory, barriers, warp shuffles; barrier or
+tests/cuda/cuda_emulation/ (blocks, threads, shared memory, barriers, warp shuffles; barrier or
 shuffle divergence and misaligned vector accesses raise).
 
-The build links tests/cuda_emulation/emulated_ops.cpp (the kernels, launched by the operator
+The build links tests/cuda/cuda_emulation/emulated_ops.cpp (the kernels, launched by the operator
 bodies of csrc/gfl_host.h) with csrc/gfl_ops.cpp compiled for the namespace
 gfl_ops_cuda_emulated (gfl_ops's schemas and C++ autograd kernel) and csrc/gfl_ops_host.cpp:
 torch.ops.gfl_ops_cuda_emulated.* are gfl_ops's operators with the CUDA kernels in place of
@@ -18,6 +18,7 @@ probabilities included, check the formulas that a GPU runs. What they cannot che
 CUDA's own implementations of those functions (within the ulp bounds of the CUDA Math
 API, where libm is at least as accurate).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,7 @@ MAX_BLOCKS = 3
 _TESTS = Path(__file__).resolve().parent
 _CSRC = _TESTS.parent / "csrc"
 _SOURCES = [
-    _TESTS / "cuda_emulation" / "emulated_ops.cpp",
+    _TESTS / "cuda" / "cuda_emulation" / "emulated_ops.cpp",
     _CSRC / "gfl_ops.cpp",
     _CSRC / "gfl_ops_host.cpp",
 ]

@@ -1,8 +1,9 @@
 """Shared helpers of the gfl_ops test suite: input builders, layouts and the parity check.
 
 Tolerances follow the flash-attention tests: the error of the native backend (or of the
-Triton backend, in test_triton_backend.py) against the float64 reference may be at most FACTOR times the error of the reference itself evaluated
-in the tested dtype, plus a tiny atol. In detail, for an output `actual` of dtype d:
+Triton backend, in test_triton_backend.py) against the float64 reference may be at most
+FACTOR times the error of the reference itself evaluated in the tested dtype, plus a tiny
+atol. In detail, for an output `actual` of dtype d:
 
     err      = max |actual - ref64|
     ref_err  = max |ref_d - ref64|          ref_d: the reference run on the same d inputs,
@@ -21,6 +22,7 @@ scaled by the incoming gradient, is off by a unit or two.
 The reference computes half inputs in float32 and rounds its gradient to pred's dtype once,
 so for float16/bfloat16 `ref_err` of a gradient is about its rounding error.
 """
+
 from __future__ import annotations
 
 import math
@@ -206,7 +208,6 @@ def away_from_probability(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(close, shifted, y)
 
 
-
 # --------------------------------------------------------------------------------------
 # Rows of bins (DFL, integral)
 # --------------------------------------------------------------------------------------
@@ -333,7 +334,9 @@ def assert_parity_relative(name: str, actual: Tensor, ref64: Tensor, ref_low: Te
     err = ((a - e) / e).abs().max().item()
     ref_err = ((low - e) / e).abs().max().item()
     rounding = ((e.to(actual.dtype).double() - e) / e).abs().max().item()
-    atol = 2 * torch.finfo(actual.dtype).eps + (64 * torch.finfo(torch.float64).eps if actual.dtype == torch.float64 else 0)
+    atol = 2 * torch.finfo(actual.dtype).eps + (
+        64 * torch.finfo(torch.float64).eps if actual.dtype == torch.float64 else 0
+    )
     bound = factor * max(ref_err, rounding) + atol
     assert err <= bound, (
         f"{name}: native relative error {err:.3e} > bound {bound:.3e} "

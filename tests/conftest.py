@@ -1,4 +1,5 @@
 """pytest configuration of the gfl_ops suite: hypothesis profile, import path, seeding."""
+
 import os
 import sys
 
@@ -10,7 +11,7 @@ from hypothesis import HealthCheck, settings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # backend="auto" in its fixed order, whatever tuning table this machine has (gfl_ops/_tuning.py;
-# tests/test_tuning.py sets its tables itself). Before gfl_ops is imported, which reads it.
+# tests/commands/test_tuning.py sets its tables itself). Before gfl_ops is imported, which reads it.
 os.environ["GFL_OPS_TUNING"] = ""
 
 import _cuda_emulation  # noqa: E402
@@ -49,6 +50,7 @@ def pytest_terminal_summary(terminalreporter):
             f"backend='native' ran the emulated CUDA kernels of torch.ops.{_cuda_emulation.NAMESPACE}: "
             f"{accesses} vector accesses" + ("" if accesses else ": none, so this run checked nothing and fails")
         )
+
 
 # Modest example counts: the suite runs on 2-core CI machines. deadline=None because the
 # first call of a kernel (and torch's lazy initialisation) can take longer than 200 ms.

@@ -24,8 +24,9 @@ The package, all of it installed with gfl_ops (pip install . or -e .):
     results.py      environment, the JSON document, reading saved results back
 
 Ops: qfl (logits, label/score targets), qfl_prob (probabilities), qfl_dense (dense soft
-target; at beta 0 and 1.5 too), focal (labels), varifocal (dense IoU target), dfl, integral. Modes: "forward" (the loss as a training step computes it: pred
-requires grad, so a fused kernel may produce the gradient in this pass) and "full"
+target; at beta 0 and 1.5 too), focal (labels), varifocal (dense IoU target), dfl,
+integral. Modes: "forward" (the loss as a training step computes it: pred requires grad, so
+a fused kernel may produce the gradient in this pass) and "full"
 (forward + backward, the headline).
 
 Default set on CUDA: QFL N in {8400, 44800, 134400, 358400, 537600} x 80 and 8400 x 1203,
@@ -35,6 +36,7 @@ x {16, 17} bins; float32 and bfloat16. On CPU the default drops the largest QFL 
 so that it finishes in a few minutes on a small machine: --full restores the shapes, --dtype
 fp32 bf16 the dtype.
 """
+
 from . import mmdet_style
 from .cases import BETA, CHANNEL_FIRST_BATCH, DTYPES, LAYOUTS, MODES, Case, Inputs, OpSpec, dtype_name
 from .cli import main, parse_args, plan

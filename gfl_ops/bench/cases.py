@@ -2,6 +2,7 @@
 provider of it reads (Inputs), and what an op brings to the harness (OpSpec: its
 functions, inputs, byte model and eager peers; one module per op family under ops/, which
 also holds the registry)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,4 +90,3 @@ class OpSpec:
     peers: Dict[str, Callable[[Case, torch.device], Callable]]
     layouts: Tuple[str, ...] = LAYOUTS
     backward_bytes: Callable[[Case], int] = lambda case: 0
-

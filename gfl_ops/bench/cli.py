@@ -1,5 +1,6 @@
 """python -m gfl_ops bench: the options, the plan they make (cases and settings), the run and
 what it prints and writes."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ HALF_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _parse_shapes(text: str) -> List[Tuple[int, int]]:
-    """"44800x80,134400x80" -> [(44800, 80), (134400, 80)]."""
+    """ "44800x80,134400x80" -> [(44800, 80), (134400, 80)]."""
     shapes = []
     for item in text.split(","):
         try:
@@ -41,7 +42,8 @@ def _parse_shapes(text: str) -> List[Tuple[int, int]]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gfl_ops bench",
-        description="Benchmark gfl_ops against the eager reference, torch.compile and the eager code users run today (mmdetection, torchvision, ultralytics).",
+        description="Benchmark gfl_ops against the eager reference, torch.compile and the eager code users run "
+        "today (mmdetection, torchvision, ultralytics).",
         epilog="On CPU the default set skips QFL N=358400 and 537600, DFL 262144 rows, qfl_prob's channel-first "
         "layout and bfloat16 (pass --full / --dtype fp32 bf16). GPU runs write benchmarks/results/<device>.json "
         "unless --json is given; CPU runs write JSON only to --json. Explicit options override what "
@@ -51,16 +53,22 @@ def _parser() -> argparse.ArgumentParser:
     add("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     add("--ops", nargs="+", choices=OPS, help="default: all (quick, half: qfl dfl)")
     add("--modes", nargs="+", choices=MODES, help="default: forward full (quick, half: full)")
-    add("--providers", nargs="+", choices=PROVIDERS,
-        help="default: every available one (on CPU, triton only when named; half: native)")
+    add(
+        "--providers",
+        nargs="+",
+        choices=PROVIDERS,
+        help="default: every available one (on CPU, triton only when named; half: native)",
+    )
     add("--dtype", nargs="+", choices=sorted(DTYPES), help="default: fp32 (+ bf16 on CUDA; half: fp32 fp16 bf16)")
     add("--layouts", nargs="+", choices=LAYOUTS, help="QFL pred layouts (default: both; half: nc)")
     add("--quick", action="store_true", help="headline shapes (qfl, dfl), fp32, full mode, one warm-up")
-    add("--half", action="store_true", help="native in fp32, fp16 and bf16 at QFL 134400x80 and DFL 65536x17, "
-        "full mode: each half-precision row's x fp32 against the half-precision target")
+    add(
+        "--half",
+        action="store_true",
+        help="native in fp32, fp16 and bf16 at QFL 134400x80 and DFL 65536x17, "
+        "full mode: each half-precision row's x fp32 against the half-precision target",
+    )
     add("--full", action="store_true", help="every shape, also on CPU")
-    add("--frameworks", action="store_true", help="instead: mmdetection's GFLHead and ultralytics' YOLOv8 loss "
-        "steps, stock vs fused (needs make frameworks; options: --device --repeats --warmup --json)")
     add("--qfl-shapes", type=_parse_shapes, metavar="NxC,...", help="override the QFL shapes")
     add("--dfl-shapes", type=_parse_shapes, metavar="MxBINS,...", help="override the DFL/integral shapes")
     add("--repeats", type=int, help="timed rounds (default 10 on CUDA, 7 on CPU and with --quick)")
@@ -69,8 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--compile-backend", default="inductor", metavar="NAME", help="torch.compile backend of the compile provider")
     add("--json", type=writable_file_argument, metavar="PATH", help="write the results as JSON")
     add("--plot", type=writable_file_argument, metavar="PATH", help="write a PNG of native's speedups")
-    add("--from-json", type=existing_file_argument, metavar="PATH", help="run nothing: print the table and targets of a saved "
-        "run (e.g. benchmarks/results/*.json), and its plot with --plot")
+    add(
+        "--from-json",
+        type=existing_file_argument,
+        metavar="PATH",
+        help="run nothing: print the table and targets of a saved "
+        "run (e.g. benchmarks/results/*.json), and its plot with --plot",
+    )
     return parser
 
 
@@ -195,10 +208,6 @@ def _write_json(document: dict, path: Optional[Path], device: torch.device) -> N
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--frameworks" in argv:
-        from . import frameworks
-
-        return frameworks.main(argv)
     args = parse_args(argv)
     if args.from_json is not None:
         return _report_saved(args)

@@ -1,5 +1,6 @@
 """Timing and memory: a step's milliseconds, its peak extra bytes, the copy that is the
 bandwidth yardstick, and the device's name."""
+
 from __future__ import annotations
 
 import contextlib

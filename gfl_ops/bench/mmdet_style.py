@@ -11,6 +11,7 @@ What makes it slow is kept on purpose, since it is what users pay for:
     which copies the largest tensor of the loss.
   - Everything runs in pred's dtype (no float32 upcast), as mmdetection does.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -249,8 +250,8 @@ def varifocal_loss(
     pred_sigmoid = pred.sigmoid()
     target = target.type_as(pred)
     positive = (target > 0.0).float()
-    focal_weight = (target * positive if iou_weighted else positive) + alpha * (
-        pred_sigmoid - target
-    ).abs().pow(gamma) * (target <= 0.0).float()
+    focal_weight = (target * positive if iou_weighted else positive) + alpha * (pred_sigmoid - target).abs().pow(
+        gamma
+    ) * (target <= 0.0).float()
     loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none") * focal_weight
     return weight_reduce_loss(loss, weight, reduction, avg_factor)

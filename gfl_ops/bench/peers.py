@@ -7,6 +7,7 @@ labels) is part of what is timed, as the framework's users pay it.
 Licences of the formulas reproduced: torchvision's BSD-3-Clause; ultralytics' AGPL-3.0
 (ultralytics_varifocal_loss, which is distributed under the AGPL-3.0, LICENSE-AGPL-3.0).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,8 +19,15 @@ from torch import Tensor
 from .mmdet_style import flatten_channel_first
 
 
-def torchvision_focal_loss(pred: Tensor, target: Tensor, *, alpha: float = 0.25, gamma: float = 2.0,
-                           avg_factor: Optional[Tensor] = None, **_options) -> Tensor:
+def torchvision_focal_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    avg_factor: Optional[Tensor] = None,
+    **_options,
+) -> Tensor:
     """torchvision/ops/focal_loss.py, sigmoid_focal_loss(inputs, targets, alpha, gamma,
     reduction="sum") / num_foreground, as torchvision's RetinaNet head calls it, on a float
     one-hot target built from the labels (background = C) as that head builds it."""
@@ -39,8 +47,15 @@ def torchvision_focal_loss(pred: Tensor, target: Tensor, *, alpha: float = 0.25,
     return loss.sum() / avg_factor
 
 
-def ultralytics_varifocal_loss(pred: Tensor, target: Tensor, *, alpha: float = 0.75, gamma: float = 2.0,
-                               avg_factor: Optional[Tensor] = None, **_options) -> Tensor:
+def ultralytics_varifocal_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    avg_factor: Optional[Tensor] = None,
+    **_options,
+) -> Tensor:
     """ultralytics/utils/loss.py, VarifocalLoss.forward(pred_score, gt_score, label) with
     gt_score the dense IoU-aware target and label its one-hot (gt_score > 0): the weight
     alpha p^gamma (1 - label) + gt_score label, the BCE in float32 with autocast off, and
@@ -49,5 +64,5 @@ def ultralytics_varifocal_loss(pred: Tensor, target: Tensor, *, alpha: float = 0
     label = (target > 0).to(pred.dtype)
     weight = alpha * pred.sigmoid().pow(gamma) * (1 - label) + target * label
     with torch.autocast(device_type=pred.device.type, enabled=False):
-        loss = (F.binary_cross_entropy_with_logits(pred.float(), target.float(), reduction="none") * weight)
+        loss = F.binary_cross_entropy_with_logits(pred.float(), target.float(), reduction="none") * weight
         return loss.mean(1).sum() * pred.shape[1] / avg_factor

@@ -13,6 +13,7 @@
 
 A provider that cannot run is never dropped without a word: provider_status says why.
 """
+
 from __future__ import annotations
 
 import functools

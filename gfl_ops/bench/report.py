@@ -1,4 +1,5 @@
 """The run's rows as a table and as a plot (the rows of a run just made, or of a saved JSON)."""
+
 from __future__ import annotations
 
 import textwrap

@@ -1,5 +1,6 @@
 """Results as data: the environment of a run, the JSON document it writes, where GPU runs
 keep it, and reading a saved one back (benchmarks/results/*.json included)."""
+
 from __future__ import annotations
 
 import datetime

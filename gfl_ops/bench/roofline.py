@@ -8,6 +8,7 @@ their datasheet peaks: about 3.0 TB/s on an H100 SXM (80 GB HBM3) and 4.3 TB/s o
 yardstick (the benchmark's % copy column) should replace them. On a GPU of one of these
 kinds the row also gets the fraction of its floor that it reached.
 """
+
 from __future__ import annotations
 
 from typing import Optional

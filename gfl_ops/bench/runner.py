@@ -7,6 +7,7 @@ bandwidth yardstick. The figure is the median over the rounds. pred.grad is set 
 between steps and the thread count is left as torch has it. A provider that fails is an
 error row, never an exception out of the run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -148,8 +149,9 @@ def _case_fields(case: Case, mode: str, provider: str, num_bytes: int, copy_ms: 
     )
 
 
-def _measured_fields(row: dict, samples: List[float], peak: Optional[int], native_ms: Optional[float],
-                     device: str) -> dict:
+def _measured_fields(
+    row: dict, samples: List[float], peak: Optional[int], native_ms: Optional[float], device: str
+) -> dict:
     median = statistics.median(samples)
     return dict(
         median_ms=median,

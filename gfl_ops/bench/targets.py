@@ -8,6 +8,7 @@ native's. COPY_FRACTION: native's smallest share of a same-size copy's bandwidth
 (bytes_moved). FP32_RATIO: native's largest median over its float32 step of the same
 shape in the same run (the row's fp32_ratio).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -26,10 +27,24 @@ _CPU_TARGETS = {  # the foundation issue, on the 2-core development machine
     ("dfl", "full", (16384, 17), "rows", "fp32"): {"mmdet": 2.5, "compile": 1.5, PEAK_OVER_PRED: 1.0},
     ("dfl", "full", (65536, 17), "rows", "fp32"): {"mmdet": 2.5, "compile": 1.5, PEAK_OVER_PRED: 1.0},
     # The focal-family issue: 5x the eager peers, 1.5x torch.compile, one buffer of pred's size.
-    **{("focal", "full", (anchors, 80), "nc", "fp32"): {"mmdet": 5.0, "torchvision": 5.0, "compile": 1.5,
-                                                        PEAK_OVER_PRED: 1.0} for anchors in (44800, 134400)},
-    **{("varifocal", "full", (anchors, 80), "nc", "fp32"): {"mmdet": 5.0, "ultralytics": 5.0, "compile": 1.5,
-                                                            PEAK_OVER_PRED: 1.0} for anchors in (44800, 134400)},
+    **{
+        ("focal", "full", (anchors, 80), "nc", "fp32"): {
+            "mmdet": 5.0,
+            "torchvision": 5.0,
+            "compile": 1.5,
+            PEAK_OVER_PRED: 1.0,
+        }
+        for anchors in (44800, 134400)
+    },
+    **{
+        ("varifocal", "full", (anchors, 80), "nc", "fp32"): {
+            "mmdet": 5.0,
+            "ultralytics": 5.0,
+            "compile": 1.5,
+            PEAK_OVER_PRED: 1.0,
+        }
+        for anchors in (44800, 134400)
+    },
     # The half-precision issue: a float16 or bfloat16 full step within 1.5x of float32's.
     **{("qfl", "full", shape, "nc", dtype): {FP32_RATIO: 1.5} for shape in qfl.HALF_SHAPES for dtype in HALF_DTYPES},
     **{("dfl", "full", shape, "rows", dtype): {FP32_RATIO: 1.5} for shape in dfl.HALF_SHAPES for dtype in HALF_DTYPES},
@@ -37,10 +52,16 @@ _CPU_TARGETS = {  # the foundation issue, on the 2-core development machine
 _CUDA_QFL_TARGETS = {"reference": 10.0, "compile": 1.3, COPY_FRACTION: 0.75, PEAK_VS_REFERENCE: 5.0}
 _CUDA_DFL_TARGETS = {"reference": 5.0, PEAK_VS_REFERENCE: 5.0}
 _CUDA_TARGETS = {  # the CUDA issue
-    **{("qfl", "full", (anchors, 80), "nc", dtype): _CUDA_QFL_TARGETS
-       for anchors in (134400, 537600) for dtype in ("fp32", "bf16")},
-    **{("dfl", "full", (rows, 17), "rows", dtype): _CUDA_DFL_TARGETS
-       for rows in (65536, 262144) for dtype in ("fp32", "bf16")},
+    **{
+        ("qfl", "full", (anchors, 80), "nc", dtype): _CUDA_QFL_TARGETS
+        for anchors in (134400, 537600)
+        for dtype in ("fp32", "bf16")
+    },
+    **{
+        ("dfl", "full", (rows, 17), "rows", dtype): _CUDA_DFL_TARGETS
+        for rows in (65536, 262144)
+        for dtype in ("fp32", "bf16")
+    },
 }
 HEADLINE_TARGETS = {"cpu": _CPU_TARGETS, "cuda": _CUDA_TARGETS}
 

@@ -29,6 +29,7 @@ TESTED_SOURCES), which Ultralytics publishes under the GNU AGPL-3.0; this module
 therefore distributed under the AGPL-3.0 (LICENSE-AGPL-3.0), the rest of gfl_ops under the
 Apache-2.0 (LICENSE).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,7 +52,9 @@ __all__ = ["patch", "unpatch", "patched", "is_patched", "TESTED_SOURCES"]
 # each tested release. A release whose functions differ is refused.
 TESTED_SOURCES = {
     "8.4.190": {
-        "v8DetectionLoss.get_assigned_targets_and_loss": "b35c135782626c01cabcc6d3d053b3ba9903cb0656de9d8e859250159a2119cb",
+        "v8DetectionLoss.get_assigned_targets_and_loss": (
+            "b35c135782626c01cabcc6d3d053b3ba9903cb0656de9d8e859250159a2119cb"
+        ),
         "v8DetectionLoss.bbox_decode": "1bac4e17439eab6cb20ac41fd29c01574dee855fc05d7c5b10161edbfd1c1655",
         "BboxLoss.forward": "d4f7fb78076529d797f04e8bbea1b559714f9ecee44bfc03792369ed4444caef",
         "DFLoss.__call__": "cd40791fd98a04e9894b038d718f0e4e4eec1e53aaf05793f50a2b21f7c257e7",
@@ -116,13 +119,32 @@ def _decode_boxes(loss: "_loss.v8DetectionLoss", anchor_points: torch.Tensor, pr
     return dist2bbox(pred_dist, anchor_points, xywh=False)
 
 
-def _box_losses(loss: "_loss.v8DetectionLoss", pred_dist, pred_bboxes, anchor_points, target_bboxes, target_scores,
-                target_scores_sum, fg_mask, imgsz, stride_tensor):
+def _box_losses(
+    loss: "_loss.v8DetectionLoss",
+    pred_dist,
+    pred_bboxes,
+    anchor_points,
+    target_bboxes,
+    target_scores,
+    target_scores_sum,
+    fg_mask,
+    imgsz,
+    stride_tensor,
+):
     """BboxLoss.forward with DFL fused: (CIoU loss, DFL)."""
     dfl_module = loss.bbox_loss.dfl_loss
     if dfl_module is None:  # reg_max = 1: ultralytics' L1 distances, nothing to fuse
-        return loss.bbox_loss(pred_dist, pred_bboxes, anchor_points, target_bboxes, target_scores,
-                              target_scores_sum, fg_mask, imgsz, stride_tensor)
+        return loss.bbox_loss(
+            pred_dist,
+            pred_bboxes,
+            anchor_points,
+            target_bboxes,
+            target_scores,
+            target_scores_sum,
+            fg_mask,
+            imgsz,
+            stride_tensor,
+        )
     foreground = fg_mask.nonzero(as_tuple=True)
     box_weight = target_scores[foreground].sum(-1, keepdim=True)  # (n_fg, 1)
     iou = bbox_iou(pred_bboxes[foreground], target_bboxes[foreground], xywh=False, CIoU=True)
@@ -132,7 +154,10 @@ def _box_losses(loss: "_loss.v8DetectionLoss", pred_dist, pred_bboxes, anchor_po
     sides = pred_dist[foreground].view(-1, 4, num_bins)
     # sum over boxes of mean_sides(DFL) * box_weight = sum over sides of DFL * box_weight / 4
     dfl_sum = functional.distribution_focal_loss(
-        sides, target_ltrb.clamp(0, num_bins - 1 - _UPPER_BIN_MARGIN), weight=box_weight, reduction="sum",
+        sides,
+        target_ltrb.clamp(0, num_bins - 1 - _UPPER_BIN_MARGIN),
+        weight=box_weight,
+        reduction="sum",
         validate=False,
     )
     return loss_iou, dfl_sum / 4 / target_scores_sum
@@ -168,13 +193,28 @@ def _fused_assigned_targets_and_loss(self, preds: dict, batch: dict, **assign_kw
 
     # BCE = QFL with beta = 0; the (B, A, nc) target is read through a (B, nc, A) view.
     class_weight = None if self.class_weights is None else self.class_weights.reshape(-1)
-    loss[1] = functional.quality_focal_loss_dense(
-        scores, target_scores.to(dtype).permute(0, 2, 1), beta=0.0, class_weight=class_weight, reduction="sum",
-    ) / target_scores_sum
+    loss[1] = (
+        functional.quality_focal_loss_dense(
+            scores,
+            target_scores.to(dtype).permute(0, 2, 1),
+            beta=0.0,
+            class_weight=class_weight,
+            reduction="sum",
+        )
+        / target_scores_sum
+    )
 
     loss[0], loss[2] = _box_losses(
-        self, pred_distri, pred_bboxes, anchor_points, target_bboxes / stride_tensor, target_scores,
-        target_scores_sum, fg_mask, imgsz, stride_tensor,
+        self,
+        pred_distri,
+        pred_bboxes,
+        anchor_points,
+        target_bboxes / stride_tensor,
+        target_scores,
+        target_scores_sum,
+        fg_mask,
+        imgsz,
+        stride_tensor,
     )
     loss[0] *= self.hyp.box
     loss[1] *= self.hyp.cls

@@ -2,6 +2,7 @@
 ops.py (their launches, the implementations of torch.ops.gfl_ops._<operator>_triton).
 Loaded when Triton is importable; the kernels run on CUDA tensors, and on CPU tensors under
 Triton's interpreter (TRITON_INTERPRET=1, set before gfl_ops is imported)."""
+
 import os
 
 from .. import _ops

@@ -1,4 +1,5 @@
-"""Helpers of the framework tests (tests/test_framework_*.py)."""
+"""Helpers of the framework tests (tests/integrations/test_framework_*.py)."""
+
 from __future__ import annotations
 
 import importlib

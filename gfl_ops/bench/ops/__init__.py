@@ -1,5 +1,6 @@
 """The ops the benchmark measures, one module per family (qfl.py, family.py, dfl.py, integral.py),
 and what the harness does with any of them: build its cases, its inputs, its byte model."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple

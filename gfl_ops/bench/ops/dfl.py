@@ -1,5 +1,6 @@
 """DFL's cases: rows = 4 x positives (the four sides of a box), 16 or 17 bins (docs/MATH.md);
 targets in [0, n - 0.1] as mmdetection clamps them, each row weighted by its anchor's score."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ output, and varifocal loss against a dense IoU-aware target (VFNet, RT-DETR's fo
 Peers: mmdetection's FocalLoss (CPU form) and torchvision's sigmoid_focal_loss for focal;
 mmdetection's varifocal_loss and ultralytics' VarifocalLoss for varifocal.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """The distribution integral's cases: DFL's rows of bins (ops/dfl.py's shapes); E is one
 value per row, so the backward is driven by a random incoming gradient."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ qfl_dense_beta1.5 the pow-free half-integer), as (N, C) and as a channel-first h
 Shapes from docs/MATH.md: anchors N (2 images of GFL at 800x1344, YOLOv8 batches) x 80 COCO
 classes, and LVIS's 1203 classes at N = 8400.
 """
+
 from __future__ import annotations
 
 import math

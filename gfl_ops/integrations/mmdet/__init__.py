@@ -29,6 +29,7 @@ As mmdetection, a float64 weight (or DFL target) promotes the loss to float64.
 The classes subclass mmdetection 3.3's (Apache-2.0, as gfl_ops) and keep their contract;
 no mmdetection code is reproduced here.
 """
+
 from __future__ import annotations
 
 import sys
@@ -63,7 +64,9 @@ class ReductionOverrideError(ValueError, AssertionError):
 
 def _check_reduction_override(override, name: str) -> None:
     if override is not None and override not in REDUCTIONS:
-        raise ReductionOverrideError(f"{name}: reduction_override must be None or one of {REDUCTIONS}, got {override!r}")
+        raise ReductionOverrideError(
+            f"{name}: reduction_override must be None or one of {REDUCTIONS}, got {override!r}"
+        )
 
 
 def _promoted(loss: Tensor, *others: Optional[Tensor]) -> Tensor:
@@ -127,8 +130,12 @@ _FUSED = {
     "FocalLoss": FusedFocalLoss,
     "VarifocalLoss": FusedVarifocalLoss,
 }
-_STOCK = {"QualityFocalLoss": QualityFocalLoss, "DistributionFocalLoss": DistributionFocalLoss,
-          "FocalLoss": FocalLoss, "VarifocalLoss": VarifocalLoss}
+_STOCK = {
+    "QualityFocalLoss": QualityFocalLoss,
+    "DistributionFocalLoss": DistributionFocalLoss,
+    "FocalLoss": FocalLoss,
+    "VarifocalLoss": VarifocalLoss,
+}
 # The module whose import opts in from a config's custom_imports.
 _STOCK_NAMES_MODULE = f"{__name__}.stock_names"
 

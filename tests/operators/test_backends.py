@@ -1,0 +1,117 @@
+"""Backend selection (gfl_ops.available_backends / resolve_backend) and kernel registration."""
+
+import pytest
+import torch
+
+import gfl_ops
+from gfl_ops import _ops, available_backends, resolve_backend
+from _helpers import DEVICES, make_class_pred, make_generator, make_labels, make_scores
+
+OPERATORS = (
+    "quality_focal_loss",
+    "quality_focal_loss_dense",
+    "sigmoid_focal_loss",
+    "varifocal_loss",
+    "distribution_focal_loss",
+    "distribution_integral",
+)
+
+
+def _has_kernel(operator, key, backend="native"):
+    """Whether the kernel operator of `operator` on `backend` has a kernel for dispatch key `key`."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gfl_ops::_{operator}_{backend}", key)
+
+
+def test_operator_list():
+    assert tuple(_ops.OPERATORS) == OPERATORS
+
+
+def test_native_extension_loaded_with_cpu_kernels():
+    assert _ops.native_loaded(), _ops.NATIVE_IMPORT_ERROR
+    for operator in OPERATORS:
+        assert hasattr(torch.ops.gfl_ops, operator)
+        assert _has_kernel(operator, "CPU"), operator
+
+
+@pytest.mark.parametrize("operator", OPERATORS)
+def test_available_backends_on_cpu(operator):
+    backends = available_backends("cpu", operator)
+    assert "native" in backends and "reference" in backends
+    assert backends[0] == "native"  # fastest first
+    assert backends == available_backends(torch.device("cpu"), operator)
+    assert available_backends(None, operator) == backends
+
+
+@pytest.mark.parametrize("operator", OPERATORS)
+def test_resolve_backend_on_cpu(operator):
+    assert resolve_backend("auto", "cpu", operator) == "native"
+    assert resolve_backend("native", "cpu", operator) == "native"
+    assert resolve_backend("reference", "cpu", operator) == "reference"
+
+
+def test_resolve_backend_errors():
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        resolve_backend("nonsense", "cpu")
+    with pytest.raises(
+        ValueError, match="backend 'native' is not available for quality_focal_loss on device type 'meta'"
+    ):
+        resolve_backend("native", "meta")
+    if not gfl_ops.triton.INTERPRETER:
+        with pytest.raises(ValueError, match="backend 'triton' is not available .* device type 'cpu'"):
+            resolve_backend("triton", "cpu")
+
+
+def test_reference_is_available_everywhere():
+    for device in ("cpu", "cuda", "meta"):
+        assert "reference" in available_backends(device)
+        assert resolve_backend("reference", device) == "reference"
+
+
+def test_cuda_availability_follows_the_dispatch_table():
+    """native is offered on cuda exactly when the library registered CUDA kernels."""
+    assert ("native" in available_backends("cuda")) == _has_kernel("quality_focal_loss", "CUDA")
+
+
+def test_cuda_kernels_registered_for_every_operator():
+    if not _has_kernel("quality_focal_loss", "CUDA"):
+        pytest.skip("gfl_ops._C was built without CUDA kernels (no nvcc / CPU-only build)")
+    missing = [operator for operator in OPERATORS if not _has_kernel(operator, "CUDA")]
+    assert not missing, f"CUDA kernels missing for {missing}"
+    for operator in OPERATORS:
+        assert "native" in available_backends("cuda", operator)
+
+
+def test_triton_operators_registered_when_triton_imports():
+    if gfl_ops.triton.IMPORT_ERROR is not None:
+        pytest.skip(f"Triton does not import here: {gfl_ops.triton.IMPORT_ERROR}")
+    for operator in OPERATORS:
+        assert _has_kernel(operator, "CUDA", "triton"), operator
+        assert _has_kernel(operator, "CPU", "triton") == gfl_ops.triton.INTERPRETER, operator
+    assert gfl_ops.triton.available("cuda")
+    assert gfl_ops.triton.available("cpu") == gfl_ops.triton.INTERPRETER
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_backend_runs_native(device):
+    """backend="auto" gives exactly the native result (bit for bit), not the reference's."""
+    gen = make_generator("auto")
+    pred = make_class_pred("contiguous", 9, 7, torch.float32, device, gen)
+    label = make_labels((9,), 7, gen, device)
+    score = make_scores((9,), torch.float32, gen, device)
+    auto = gfl_ops.quality_focal_loss(pred, label, score, reduction="none")
+    native = gfl_ops.quality_focal_loss(pred, label, score, reduction="none", backend="native")
+    assert torch.equal(auto, native)
+    assert resolve_backend("auto", device) == "native"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_and_reference_agree_on_device(device):
+    """A quick cross-backend check on each device (the full matrix is in test_parity_*.py)."""
+    gen = make_generator("device-agree")
+    pred = make_class_pred("channels_last", (2, 3, 4), 5, torch.float32, device, gen)
+    label = make_labels((2, 3, 4), 5, gen, device)
+    score = make_scores((2, 3, 4), torch.float32, gen, device)
+    a = gfl_ops.quality_focal_loss(pred, label, score, backend="native")
+    b = gfl_ops.quality_focal_loss(pred, label, score, backend="reference")
+    assert a.device.type == device
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
