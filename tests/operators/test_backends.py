@@ -4,17 +4,22 @@ import pytest
 import torch
 
 import gfl_ops
+import gfl_ops.verify
 from gfl_ops import _ops, available_backends, resolve_backend
 from _helpers import DEVICES, make_class_pred, make_generator, make_labels, make_scores
 
-OPERATORS = (
-    "quality_focal_loss",
-    "quality_focal_loss_dense",
-    "sigmoid_focal_loss",
-    "varifocal_loss",
-    "distribution_focal_loss",
-    "distribution_integral",
-)
+
+def _library_operators():
+    """The public operators the compiled library registers (csrc/gfl_ops.cpp's list), the
+    one source every Python list of operators must match."""
+    if not _ops.native_loaded():
+        return ()
+    schemas = torch._C._jit_get_all_schemas()
+    names = {schema.name.removeprefix("gfl_ops::") for schema in schemas if schema.name.startswith("gfl_ops::")}
+    return tuple(sorted(name for name in names if not name.startswith("_")))
+
+
+OPERATORS = _ops.OPERATORS
 
 
 def _has_kernel(operator, key, backend="native"):
@@ -22,8 +27,20 @@ def _has_kernel(operator, key, backend="native"):
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"gfl_ops::_{operator}_{backend}", key)
 
 
-def test_operator_list():
-    assert tuple(_ops.OPERATORS) == OPERATORS
+def test_every_list_of_operators_is_the_library_s():
+    """An operator missing from a Python list would be silently skipped there: backend="auto"
+    would fall back to the reference, a fake or a Triton kernel would be missing."""
+    registered = _library_operators()
+    if not registered:
+        pytest.skip(f"the extension is not built: {_ops.NATIVE_IMPORT_ERROR}")
+    assert len(registered) == 6, registered
+    assert sorted(_ops.OPERATORS) == list(registered)
+    assert sorted(_ops._PUBLIC_FAKES) == list(registered)
+    assert sorted(set(gfl_ops.verify._OPERATOR.values())) == list(registered)
+    if gfl_ops.triton.IMPORT_ERROR is None:
+        from gfl_ops.triton import ops as triton_ops
+
+        assert sorted(triton_ops.KERNELS) == list(registered)
 
 
 def test_native_extension_loaded_with_cpu_kernels():
