@@ -43,38 +43,32 @@ def _run(command, cwd, env=None):
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """(site folder holding the installed wheel, sdist member names)."""
-    work = tmp_path_factory.mktemp("packaging")
+def sdist(tmp_path_factory):
+    """(the sdist's unpacked source folder, its member paths relative to that folder)."""
+    work = tmp_path_factory.mktemp("sdist")
     _run(
-        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(work / "sdist"), str(ROOT)],
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(work / "dist"), str(ROOT)],
         cwd=ROOT,
     )
-    (sdist,) = glob.glob(str(work / "sdist" / "*.tar.gz"))
-    with tarfile.open(sdist) as archive:
-        members = archive.getnames()
+    (archive_path,) = glob.glob(str(work / "dist" / "*.tar.gz"))
+    with tarfile.open(archive_path) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
         archive.extractall(work / "unpacked", filter="data")
     (source,) = glob.glob(str(work / "unpacked" / "gfl_ops-*"))
+    return Path(source), names
+
+
+@pytest.fixture(scope="module")
+def site(sdist, tmp_path_factory):
+    """The site folder holding the wheel built from the sdist, installed."""
+    source, _ = sdist
+    work = tmp_path_factory.mktemp("wheel")
     env = dict(os.environ, GFL_OPS_FORCE_CPU="1", MAX_JOBS=str(os.cpu_count() or 1))
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-build-isolation",
-            "--no-deps",
-            "-q",
-            "-w",
-            str(work / "wheel"),
-            source,
-        ],
-        cwd=work,
-        env=env,
-    )
+    wheel_command = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q"]
+    _run([*wheel_command, "-w", str(work / "wheel"), str(source)], cwd=work, env=env)
     (wheel,) = glob.glob(str(work / "wheel" / "gfl_ops-*.whl"))
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(work / "site"), wheel], cwd=work)
-    return work / "site", members
+    return work / "site"
 
 
 def _outside_tree_env(site: Path) -> dict:
@@ -84,29 +78,23 @@ def _outside_tree_env(site: Path) -> dict:
     return env
 
 
-def test_sdist_holds_every_source_and_header():
+def test_sdist_holds_every_source_and_header(sdist):
     """Each file under csrc/ that git tracks is in the sdist (the headers are not sources
     to setuptools: MANIFEST.in brings them)."""
     tracked = subprocess.run(["git", "ls-files", "csrc"], cwd=ROOT, capture_output=True, text=True, check=True)
     if not tracked.stdout:
         pytest.skip("not a git checkout: the tracked csrc files are unknown")
-    work = ROOT / "build" / "packaging-sdist"
-    _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(work), str(ROOT)], cwd=ROOT)
-    newest = max(glob.glob(str(work / "*.tar.gz")), key=os.path.getmtime)
-    with tarfile.open(newest) as archive:
-        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    _, names = sdist
     missing = sorted(set(tracked.stdout.split()) - names)
     assert not missing, f"left out of the sdist: {missing}"
 
 
-def test_installed_wheel_imports_no_tooling(installed):
-    site, _ = installed
+def test_installed_wheel_imports_no_tooling(site):
     output = _run([sys.executable, "-c", RUNTIME_CHECK, str(site)], cwd=site.parent, env=_outside_tree_env(site))
     assert output.strip() == "[]", f"import gfl_ops imported tooling: {output}"
 
 
-def test_installed_wheel_verifies_on_cpu(installed):
-    site, _ = installed
+def test_installed_wheel_verifies_on_cpu(site):
     output = _run(
         [sys.executable, "-m", "gfl_ops", "verify", "--device", "cpu"], cwd=site.parent, env=_outside_tree_env(site)
     )
@@ -114,8 +102,7 @@ def test_installed_wheel_verifies_on_cpu(installed):
     assert re.search(r"\n[1-9]\d* passed, 0 failed", output), output
 
 
-def test_installed_wheel_holds_no_tooling(installed):
-    site, _ = installed
+def test_installed_wheel_holds_no_tooling(site):
     shipped = sorted(str(path.relative_to(site)) for path in (site / "gfl_ops").rglob("*.py"))
     tooling = [
         name
