@@ -2,7 +2,7 @@
 
 Each raises before any kernel runs, with an error that names the argument and says what is
 wrong with it: TypeError for a wrong type or dtype, ValueError for a wrong value, shape or
-device. (The kernels check again what keeps them in bounds: csrc/gfl_ops_host.cpp.)
+device. (The kernels check again what keeps them in bounds: csrc/gfl_checks.cpp.)
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from .bench.cases import DTYPES
 from .bench.ops import OP_SPECS
 from ._tuning import DTYPE_NAMES, ENVIRONMENT_VARIABLE, PACKAGE_TABLE, read_table
 
-CUDA_DEFAULT_GRADIENT_PASS = "backward"  # csrc/gfl_ops.cpp, without GFL_OPS_GRADIENT_PASS
+CUDA_DEFAULT_GRADIENT_PASS = "backward"  # csrc/gfl_autograd.cpp, without GFL_OPS_GRADIENT_PASS
 ROW_FIELDS = ("op", "mode", "shape_label", "layout", "dtype", "provider", "median_ms", "error")
 # --------------------------------------------------------------------------------------
 # Deriving the table from benchmark results

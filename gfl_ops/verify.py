@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ class Case:
     """One input of one op: builds (pred, call) where call(pred, backend) returns the output."""
 
     op: str
+    operator: str  # the registered operator it calls (_registry.OPERATORS)
     shape: str
     build: Callable[[torch.dtype, str, torch.Generator], Tuple[Tensor, Callable[[Tensor, str], Tensor]]]
     # False where the gradient is by design not the loss's derivative (a detached weight,
@@ -102,7 +103,7 @@ def _qfl_case(layout: str, anchors: int, classes: int, activated: bool, beta: fl
         return pred, call
 
     name = "qfl_prob" if activated else "qfl"
-    return Case(name, f"{layout} {anchors}x{classes} beta={beta}", build)
+    return Case(name, "quality_focal_loss", f"{layout} {anchors}x{classes} beta={beta}", build)
 
 
 def _qfl_dense_case(layout: str, anchors: int, classes: int, beta: float = 2.0) -> Case:
@@ -118,7 +119,7 @@ def _qfl_dense_case(layout: str, anchors: int, classes: int, beta: float = 2.0) 
 
         return pred, call
 
-    return Case("qfl_dense", f"{layout} {anchors}x{classes} beta={beta}", build)
+    return Case("qfl_dense", "quality_focal_loss_dense", f"{layout} {anchors}x{classes} beta={beta}", build)
 
 
 def _focal_case(layout: str, anchors: int, classes: int, dense: bool, gamma: float, activated: bool = False) -> Case:
@@ -146,7 +147,7 @@ def _focal_case(layout: str, anchors: int, classes: int, dense: bool, gamma: flo
         return pred, call
 
     form = f"{'soft' if dense else 'labels'} gamma={gamma}{' probabilities' if activated else ''}"
-    return Case("focal", f"{layout} {anchors}x{classes} {form}", build)
+    return Case("focal", "sigmoid_focal_loss", f"{layout} {anchors}x{classes} {form}", build)
 
 
 def _varifocal_case(layout: str, anchors: int, classes: int, dense: bool, detach_weight: bool) -> Case:
@@ -175,6 +176,7 @@ def _varifocal_case(layout: str, anchors: int, classes: int, dense: bool, detach
     form = "dense" if dense else "labels"
     return Case(
         "varifocal",
+        "varifocal_loss",
         f"{layout} {anchors}x{classes} {form}{' detached' if detach_weight else ''}",
         build,
         gradcheck=not detach_weight,
@@ -201,7 +203,7 @@ def _dfl_case(layout: str, rows: int, bins: int) -> Case:
 
         return pred, call
 
-    return Case("dfl", f"{layout} {rows}x{bins}", build)
+    return Case("dfl", "distribution_focal_loss", f"{layout} {rows}x{bins}", build)
 
 
 def _integral_case(layout: str, rows: int, bins: int) -> Case:
@@ -209,7 +211,7 @@ def _integral_case(layout: str, rows: int, bins: int) -> Case:
         pred = _bin_pred(layout, rows, bins, dtype, device, gen)
         return pred, lambda p, backend: functional.distribution_integral(p, backend=backend)
 
-    return Case("integral", f"{layout} {rows}x{bins}", build)
+    return Case("integral", "distribution_integral", f"{layout} {rows}x{bins}", build)
 
 
 def cases() -> List[Case]:
@@ -303,7 +305,7 @@ def run(
         dtypes = [torch.float32, torch.bfloat16, torch.float16]
     outcomes = []
     for case in cases():
-        available = [b for b in available_backends(device, _OPERATOR[case.op]) if b != "reference"]
+        available = [b for b in available_backends(device, case.operator) if b != "reference"]
         for backend in available if backends is None else [b for b in backends if b in available]:
             checks = [lambda: _check_gradcheck(case, backend, device, seed)] if case.gradcheck else []
             checks += [lambda dtype=dtype: _check_parity(case, backend, dtype, device, seed) for dtype in dtypes]
@@ -313,17 +315,6 @@ def run(
                 if progress is not None:
                     progress(outcome)
     return outcomes
-
-
-_OPERATOR: Dict[str, str] = {
-    "qfl": "quality_focal_loss",
-    "qfl_prob": "quality_focal_loss",
-    "qfl_dense": "quality_focal_loss_dense",
-    "focal": "sigmoid_focal_loss",
-    "varifocal": "varifocal_loss",
-    "dfl": "distribution_focal_loss",
-    "integral": "distribution_integral",
-}
 
 
 def format_table(outcomes: List[Outcome]) -> str:

@@ -4,8 +4,9 @@ tests/cuda/cuda_emulation/ (blocks, threads, shared memory, barriers, warp shuff
 shuffle divergence and misaligned vector accesses raise).
 
 The build links tests/cuda/cuda_emulation/emulated_ops.cpp (the kernels, launched by the operator
-bodies of csrc/gfl_host.h) with csrc/gfl_ops.cpp compiled for the namespace
-gfl_ops_cuda_emulated (gfl_ops's schemas and C++ autograd kernel) and csrc/gfl_ops_host.cpp:
+bodies of csrc/gfl_operators.h) with csrc/gfl_registration.cpp and csrc/gfl_autograd.cpp compiled
+for the namespace gfl_ops_cuda_emulated (gfl_ops's schemas and C++ autograd kernel), and
+csrc/gfl_anchor_layout.cpp and csrc/gfl_checks.cpp:
 torch.ops.gfl_ops_cuda_emulated.* are gfl_ops's operators with the CUDA kernels in place of
 the CPU ones. route_native_operators() sends gfl_ops's backend="native" there, so the
 functional API, and every test written for it, drives the CUDA code path end to end.
@@ -41,8 +42,10 @@ _TESTS = Path(__file__).resolve().parent
 _CSRC = _TESTS.parent / "csrc"
 _SOURCES = [
     _TESTS / "cuda" / "cuda_emulation" / "emulated_ops.cpp",
-    _CSRC / "gfl_ops.cpp",
-    _CSRC / "gfl_ops_host.cpp",
+    _CSRC / "gfl_registration.cpp",
+    _CSRC / "gfl_autograd.cpp",
+    _CSRC / "gfl_anchor_layout.cpp",
+    _CSRC / "gfl_checks.cpp",
 ]
 
 

@@ -1,6 +1,6 @@
 """The Triton kernels as a GPU would run them, built here without one.
 
-Each launch case below calls a Triton operator of gfl_ops.triton.ops on CPU tensors with
+Each launch case below calls a Triton kernel of gfl_ops.triton.ops on CPU tensors with
 its kernels replaced by recorders: the arguments and constexprs of the exact launch that a
 GPU run of that case makes are captured, specialised by Triton's own JIT binder (pointer
 alignment, integers equal to 1 or divisible by 16, as on a GPU), and compiled by the real
@@ -33,10 +33,13 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from tools import cubin as cubin_tools
+from gfl_ops import _registry
 from gfl_ops.triton import kernels, ops
 
 ARCHITECTURES = (80, 90)
 KERNEL_NAMES = ("class_kernel", "dfl_kernel", "integral_kernel")
+# The Triton kernel of each operator, as torch.ops.gfl_ops._<operator>_triton runs it.
+TRITON_KERNELS = {name: ops.kernel(operator) for name, operator in _registry.OPERATORS.items()}
 DEFAULT_TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "machine-code" / "triton.json"
 
 # The register budget. An SM holds 65,536 32-bit registers, 2,048 threads and 32 programs
@@ -108,15 +111,15 @@ def _class_call(
             anchor_weight = torch.rand(pred.shape, dtype=acc)
         weights = torch.rand(pred.shape[1], dtype=acc) if class_weight else None
         if op == "quality_focal_loss":
-            ops.quality_focal_loss(
+            TRITON_KERNELS["quality_focal_loss"](
                 pred, label, score, anchor_weight, weights, exponent, activated, reduction, need_grad
             )
         elif op == "quality_focal_loss_dense":
-            ops.quality_focal_loss_dense(
+            TRITON_KERNELS["quality_focal_loss_dense"](
                 pred, target, anchor_weight, weights, exponent, activated, reduction, need_grad
             )
         elif op == "sigmoid_focal_loss":
-            ops.sigmoid_focal_loss(
+            TRITON_KERNELS["sigmoid_focal_loss"](
                 pred,
                 target if dense else label,
                 anchor_weight,
@@ -128,7 +131,7 @@ def _class_call(
                 need_grad,
             )
         else:
-            ops.varifocal_loss(
+            TRITON_KERNELS["varifocal_loss"](
                 pred,
                 target if dense else label,
                 None if dense else score,
@@ -162,10 +165,10 @@ def _bin_call(
         if op == "distribution_focal_loss":
             target = torch.rand(pred.shape[0], dtype=acc) * (bins - 1)
             row_weight = torch.rand(pred.shape[0], dtype=acc) if weight else None
-            ops.distribution_focal_loss(pred, target, row_weight, reduction, need_grad)
+            TRITON_KERNELS["distribution_focal_loss"](pred, target, row_weight, reduction, need_grad)
         else:
             scale = torch.rand(pred.shape[0], dtype=acc) if weight else None
-            ops.distribution_integral(pred, scale, need_grad)
+            TRITON_KERNELS["distribution_integral"](pred, scale, need_grad)
 
     return call
 

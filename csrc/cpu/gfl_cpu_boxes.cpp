@@ -3,6 +3,6 @@
 
 namespace gfl {
 
-TORCH_LIBRARY_IMPL(gfl_ops, CPU, m) { register_box_kernels<CpuDevice>(m); }
+TORCH_LIBRARY_IMPL(gfl_ops, CPU, m) { register_native_kernels<CpuDevice>(m, BoxOperators{}); }
 
 }  // namespace gfl

@@ -3,6 +3,6 @@
 
 namespace gfl {
 
-TORCH_LIBRARY_IMPL(gfl_ops, CPU, m) { register_focal_family_kernels<CpuDevice>(m); }
+TORCH_LIBRARY_IMPL(gfl_ops, CPU, m) { register_native_kernels<CpuDevice>(m, FocalFamilyOperators{}); }
 
 }  // namespace gfl

@@ -3,6 +3,6 @@
 
 namespace gfl {
 
-TORCH_LIBRARY_IMPL(gfl_ops, CPU, m) { register_quality_kernels<CpuDevice>(m); }
+TORCH_LIBRARY_IMPL(gfl_ops, CPU, m) { register_native_kernels<CpuDevice>(m, QualityOperators{}); }
 
 }  // namespace gfl

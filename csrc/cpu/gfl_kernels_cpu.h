@@ -10,7 +10,7 @@
 // threads.
 //
 // Included by the three translation units that register them (gfl_cpu_quality.cpp,
-// gfl_cpu_focal_family.cpp, gfl_cpu_boxes.cpp: see register_native_kernels in gfl_host.h);
+// gfl_cpu_focal_family.cpp, gfl_cpu_boxes.cpp: see register_native_kernels in gfl_operators.h);
 // everything here is in an anonymous namespace, each unit instantiating what it registers.
 #pragma once
 
@@ -24,9 +24,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../gfl_host.h"
 #include "../gfl_math.h"
-#include "../gfl_ops.h"
+#include "../gfl_operators.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define GFL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -457,7 +456,7 @@ void launch_bin_rows(const BinRows<scalar_t>& rows, out_t* per_row, out_t* total
                 });
 }
 
-// The launchers of gfl_host.h's operator bodies.
+// The launchers of the operator bodies (gfl_operators.h).
 struct CpuClassLaunch {
   template <math::Modulation kModulation, typename scalar_t, typename acc_t, typename Target>
   void operator()(std::integral_constant<math::Modulation, kModulation> /*modulation*/,
@@ -498,7 +497,7 @@ struct CpuIntegralLaunch {
   }
 };
 
-// The CPU's launchers, for NativeKernels (gfl_host.h).
+// The CPU's launchers, for NativeKernel (gfl_operators.h).
 struct CpuDevice {
   using Guard = NoDeviceGuard;
   static CpuClassLaunch classification(const at::Tensor& /*pred*/) { return {}; }

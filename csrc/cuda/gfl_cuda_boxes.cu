@@ -3,6 +3,6 @@
 
 namespace gfl {
 
-TORCH_LIBRARY_IMPL(gfl_ops, CUDA, m) { register_box_kernels<CudaDevice>(m); }
+TORCH_LIBRARY_IMPL(gfl_ops, CUDA, m) { register_native_kernels<CudaDevice>(m, BoxOperators{}); }
 
 }  // namespace gfl

@@ -1,7 +1,7 @@
 // The CUDA device of the gfl_ops operators: the kernels of gfl_kernels.cuh launched on the
 // current stream of pred's device, a device guard around every call. Included by the three
 // translation units that register them (gfl_cuda_quality.cu, gfl_cuda_focal_family.cu,
-// gfl_cuda_boxes.cu: see register_native_kernels in gfl_host.h), which nvcc compiles in
+// gfl_cuda_boxes.cu: see register_native_kernels in gfl_operators.h), which nvcc compiles in
 // parallel.
 #pragma once
 
@@ -32,7 +32,7 @@ void launch_kernel(void (*kernel)(KernelParams...), int blocks, int threads, cud
 namespace gfl {
 namespace {
 
-// The CUDA launchers, for NativeKernels (gfl_host.h): pred's device is current (the guard)
+// The CUDA launchers, for NativeKernel (gfl_operators.h): pred's device is current (the guard)
 // when they are made, so the stream is that device's.
 struct CudaDevice {
   using Guard = c10::cuda::CUDAGuard;

@@ -31,9 +31,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../gfl_host.h"
 #include "../gfl_math.h"
-#include "../gfl_ops.h"
+#include "../gfl_operators.h"
 
 // A hook for the emulator, which checks every vector access's alignment; nothing on a GPU,
 // where a misaligned vector access faults (the host checks below rule it out).

@@ -5,7 +5,7 @@ The same equations as csrc/gfl_math.h, under the same names, so the two read sid
 (derivations: docs/MATH.md). Each kernel makes one pass over pred: it computes the loss per
 anchor (row), or the sum of a program's losses, and, when NEED_GRAD, the gradient of each
 loss with respect to pred times the anchor's weight (which autograd's backward pass sets to
-weight * d total / d loss: csrc/gfl_ops.cpp). Maths in float32 for float16/bfloat16 inputs
+weight * d total / d loss: csrc/gfl_autograd.cpp). Maths in float32 for float16/bfloat16 inputs
 (float64 for float64); sums over classes, bins and a program's anchors run in a fixed
 order, so results are reproducible bit for bit.
 
@@ -345,7 +345,7 @@ def class_kernel(
     BLOCK_CLASSES: tl.constexpr,
 ):
     """QFL, focal and varifocal. Anchors are (outer, inner) pairs of the coalesced anchor
-    layout (csrc/gfl_ops.h's AnchorLayout): anchor a = outer * inner_size + inner sits at
+    layout (csrc/gfl_anchor_layout.h's AnchorLayout): anchor a = outer * inner_size + inner sits at
     anchor_offsets(...) in each tensor, its class c a further c * class_stride, so (N, C)
     rows, (B, C, H, W) planes and sliced maps are all read in place. The loss of an anchor is
     weight * sum_c class_weight[c] * element_weight * loss_c; STORE_ELEMENT_LOSS writes each

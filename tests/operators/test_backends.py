@@ -10,8 +10,8 @@ from _helpers import DEVICES, make_class_pred, make_generator, make_labels, make
 
 
 def _library_operators():
-    """The public operators the compiled library registers (csrc/gfl_ops.cpp's list), the
-    one source every Python list of operators must match."""
+    """The public operators the compiled library registers (csrc/gfl_operators.h's
+    AllOperators), the one C++ list the Python registry must match."""
     if not _ops.native_loaded():
         return ()
     schemas = torch._C._jit_get_all_schemas()
@@ -27,20 +27,49 @@ def _has_kernel(operator, key, backend="native"):
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"gfl_ops::_{operator}_{backend}", key)
 
 
-def test_every_list_of_operators_is_the_library_s():
-    """An operator missing from a Python list would be silently skipped there: backend="auto"
+def test_the_registry_is_the_library_s_operators():
+    """An operator missing from the registry would be silently skipped: backend="auto"
     would fall back to the reference, a fake or a Triton kernel would be missing."""
     registered = _library_operators()
     if not registered:
         pytest.skip(f"the extension is not built: {_ops.NATIVE_IMPORT_ERROR}")
-    assert len(registered) == 6, registered
+    assert "quality_focal_loss" in registered, registered  # the schema listing is read
+    assert sorted(gfl_ops._registry.OPERATORS) == list(registered)
     assert sorted(_ops.OPERATORS) == list(registered)
-    assert sorted(_ops._PUBLIC_FAKES) == list(registered)
-    assert sorted(set(gfl_ops.verify._OPERATOR.values())) == list(registered)
-    if gfl_ops.triton.IMPORT_ERROR is None:
-        from gfl_ops.triton import ops as triton_ops
+    assert sorted({case.operator for case in gfl_ops.verify.cases()}) == list(registered)
+    for operator in registered:
+        for backend in ("native", "triton"):
+            assert _has_fake(f"gfl_ops::_{operator}_{backend}"), (operator, backend)
+        assert _has_fake(f"gfl_ops::{operator}"), operator
 
-        assert sorted(triton_ops.KERNELS) == list(registered)
+
+def _has_fake(qualified_name):
+    return torch._library.simple_registry.singleton.find(qualified_name).fake_impl.kernel is not None
+
+
+def test_kernel_contract_is_checked_at_registration():
+    """The contract the autograd kernel relies on (csrc/gfl_registration.cpp) refuses, when
+    an operator is defined, a kernel signature that would break it."""
+    if not _ops.native_loaded():
+        pytest.skip(f"the extension is not built: {_ops.NATIVE_IMPORT_ERROR}")
+    check = torch.ops.gfl_ops._check_kernel_contract
+    public = "(Tensor pred, Tensor? weight, float beta, str reduction, str backend) -> Tensor"
+    check(public, "(Tensor pred, Tensor? weight, float beta, str reduction, bool compute_grad) -> (Tensor, Tensor)")
+    broken = {
+        "compute_grad": "(Tensor pred, Tensor? weight, float beta, str reduction) -> (Tensor, Tensor)",
+        "weight": "(Tensor pred, Tensor? scale, float beta, str reduction, bool compute_grad) -> (Tensor, Tensor)",
+        "beta": "(Tensor pred, Tensor? weight, str reduction, bool compute_grad) -> (Tensor, Tensor)",
+        "`beta`": "(Tensor pred, Tensor? weight, int beta, str reduction, bool compute_grad) -> (Tensor, Tensor)",
+        "reduction": "(Tensor pred, Tensor? weight, float beta, bool compute_grad) -> (Tensor, Tensor)",
+        "pred": "(Tensor? weight, Tensor pred, float beta, str reduction, bool compute_grad) -> (Tensor, Tensor)",
+        "(value, grad)": "(Tensor pred, Tensor? weight, float beta, str reduction, bool compute_grad) -> Tensor",
+    }
+    for problem, kernel_signature in broken.items():
+        with pytest.raises(RuntimeError, match="breaks the kernel contract") as error:
+            check(public, kernel_signature)
+        assert problem in str(error.value), (problem, str(error.value))
+    with pytest.raises(RuntimeError, match="grad_scale"):  # nowhere to put the backward pass's scale
+        check("(Tensor pred, str backend) -> Tensor", "(Tensor pred, bool compute_grad) -> (Tensor, Tensor)")
 
 
 def test_native_extension_loaded_with_cpu_kernels():

@@ -1,4 +1,4 @@
-"""The two ways to a gradient of the autograd kernel (csrc/gfl_ops.cpp, the gradient pass):
+"""The two ways to a gradient of the autograd kernel (csrc/gfl_autograd.cpp, the gradient pass):
 computed in the forward pass and scaled in backward (the CPU default), or computed in the
 backward pass with the incoming gradient folded into the kernel's per-anchor weight (the CUDA
 default). Both must give the reference's gradients."""

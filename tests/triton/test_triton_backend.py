@@ -181,7 +181,7 @@ def test_triton_sum_of_many_programs_in_both_gradient_passes(device, reduction, 
 def test_triton_reads_maps_whose_anchor_dimensions_do_not_merge(device):
     """A spatially sliced (B, C, H, W) map, (B, C, D, H, W) with a sliced middle dimension:
     three or four anchor groups of their own strides, read in place as the native kernels
-    read them (the anchor layout of csrc/gfl_ops_host.cpp)."""
+    read them (the anchor layout of csrc/gfl_anchor_layout.cpp)."""
     _require_triton(device)
     gen = make_generator("triton-groups")
     maps = [
@@ -243,17 +243,20 @@ def test_triton_opcheck(device, grad):
     native kernels' schemas and fake kernels), and on the public operators with
     backend="triton"."""
     _require_triton(device)
-    from test_opcheck import SAMPLES, _public_arguments
-
-    for name, samples in SAMPLES.items():
-        kernel = getattr(torch.ops.gfl_ops, f"_{name}_triton").default
-        for args in samples(device, torch.float32, grad):
-            public_args = _public_arguments(name, args) + ("triton",)
+    for name, operator in gfl_ops._registry.OPERATORS.items():
+        kernel_name = operator.kernel_name("triton")
+        for sample in operator.samples(device, torch.float32, grad):
+            kernel_args = gfl_ops._registry.positional("gfl_ops", kernel_name, sample)
+            public_args = gfl_ops._registry.positional("gfl_ops", name, {**sample, "backend": "triton"})
             checks = [
-                (kernel, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)),
+                (getattr(torch.ops.gfl_ops, kernel_name).default, tuple(_detached(a) for a in kernel_args)),
                 (getattr(torch.ops.gfl_ops, name).default, public_args),
             ]
             for op, op_args in checks:
                 result = torch.library.opcheck(op, op_args)
                 failed = {test: outcome for test, outcome in result.items() if outcome != "SUCCESS"}
                 assert not failed, f"{op}: {failed}"
+
+
+def _detached(argument):
+    return argument.detach() if isinstance(argument, torch.Tensor) else argument

@@ -1,11 +1,11 @@
 // The CUDA kernels of csrc/cuda/gfl_kernels.cuh built by the host compiler and run on CPU
 // tensors under the emulator of the CUDA execution model (cuda_emulator.h), registered as
 // the CPU kernels of the gfl_ops_cuda_emulated operators. tests/cuda/test_cuda_emulation.py
-// links this file with csrc/gfl_ops.cpp built for that namespace (the schemas and the C++
-// autograd kernel of gfl_ops) and csrc/gfl_ops_host.cpp; the kernels registered below are the
-// native kernels of gfl_host.h with the CUDA launchers: the test drives the CUDA code path end to end (host checks,
-// layouts, the choice of walk and vector width, the launches, the kernels, the block sums,
-// both gradient passes of the autograd kernel), only the compiler and the device differ.
+// links this file with csrc/gfl_registration.cpp and gfl_autograd.cpp built for that namespace (the schemas and the C++
+// autograd kernel of gfl_ops) and csrc/gfl_anchor_layout.cpp, gfl_checks.cpp; the kernels registered below are the
+// native kernels of gfl_operators.h with the CUDA launchers: the test drives the CUDA code path end to end (host
+// checks, layouts, the choice of walk and vector width, the launches, the kernels, the block sums, both gradient passes
+// of the autograd kernel), only the compiler and the device differ.
 #include <cstddef>
 #include <cstdint>
 
@@ -55,7 +55,7 @@ static_assert(gfl::emulation::kWideAccessBytes == gfl::cuda::kVectorBytes, "coun
 namespace gfl {
 namespace {
 
-// The CUDA launchers on the emulator's default stream, for NativeKernels (gfl_host.h).
+// The CUDA launchers on the emulator's default stream, for NativeKernel (gfl_operators.h).
 struct EmulatedCudaDevice {
   using Guard = NoDeviceGuard;
   static cuda::ClassLaunch classification(const at::Tensor& pred) { return {nullptr, pred.options()}; }
@@ -69,6 +69,6 @@ TORCH_LIBRARY_FRAGMENT(gfl_ops_cuda_emulated, m) {
   m.def("take_wide_access_count() -> int", &emulation::take_wide_access_count);
 }
 
-TORCH_LIBRARY_IMPL(gfl_ops_cuda_emulated, CPU, m) { register_native_kernels<EmulatedCudaDevice>(m); }
+TORCH_LIBRARY_IMPL(gfl_ops_cuda_emulated, CPU, m) { register_native_kernels<EmulatedCudaDevice>(m, AllOperators{}); }
 
 }  // namespace gfl

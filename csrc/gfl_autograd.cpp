@@ -1,28 +1,8 @@
-// The gfl_ops operators: every schema, and the one autograd kernel that differentiates every
-// operator on every backend.
-//
-// Two layers of operators:
-//   - the public operators, what users call: quality_focal_loss, quality_focal_loss_dense,
-//     sigmoid_focal_loss, varifocal_loss, distribution_focal_loss and distribution_integral. Each returns what was
-//     asked for (the loss per anchor or row, or its sum; the integral's value), differentiable with respect to pred by
-//     the autograd kernel below. `str backend` names the kernels that compute it: "native" (the C++ CPU and CUDA
-//     kernels) or "triton" (gfl_ops/triton/).
-//   - their kernels, _<operator>_native and _<operator>_triton: one schema per operator, the
-//     same for every backend, with an implementation per backend (cpu/, cuda/ and the Triton
-//     one, registered from Python). A kernel makes one pass over pred and returns fresh
-//     (value, d value / d pred) tensors; it has no autograd of its own.
-// The _<operator>_plan operators (gfl_plans.cpp) run the native host code (checks, outputs,
-// layout) for the Triton kernels, so that those exist once.
-//
-// Fake kernels are registered from Python (gfl_ops/_ops.py). The namespace is gfl_ops; a
-// second build of this file may name another one (the tests build it as
-// gfl_ops_cuda_emulated, with the CUDA kernels run under an emulator, to drive those
-// kernels through these very schemas and this autograd kernel).
-#include "gfl_ops.h"
-
+// The C++ autograd kernel that differentiates every gfl_ops operator on every backend, and the
+// gradient pass it follows. Registered for each operator of AllOperators (gfl_operators.h) in
+// the namespace gfl_registration.cpp defines them in.
 #include <ATen/ATen.h>
 #include <ATen/FunctionalTensorWrapper.h>
-#include <Python.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -31,68 +11,7 @@
 #include <cstdlib>
 #include <string>
 
-#ifndef GFL_OPS_NAMESPACE
-#define GFL_OPS_NAMESPACE gfl_ops
-#endif
-// TORCH_LIBRARY pastes its namespace argument into names: expand GFL_OPS_NAMESPACE first.
-#define GFL_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-#define GFL_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
-
-namespace {
-
-// Each operator's public signature (after its name) and the signature of its kernels. A
-// kernel takes the public arguments by name, less `backend`, plus compute_grad (and the
-// integral's grad_scale), and returns (value, d value / d pred).
-struct OperatorSignatures {
-  const char* name;
-  const char* public_signature;
-  const char* kernel_signature;
-};
-
-// The loss kernels' (loss, grad): with reduction "none" the loss of each anchor (QFL), element
-// (focal, varifocal: pred's shape) or row (DFL), times `weight` (and `class_weight`) when
-// given; with "sum" their sum as a 0-dim tensor, added up inside
-// the kernel in a fixed order. float32 for half pred, pred's dtype otherwise. grad: when
-// compute_grad, d loss / d pred of every per-anchor loss (weight included) in pred's dtype
-// and layout; an empty tensor otherwise. The integral's kernel returns (E, dE/dpred), the
-// gradient of each row scaled by grad_scale[row] when given.
-constexpr OperatorSignatures kOperators[] = {
-    {"quality_focal_loss",
-     "(Tensor pred, Tensor label, Tensor score, Tensor? weight, Tensor? class_weight, float beta, bool activated, "
-     "str reduction, str backend=\"native\") -> Tensor",
-     "(Tensor pred, Tensor label, Tensor score, Tensor? weight, Tensor? class_weight, float beta, bool activated, "
-     "str reduction, bool compute_grad) -> (Tensor, Tensor)"},
-    {"quality_focal_loss_dense",
-     "(Tensor pred, Tensor target, Tensor? weight, Tensor? class_weight, float beta, bool activated, str reduction, "
-     "str backend=\"native\") -> Tensor",
-     "(Tensor pred, Tensor target, Tensor? weight, Tensor? class_weight, float beta, bool activated, str reduction, "
-     "bool compute_grad) -> (Tensor, Tensor)"},
-    {"sigmoid_focal_loss",
-     "(Tensor pred, Tensor target, Tensor? weight, Tensor? class_weight, float alpha, float gamma, bool activated, "
-     "str reduction, str backend=\"native\") -> Tensor",
-     "(Tensor pred, Tensor target, Tensor? weight, Tensor? class_weight, float alpha, float gamma, bool activated, "
-     "str reduction, bool compute_grad) -> (Tensor, Tensor)"},
-    {"varifocal_loss",
-     "(Tensor pred, Tensor target, Tensor? score, Tensor? weight, Tensor? class_weight, float alpha, float gamma, "
-     "bool iou_weighted, bool detach_weight, bool activated, str reduction, str backend=\"native\") -> Tensor",
-     "(Tensor pred, Tensor target, Tensor? score, Tensor? weight, Tensor? class_weight, float alpha, float gamma, "
-     "bool iou_weighted, bool detach_weight, bool activated, str reduction, bool compute_grad) -> (Tensor, Tensor)"},
-    {"distribution_focal_loss",
-     "(Tensor pred, Tensor target, Tensor? weight, str reduction, str backend=\"native\") -> Tensor",
-     "(Tensor pred, Tensor target, Tensor? weight, str reduction, bool compute_grad) -> (Tensor, Tensor)"},
-    {"distribution_integral", "(Tensor pred, str backend=\"native\") -> Tensor",
-     "(Tensor pred, Tensor? grad_scale, bool compute_grad) -> (Tensor, Tensor)"},
-};
-
-constexpr const char* kBackends[] = {"native", "triton"};
-
-// The kernel signature with the plan's outputs: the kernel's (value, grad), allocated, and
-// the numbers the Triton kernels are launched with.
-std::string plan_signature(const std::string& kernel_signature) {
-  return kernel_signature.substr(0, kernel_signature.find(" -> ")) + " -> (Tensor, Tensor, int[])";
-}
-
-}  // namespace
+#include "gfl_operators.h"
 
 // ---------------------------------------------------------------------------------------
 // Where a training step computes pred's gradient, per device type:
@@ -145,15 +64,7 @@ bool gradient_in_forward(const at::Tensor& pred) {
 
 }  // namespace
 
-GFL_TORCH_LIBRARY(GFL_OPS_NAMESPACE, m) {
-  for (const OperatorSignatures& op : kOperators) {
-    const std::string name = op.name;
-    m.def((name + op.public_signature).c_str());
-    for (const char* backend : kBackends) {
-      m.def(("_" + name + "_" + backend + op.kernel_signature).c_str());
-    }
-    m.def(("_" + name + "_plan" + plan_signature(op.kernel_signature)).c_str());
-  }
+GFL_TORCH_LIBRARY_FRAGMENT(GFL_OPS_NAMESPACE, m) {
   m.def("_gradient_pass(str device_type) -> str", &gradient_pass);
   m.def("_set_gradient_pass(str device_type, str gradient_pass) -> ()", &set_gradient_pass);
 }
@@ -388,26 +299,21 @@ void public_operator_value(const c10::OperatorHandle& op, torch::jit::Stack* sta
   stack->emplace_back(call_below_autograd(kernel, kernel_arguments(kernel, op, arguments, false)).first);
 }
 
-template <void (*kKernel)(const c10::OperatorHandle&, torch::jit::Stack*)>
-void register_public_operators(torch::Library& m) {
-  for (const OperatorSignatures& op : kOperators) {
-    m.impl(op.name, torch::CppFunction::makeFromBoxedFunction<kKernel>());
-  }
+template <void (*kKernel)(const c10::OperatorHandle&, torch::jit::Stack*), typename... Operators>
+void register_public_operators(torch::Library& m, gfl::OperatorList<Operators...> /*operators*/) {
+  (m.impl(Operators::kName, torch::CppFunction::makeFromBoxedFunction<kKernel>()), ...);
 }
 
 }  // namespace
 
-GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, Autograd, m) { register_public_operators<&public_operator_autograd>(m); }
-
-GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, CPU, m) { register_public_operators<&public_operator_value>(m); }
-
-GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, CUDA, m) { register_public_operators<&public_operator_value>(m); }
-
-// A Python module with no methods: importing gfl_ops._C loads the library, which registers
-// the operators above with the dispatcher.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, Autograd, m) {
+  register_public_operators<&public_operator_autograd>(m, gfl::AllOperators{});
 }
+
+GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, CPU, m) {
+  register_public_operators<&public_operator_value>(m, gfl::AllOperators{});
+}
+
+GFL_TORCH_LIBRARY_IMPL(GFL_OPS_NAMESPACE, CUDA, m) {
+  register_public_operators<&public_operator_value>(m, gfl::AllOperators{});
 }
