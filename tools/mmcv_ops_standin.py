@@ -1,6 +1,8 @@
 """A stand-in for mmcv.ops, for mmcv built without its compiled ops (MMCV_WITH_OPS=0), used
-only by the framework tests (tests/integrations/test_framework_mmdet.py) and the framework benchmark
-(tools/framework_step.py); the adapters never install it.
+only by the framework tests (tests/integrations/test_framework_mmdet.py), the benchmark's
+tests, the framework benchmark (tools/framework_step.py) and `python -m
+tools.mmcv_ops_standin gfl_ops bench ...` (the benchmark with its mmdet peer); the adapters
+never install it.
 
 mmdetection imports mmcv.ops at import time (NMS, RoIAlign, deformable convolution, ...)
 for its post-processing and other heads; the loss code these tests run never calls any of
@@ -16,6 +18,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import runpy
 import sys
 import types
 
@@ -106,6 +109,14 @@ class _StandinFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+def main(argv) -> None:
+    """python -m tools.mmcv_ops_standin MODULE [ARGS...]: `python -m MODULE ARGS` with the
+    stand-in installed, e.g. the benchmark with its mmdet peer on mmcv-lite."""
+    install()
+    sys.argv = list(argv)
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+
+
 def install() -> bool:
     """Serve the stand-in when mmcv is importable but its ops are not built; returns
     whether it does."""
@@ -114,3 +125,7 @@ def install() -> bool:
     if not any(isinstance(finder, _StandinFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _StandinFinder())
     return True
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

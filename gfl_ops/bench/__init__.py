@@ -15,8 +15,8 @@ The package, all of it installed with gfl_ops (pip install . or -e .):
                     family.py: focal, varifocal; dfl.py; integral.py); the registry
     providers.py    native, triton, reference, compile and the eager peers: which can run,
                     and why not
-    mmdet_style.py  the mmdetection-style eager baseline (the mmdet provider)
-    peers.py        the focal family as torchvision and ultralytics write it
+    peers.py        the peers: mmdetection's, torchvision's and ultralytics' own code,
+                    imported where those frameworks are installed
     measure.py      timing, peak memory, the copy that is the bandwidth yardstick
     runner.py       the run: warm-up, interleaved rounds, rows; fp32 ratios
     targets.py      the issues' targets and their verdicts
@@ -37,7 +37,6 @@ so that it finishes in a few minutes on a small machine: --full restores the sha
 fp32 bf16 the dtype.
 """
 
-from . import mmdet_style
 from .cases import BETA, CHANNEL_FIRST_BATCH, DTYPES, LAYOUTS, MODES, Case, Inputs, OpSpec, dtype_name
 from .cli import main, parse_args, plan
 from .measure import Timer, make_copy, peak_extra_bytes

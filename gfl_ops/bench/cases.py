@@ -79,7 +79,7 @@ class OpSpec:
     is what the forward reads besides pred (or writes: the integral's E) and
     `backward_bytes(case)` what the backward reads besides pred and the gradient;
     `peers[name](case, device)` is the eager function a framework's users run today
-    (mmdet_style.py, peers.py), with the provider signature."""
+    (imported from the framework by peers.py), with the provider signature."""
 
     name: str
     operator: str  # torch.ops.gfl_ops.<operator>: what available_backends is asked about

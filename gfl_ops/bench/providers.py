@@ -5,10 +5,8 @@
     reference  gfl_ops.<fn>(..., backend="reference"): the plain-PyTorch oracle, eager
     compile    torch.compile(gfl_ops.reference.<fn>, dynamic=False, fullgraph=True),
                compiled once per shape and warmed up outside the timing
-    mmdet      gfl_ops.bench.mmdet_style: eager PyTorch as mmdetection 3.x writes it
-               (channel-first inputs permuted and reshaped to (N, C) first, as it does)
-    torchvision, ultralytics
-               gfl_ops.bench.peers: the focal family as those frameworks write it, for the
+    mmdet, torchvision, ultralytics
+               the frameworks' own code, where they import (gfl_ops.bench.peers), for the
                ops they have (a peer an op lacks is not a provider of that op)
 
 A provider that cannot run is never dropped without a word: provider_status says why.
@@ -22,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _backends
+from . import peers
 from .cases import Case, Inputs
 from .ops import OP_SPECS
 
@@ -47,7 +46,7 @@ def provider_status(op: str, device: torch.device) -> Dict[str, Optional[str]]:
             status[name] = str(error).replace(f" for {operator}", "")  # the same for every op
     status["compile"] = None if hasattr(torch, "compile") else f"torch {torch.__version__} has no torch.compile"
     for peer in OP_SPECS[op].peers:
-        status[peer] = None  # mmdet_style.py and peers.py are part of the package
+        status[peer] = peers.unavailable_reason(peer)
     return status
 
 

@@ -1,9 +1,10 @@
-"""The benchmark harness itself (gfl_ops.bench, its baseline gfl_ops.bench.mmdet_style), on tiny shapes.
+"""The benchmark harness itself (gfl_ops.bench), on tiny shapes.
 
 Not timings: that every provider the benchmark times computes the loss and the gradient
-of gfl_ops.reference from the same inputs (which validates the mmdetection-style baseline
-too), that the byte model and the memory measurement count what they claim, and that a
---quick style run completes and writes the JSON it documents.
+of gfl_ops.reference from the same inputs (the frameworks' own code included, where they
+are installed: how the harness calls them is checked too), that the byte model and the
+memory measurement count what they claim, and that a --quick style run completes and
+writes the JSON it documents.
 
 The compile provider runs with torch.compile's "aot_eager" backend here, which traces
 the same fullgraph forward and backward as inductor without generating C++ (minutes on a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -22,6 +24,11 @@ import torch
 
 import gfl_ops
 from gfl_ops import bench, reference
+from tools import mmcv_ops_standin
+
+# mmdetection's losses import mmcv.ops: mmcv-lite gets the stand-in, as the framework tests do.
+mmcv_ops_standin.install()
+FRAMEWORKS_REQUIRED = os.environ.get("GFL_OPS_REQUIRE_FRAMEWORKS") == "1"
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 TINY_QFL = (64, 5)  # 64 anchors: 2 x 5 x 4 x 8 channel-first
@@ -66,7 +73,9 @@ def test_every_provider_matches_the_reference(op, layout):
     inputs = bench.make_inputs(case, torch.device("cpu"))
     expected_output, expected_grad = _reference_output(case, inputs)
     providers = bench.available_providers(op, torch.device("cpu"))
-    assert {"native", "reference", "compile", "mmdet"} <= set(providers)
+    assert {"native", "reference", "compile"} <= set(providers)
+    if FRAMEWORKS_REQUIRED:  # make test installs them: every peer of the op must run
+        assert set(bench.OP_SPECS[op].peers) <= set(providers), bench.provider_status(op, torch.device("cpu"))
     for name in providers:
         output, grad = _provider_output(name, case, inputs)
         assert grad is not None, f"{name}: no gradient reached pred"

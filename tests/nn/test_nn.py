@@ -1,8 +1,8 @@
 """gfl_ops.nn modules against mmdetection 3.x semantics.
 
-The mmdetection-style implementation is gfl_ops/bench/mmdet_style.py, written from the formulas
+The mmdetection-style implementation is tests/nn/mmdet_formulas.py, written from the formulas
 of docs/MATH.md and mmdetection's code structure (nonzero + index_put for the positives, two
-F.cross_entropy calls for DFL, softmax + linear for the integral), independent of
+F.cross_entropy calls for DFL), independent of
 gfl_ops.reference: it checks the modules, the native kernels and the reference at once.
 """
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import gfl_ops
-from gfl_ops.bench import mmdet_style as mm
+import mmdet_formulas as mm
 from gfl_ops.nn import DistributionFocalLoss, Integral, QualityFocalLoss
 from _helpers import make_generator
 
@@ -19,7 +19,7 @@ BACKENDS = ["native", "reference"]
 
 
 # --------------------------------------------------------------------------------------
-# mmdetection-style eager implementation: gfl_ops/bench/mmdet_style.py (the benchmark's baseline),
+# mmdetection-style eager implementation: tests/nn/mmdet_formulas.py,
 # wrapped in mmdetection's module interface
 # --------------------------------------------------------------------------------------
 
@@ -314,7 +314,7 @@ def test_module_losses_are_differentiable_end_to_end():
 
 
 # --------------------------------------------------------------------------------------
-# FocalLoss and VarifocalLoss against mmdetection-style eager code (mmdet_style.focal_loss,
+# FocalLoss and VarifocalLoss against mmdetection-style eager code (mmdet_formulas.focal_loss,
 # varifocal_loss: mmdetection 3.3.0's py_sigmoid_focal_loss and varifocal_loss)
 # --------------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ... import functional, reference
-from .. import mmdet_style
+from .. import peers
 from ..cases import Case, Inputs, OpSpec
 
 ROWS = (4096, 16384, 65536, 262144)
@@ -39,6 +39,6 @@ SPEC = OpSpec(
     reference=reference.distribution_focal_loss,
     inputs=_inputs,
     target_bytes=lambda case: case.rows * 2 * torch.float32.itemsize,  # target, weight
-    peers={"mmdet": lambda case, device: mmdet_style.dfl_loss},
+    peers={"mmdet": lambda case, device: peers.mmdet_dfl},
     layouts=("rows",),
 )

@@ -13,7 +13,7 @@ import math
 import torch
 
 from ... import functional, reference
-from .. import mmdet_style, peers
+from .. import peers
 from ..cases import Case, Inputs, OpSpec
 from .qfl import _label_score
 
@@ -42,8 +42,8 @@ FOCAL = OpSpec(
     inputs=_focal_inputs,
     target_bytes=lambda case: math.prod(case.anchor_shape) * torch.int64.itemsize,  # the labels
     peers={
-        "mmdet": lambda case, device: mmdet_style.focal_loss,
-        "torchvision": lambda case, device: peers.torchvision_focal_loss,
+        "mmdet": lambda case, device: peers.mmdet_focal,
+        "torchvision": lambda case, device: peers.torchvision_focal,
     },
 )
 VARIFOCAL = OpSpec(
@@ -54,8 +54,8 @@ VARIFOCAL = OpSpec(
     inputs=_varifocal_inputs,
     target_bytes=lambda case: case.pred_bytes,  # a dense target in pred's dtype
     peers={
-        "mmdet": lambda case, device: mmdet_style.varifocal_loss,
-        "ultralytics": lambda case, device: peers.ultralytics_varifocal_loss,
+        "mmdet": lambda case, device: peers.mmdet_varifocal,
+        "ultralytics": lambda case, device: peers.ultralytics_varifocal,
     },
     layouts=("nc",),
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ... import functional, reference
-from .. import mmdet_style
+from .. import peers
 from ..cases import Case, Inputs, OpSpec
 from .dfl import row_logits
 
@@ -17,11 +17,6 @@ def _inputs(case: Case, generator: torch.Generator, device: torch.device) -> Inp
     return Inputs(pred, (), {}, grad_out=grad_out)
 
 
-def _mmdet(case: Case, device: torch.device):
-    project = mmdet_style.integral_projection(case.classes, device)  # the Integral module's buffer
-    return lambda pred: mmdet_style.integral(pred, project)
-
-
 SPEC = OpSpec(
     name="integral",
     operator="distribution_integral",
@@ -29,7 +24,7 @@ SPEC = OpSpec(
     reference=reference.distribution_integral,
     inputs=_inputs,
     target_bytes=lambda case: case.rows * case.dtype.itemsize,  # writes E
-    peers={"mmdet": _mmdet},
+    peers={"mmdet": lambda case, device: peers.mmdet_integral(case.classes, device)},
     layouts=("rows",),
     backward_bytes=lambda case: case.rows * case.dtype.itemsize,  # reads dE
 )

@@ -13,7 +13,7 @@ import math
 import torch
 
 from ... import functional, reference
-from .. import mmdet_style
+from .. import peers
 from ..cases import POSITIVE_FRACTION, BETA, Case, Inputs, OpSpec
 
 ANCHORS = (8400, 44800, 134400, 358400, 537600)
@@ -67,7 +67,7 @@ def _label_score_spec(name: str) -> OpSpec:
         reference=reference.quality_focal_loss,
         inputs=_inputs,
         target_bytes=_label_score_bytes,
-        peers={"mmdet": lambda case, device: mmdet_style.qfl_loss},
+        peers={"mmdet": lambda case, device: peers.mmdet_qfl},
     )
 
 
@@ -83,7 +83,7 @@ def _dense_spec(name: str) -> OpSpec:
         reference=reference.quality_focal_loss_dense,
         inputs=_inputs,
         target_bytes=lambda case: case.pred_bytes,  # a dense target in pred's dtype
-        peers={"mmdet": lambda case, device: mmdet_style.qfl_dense_loss},
+        peers={"mmdet": lambda case, device: peers.mmdet_qfl_dense},
         layouts=("nc",),  # a dense target comes from the assigner as (N, C)
     )
 

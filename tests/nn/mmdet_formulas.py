@@ -1,15 +1,8 @@
-"""The Generalized Focal Loss that users run today: eager PyTorch written the way
-mmdetection 3.x writes it (mmdet/models/losses/gfocal_loss.py, utils.py and GFLHead's
-Integral), re-derived here from the formulas of docs/MATH.md. The benchmark's baseline.
-
-What makes it slow is kept on purpose, since it is what users pay for:
-  - QFL computes the negative-class loss for every element against a zero target, finds
-    the positives with nonzero() (a host sync on a GPU), and overwrites them by
-    advanced indexing; about 17 N x C temporaries and over 30 passes.
-  - DFL is two F.cross_entropy calls, each a log_softmax over every row.
-  - Channel-first (B, C, H, W) head outputs are permuted and reshaped to (N, C) first,
-    which copies the largest tensor of the loss.
-  - Everything runs in pred's dtype (no float32 upcast), as mmdetection does.
+"""mmdetection 3.x's losses (mmdet/models/losses/gfocal_loss.py, focal_loss.py,
+varifocal_loss.py, utils.py) re-derived from the formulas of docs/MATH.md: an eager
+oracle for the modules' tests (test_nn.py) that needs no mmdetection installed. The
+adapters are tested against mmdetection itself in tests/integrations/. Everything runs in
+pred's dtype, as mmdetection does.
 """
 
 from __future__ import annotations
@@ -135,73 +128,6 @@ def distribution_focal_loss(pred: Tensor, label: Tensor) -> Tensor:
         F.cross_entropy(pred, dis_left, reduction="none") * weight_left
         + F.cross_entropy(pred, dis_right, reduction="none") * weight_right
     )
-
-
-# --------------------------------------------------------------------------------------
-# mmdet/models/dense_heads/gfl_head.py: Integral
-# --------------------------------------------------------------------------------------
-
-
-def integral_projection(num_bins: int, device=None) -> Tensor:
-    """The Integral module's buffer: linspace(0, reg_max, reg_max + 1)."""
-    return torch.linspace(0, num_bins - 1, num_bins, device=device)
-
-
-def integral(pred: Tensor, project: Tensor) -> Tensor:
-    """E = softmax(pred) . project over rows of pred (M, n + 1) -> (M)."""
-    probability = F.softmax(pred.reshape(-1, project.numel()), dim=1)
-    return F.linear(probability, project.type_as(probability))
-
-
-# --------------------------------------------------------------------------------------
-# The module-level calls (QualityFocalLoss / DistributionFocalLoss forward with the
-# @weighted_loss wrapper), with loss_weight = 1
-# --------------------------------------------------------------------------------------
-
-
-def qfl_loss(
-    pred: Tensor,
-    label: Tensor,
-    score: Tensor,
-    *,
-    beta: float = 2.0,
-    weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    avg_factor: AvgFactor = None,
-    activated: bool = False,
-) -> Tensor:
-    """pred (N, C) or a (B, C, H, W) head output (flattened first); label/score per anchor."""
-    pred = flatten_channel_first(pred)
-    label = label.reshape(-1)
-    score = score.reshape(-1)
-    calc = quality_focal_loss_with_prob if activated else quality_focal_loss
-    loss = calc(pred, label, score, beta)
-    return weight_reduce_loss(loss, None if weight is None else weight.reshape(-1), reduction, avg_factor)
-
-
-def qfl_dense_loss(
-    pred: Tensor,
-    target: Tensor,
-    *,
-    beta: float = 2.0,
-    weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    avg_factor: AvgFactor = None,
-    activated: bool = False,
-) -> Tensor:
-    loss = quality_focal_loss_tensor_target(flatten_channel_first(pred), flatten_channel_first(target), beta, activated)
-    return weight_reduce_loss(loss, None if weight is None else weight.reshape(-1), reduction, avg_factor)
-
-
-def dfl_loss(
-    pred: Tensor,
-    target: Tensor,
-    *,
-    weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    avg_factor: AvgFactor = None,
-) -> Tensor:
-    return weight_reduce_loss(distribution_focal_loss(pred, target), weight, reduction, avg_factor)
 
 
 # --------------------------------------------------------------------------------------
