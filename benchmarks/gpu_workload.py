@@ -1,6 +1,8 @@
 """Every operator through the public functions, forward and backward, on small inputs of
-every layout the kernels walk: the workload that benchmarks/gpu_session.sh runs under
-compute-sanitizer (memcheck, racecheck) and under torch.cuda.set_sync_debug_mode("error").
+every layout the kernels walk, then every registered operator on its own sample inputs
+(gfl_ops/_registry.py: every argument, present and absent): the workload that
+benchmarks/gpu_session.sh runs under compute-sanitizer (memcheck, racecheck) and under
+torch.cuda.set_sync_debug_mode("error").
 
     python benchmarks/gpu_workload.py [--device cuda] [--backends native triton] [--sync-debug]
 
@@ -61,7 +63,25 @@ def box_calls(device: str, dtype: torch.dtype, backend: str):
         yield f"integral {bins}", pred, lambda x: gfl_ops.distribution_integral(x, backend=backend).sum()
 
 
-def workload(device: str, backends) -> int:
+def registered_samples(device: str):
+    """{dtype: [(operator, sample)]} of every registered operator's samples on `device`, built
+    once, before any pass under the sync-debug mode (they are copied to the device)."""
+    operators = gfl_ops._registry.OPERATORS
+    return {
+        dtype: [
+            (name, sample) for name, operator in operators.items() for sample in operator.samples(device, dtype, False)
+        ]
+        for dtype in DTYPES
+    }
+
+
+def registered_operator_call(name: str, sample: dict, backend: str):
+    """The summed value of torch.ops.gfl_ops.<name> on the sample, as a function of pred."""
+    op = getattr(torch.ops.gfl_ops, name)
+    return lambda x: op(*gfl_ops._registry.positional("gfl_ops", name, {**sample, "pred": x, "backend": backend})).sum()
+
+
+def workload(device: str, backends, samples) -> int:
     """Runs every call, forward and backward; returns how many ran."""
     ran = 0
     for backend in backends:
@@ -73,7 +93,11 @@ def workload(device: str, backends) -> int:
                     leaf = pred.detach().requires_grad_()
                     loss_of(leaf).backward()
                     ran += 1
-            for _, pred, loss_of in box_calls(device, dtype, backend):
+            calls = [(pred, loss_of) for _, pred, loss_of in box_calls(device, dtype, backend)]
+            calls += [
+                (sample["pred"], registered_operator_call(name, sample, backend)) for name, sample in samples[dtype]
+            ]
+            for pred, loss_of in calls:
                 leaf = pred.detach().requires_grad_()
                 loss_of(leaf).backward()
                 ran += 1
@@ -87,12 +111,13 @@ def main(argv=None) -> int:
     parser.add_argument("--sync-debug", action="store_true")
     args = parser.parse_args(argv)
     backends = args.backends or [b for b in ("native", "triton") if b in gfl_ops.available_backends(args.device)]
-    ran = workload(args.device, backends)
+    samples = registered_samples(args.device)
+    ran = workload(args.device, backends, samples)
     if args.sync_debug:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            ran = workload(args.device, backends)
+            ran = workload(args.device, backends, samples)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     if args.device.startswith("cuda"):

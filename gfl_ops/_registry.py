@@ -1,7 +1,8 @@
 """Each operator of gfl_ops declared once for Python: its fake value, the Triton launch that
 computes it, and sample inputs of its kernels. Everything that lists operators reads
 OPERATORS: the fake kernels (_ops.py), the Triton kernels (triton/ops.py), backend
-selection, opcheck and the tests of the registrations.
+selection, opcheck, the GPU session's sanitizer workload (benchmarks/gpu_workload.py) and
+the tests of the registrations.
 
 The C++ side declares the same operators once, in csrc/gfl_operators.h (names, schemas,
 bodies); the schemas are the source of every argument name, and this module reads them
