@@ -21,6 +21,7 @@
 #include <torch/csrc/jit/frontend/function_schema_parser.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <string>
 
@@ -36,12 +37,23 @@ bool is_optional_tensor(const c10::Argument& argument) {
          !argument.type()->isSubtypeOf(*c10::TensorType::get());
 }
 
+bool has_type(const c10::Argument& argument, const c10::TypePtr& type) { return *argument.type() == *type; }
+
+bool returns_tensors(const c10::FunctionSchema& schema, size_t count) {
+  const auto& returns = schema.returns();
+  return returns.size() == count && std::all_of(returns.begin(), returns.end(), [](const c10::Argument& value) {
+           return *value.type() == *c10::TensorType::get();
+         });
+}
+
 // The contract between an operator's public and kernel signatures that the autograd kernel
-// relies on: pred first in both; the public `backend` last; the kernel's `compute_grad` last,
-// which the backward sets; every public argument but backend passed to the kernel by name,
-// with its type; a `Tensor? weight` or `Tensor? grad_scale` in the kernel, where the backward
-// pass puts weight * d total / d value; the kernel's `reduction` (which the backward pass
-// sets to "sum") exactly where the public operator has one; and (value, grad) returned.
+// relies on: `Tensor pred` first in both; the public `str backend` last, and one Tensor
+// returned; the kernel's `bool compute_grad` last (the backward sets it), and (value, grad)
+// returned; every public argument but backend passed to the kernel by name, with its type,
+// and no other kernel argument but a `Tensor?` (the autograd kernel passes None for it); a
+// `Tensor? weight` or `Tensor? grad_scale` in the kernel, where the backward pass puts
+// weight * d total / d value; the kernel's `reduction` (which the backward pass sets to
+// "sum") exactly where the public operator has one.
 void check_kernel_contract(const std::string& name, const c10::FunctionSchema& public_schema,
                            const c10::FunctionSchema& kernel_schema) {
   const auto& public_arguments = public_schema.arguments();
@@ -49,20 +61,29 @@ void check_kernel_contract(const std::string& name, const c10::FunctionSchema& p
   const auto fail = [&](const std::string& problem) {
     TORCH_CHECK(false, "gfl_ops: operator ", name, " breaks the kernel contract: ", problem);
   };
+  const c10::TypePtr tensor = c10::TensorType::get();
   if (public_arguments.empty() || kernel_arguments.empty() || public_arguments.front().name() != "pred" ||
-      kernel_arguments.front().name() != "pred") {
-    fail("pred must be the first argument of both signatures");
+      kernel_arguments.front().name() != "pred" || !has_type(public_arguments.front(), tensor) ||
+      !has_type(kernel_arguments.front(), tensor)) {
+    fail("`Tensor pred` must be the first argument of both signatures");
   }
-  if (public_arguments.back().name() != "backend" || public_schema.returns().size() != 1) {
+  if (public_arguments.back().name() != "backend" || !has_type(public_arguments.back(), c10::StringType::get()) ||
+      !returns_tensors(public_schema, 1)) {
     fail("the public signature must end with `str backend` and return one Tensor");
   }
-  if (kernel_arguments.back().name() != "compute_grad" || kernel_schema.returns().size() != 2) {
+  if (kernel_arguments.back().name() != "compute_grad" || !has_type(kernel_arguments.back(), c10::BoolType::get()) ||
+      !returns_tensors(kernel_schema, 2)) {
     fail("the kernel signature must end with `bool compute_grad` and return (value, grad)");
   }
   for (size_t i = 0; i + 1 < public_arguments.size(); ++i) {
     const std::optional<int> index = kernel_schema.argumentIndexWithName(public_arguments[i].name());
     if (!index.has_value() || *kernel_arguments[*index].type() != *public_arguments[i].type()) {
       fail("the kernel must take `" + public_arguments[i].name() + "` with the public signature's type");
+    }
+  }
+  for (size_t i = 0; i + 1 < kernel_arguments.size(); ++i) {
+    if (!public_schema.argumentIndexWithName(kernel_arguments[i].name()) && !is_optional_tensor(kernel_arguments[i])) {
+      fail("the kernel's own argument `" + kernel_arguments[i].name() + "` must be a `Tensor?`");
     }
   }
   const std::optional<int> weight = kernel_schema.argumentIndexWithName("weight");

@@ -45,17 +45,26 @@ class Operator:
         return f"_{self.name}_{backend}"
 
 
+def _schema(namespace: str, operator_name: str):
+    return getattr(getattr(torch.ops, namespace), operator_name).default._schema
+
+
 def argument_names(namespace: str, operator_name: str) -> Tuple[str, ...]:
     """The argument names of the registered operator namespace::operator_name, in order."""
-    schema = getattr(getattr(torch.ops, namespace), operator_name).default._schema
-    return tuple(argument.name for argument in schema.arguments)
+    return tuple(argument.name for argument in _schema(namespace, operator_name).arguments)
 
 
 def positional(namespace: str, operator_name: str, named: Arguments) -> tuple:
-    """Named arguments in the order of the operator's schema; absent ones take no place at
-    the end (the public operator's backend keeps its default)."""
-    names = argument_names(namespace, operator_name)
-    return tuple(named[name] for name in names if name in named)
+    """Named arguments in the order of the operator's schema (names it lacks are ignored).
+    Only trailing arguments with a default may be left out (the public operator's backend);
+    any other missing one raises, rather than shift the rest into its place."""
+    arguments = _schema(namespace, operator_name).arguments
+    given = sum(1 for argument in arguments if argument.name in named)
+    leading = all(argument.name in named for argument in arguments[:given])
+    if not leading or not all(argument.has_default_value() for argument in arguments[given:]):
+        missing = [argument.name for argument in arguments if argument.name not in named]
+        raise ValueError(f"{namespace}::{operator_name}: arguments {missing} are missing")
+    return tuple(named[argument.name] for argument in arguments[:given])
 
 
 # --------------------------------------------------------------------------------------

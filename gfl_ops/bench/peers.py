@@ -115,6 +115,8 @@ def mmdet_focal(
     """FocalLoss with labels (background = C): on the CPU its eager form (one-hot, then
     py_sigmoid_focal_loss), on CUDA mmcv's compiled op."""
     loss = _mmdet_loss("FocalLoss", alpha=alpha, gamma=gamma, reduction=reduction)
+    if weight is not None:  # per anchor, or per element: pred's shape, flattened as pred is
+        weight = flatten_channel_first(weight) if weight.dim() == pred.dim() else weight.reshape(-1)
     return loss(flatten_channel_first(pred), target.reshape(-1), weight=weight, avg_factor=avg_factor)
 
 

@@ -63,6 +63,11 @@ def test_kernel_contract_is_checked_at_registration():
         "reduction": "(Tensor pred, Tensor? weight, float beta, bool compute_grad) -> (Tensor, Tensor)",
         "pred": "(Tensor? weight, Tensor pred, float beta, str reduction, bool compute_grad) -> (Tensor, Tensor)",
         "(value, grad)": "(Tensor pred, Tensor? weight, float beta, str reduction, bool compute_grad) -> Tensor",
+        "`bool compute_grad`": "(Tensor pred, Tensor? weight, float beta, str reduction, int compute_grad) -> "
+        "(Tensor, Tensor)",
+        "own argument `extra`": "(Tensor pred, Tensor? weight, float beta, str reduction, float extra, "
+        "bool compute_grad) -> (Tensor, Tensor)",
+        "`Tensor pred`": "(int pred, Tensor? weight, float beta, str reduction, bool compute_grad) -> (Tensor, Tensor)",
     }
     for problem, kernel_signature in broken.items():
         with pytest.raises(RuntimeError, match="breaks the kernel contract") as error:
@@ -70,6 +75,21 @@ def test_kernel_contract_is_checked_at_registration():
         assert problem in str(error.value), (problem, str(error.value))
     with pytest.raises(RuntimeError, match="grad_scale"):  # nowhere to put the backward pass's scale
         check("(Tensor pred, str backend) -> Tensor", "(Tensor pred, bool compute_grad) -> (Tensor, Tensor)")
+    kernel = "(Tensor pred, Tensor? grad_scale, bool compute_grad) -> (Tensor, Tensor)"
+    check("(Tensor pred, str backend) -> Tensor", kernel)
+    for public in ("(Tensor pred, int backend) -> Tensor", "(Tensor pred, str backend) -> int"):
+        with pytest.raises(RuntimeError, match="`str backend` and return one Tensor"):
+            check(public, kernel)
+
+
+def test_arguments_by_name_refuse_a_missing_argument_that_is_not_trailing():
+    """positional() leaves out the public operator's trailing backend, and refuses to shift
+    the arguments after a missing one into its place."""
+    sample = dict(gfl_ops._registry.OPERATORS["varifocal_loss"].samples("cpu", torch.float32, False)[0])
+    assert len(gfl_ops._registry.positional("gfl_ops", "varifocal_loss", sample)) == 11  # all but backend
+    del sample["score"]
+    with pytest.raises(ValueError, match=r"\['score', 'backend'\] are missing"):
+        gfl_ops._registry.positional("gfl_ops", "varifocal_loss", sample)
 
 
 def test_native_extension_loaded_with_cpu_kernels():
